@@ -44,7 +44,8 @@ class Sites:
     ``layers`` is the ModuleList of blocks; ``mlp``, ``pre_mlp_norm``, ``attention`` and
     ``pre_attention_norm`` are relative to one block. The MLP *input* is the input of the ``mlp``
     module (after the pre-MLP norm), the MLP *output* is that module's output (for Gemma 2, before
-    its ``post_mlp_norm``).
+    its ``post_mlp_norm``). GPT-NeoX's parallel attention (``config.use_parallel_residual``) reads
+    the same residual stream for both, which the sites need not know.
     """
 
     layers: str
@@ -56,7 +57,6 @@ class Sites:
     final_norm: str
     unembed: str
     post_mlp_norm: str | None = None
-    parallel_attention: bool = False
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -89,8 +89,7 @@ ARCHITECTURES: dict[str, Sites] = {
     "gpt_neox": Sites(
         layers="gpt_neox.layers", mlp="mlp", pre_mlp_norm="post_attention_layernorm",
         attention="attention", pre_attention_norm="input_layernorm",
-        embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="embed_out",
-        parallel_attention=True,
+        embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="lm_head",
     ),
     "gemma2": Sites(
         layers="model.layers", mlp="mlp", pre_mlp_norm="pre_feedforward_layernorm",
