@@ -1,0 +1,229 @@
+"""Put transcoders into a model's forward pass with nnsight.
+
+This is the one place where transcoders replace MLPs; evaluation, interventions and circuits all go
+through `splice`. In one trace per batch of contexts, layers are visited in ascending order and
+each chosen MLP is
+
+- **spliced**, ``mode="replace"``: its output is replaced by the transcoder's reconstruction
+  (no error term) — the model then runs on the transcoder alone at that layer;
+- **spliced**, ``mode="error"``: its output becomes the reconstruction plus the error term
+  (MLP output − reconstruction). Unedited, that is the clean model; the latents are a handle for
+  edits: ``edit(layer, latents) -> latents`` changes them before decoding while the error term
+  stays that of the *unedited* reconstruction;
+- **zero-ablated**: its output is replaced by zeros.
+
+A transcoder (``config.kind`` ``"transcoder"`` or ``"skip"``) reads the MLP's input; an SAE
+(``"sae"``) reads the MLP's output. Transcoders work in model units; everything here does too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+Mode = Literal["replace", "error"]
+#: ``edit(layer, latents) -> latents``: change a spliced layer's latents before they are decoded.
+LatentEdit = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class SplicedRun(NamedTuple):
+    """What `splice` returns: logits, plus what was asked to be kept (on CPU, batches concatenated).
+
+    ``latents``: each spliced layer's latents ``[n, context, n_latents]`` before any edit (only
+    with ``save_latents=True``). ``mlp``: ``{layer: (input, output)}`` of the layers in
+    ``save_mlp``, as the MLP saw and produced them in this run (before any replacement).
+    """
+
+    logits: torch.Tensor
+    latents: dict[int, torch.Tensor]
+    mlp: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int, Any]:
+    """Validate transcoders against a model; return them as ``{layer: transcoder}`` in layer order.
+
+    Accepts one transcoder (its layer is ``config.site["layer"]``) or a ``{layer: transcoder}``
+    mapping. Raises a clear error when a layer is not the model's, when a transcoder was trained on
+    another layer or on a model of another width, or when its weights are not finite.
+    """
+    if not isinstance(transcoders, Mapping):
+        transcoders = {transcoders.config.site["layer"]: transcoders}
+    checked = {}
+    for layer, tc in sorted(transcoders.items()):
+        lm.check_layer(layer)
+        site = tc.config.site
+        if site.get("layer") != layer:
+            raise ValueError(f"The transcoder given for layer {layer} was trained on layer {site.get('layer')} "
+                             f"of {site.get('model')}: pass it as {{{site.get('layer')}: tc}}.")
+        for what, size in (("input", tc.d_in), ("output", tc.d_out)):
+            if size != lm.d_model:
+                raise ValueError(
+                    f"The layer-{layer} transcoder's {what} has {size} dimensions but {lm.name}'s MLPs have "
+                    f"{lm.d_model}: it was trained on another model ({site.get('model')!r}). Load the model "
+                    "it was trained on, or train one on this model's activations.")
+        if site.get("model") not in (None, lm.name):
+            warnings.warn(f"The layer-{layer} transcoder was trained on {site['model']!r}, not {lm.name!r}; "
+                          "its sizes match, so it is used anyway.", stacklevel=2)
+        bad = [name for name, value in (*tc.named_parameters(), *tc.named_buffers())
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise ValueError(f"The layer-{layer} transcoder has NaN or infinite values in {', '.join(bad)}: "
+                             "its training diverged. Retrain it (e.g. with a lower learning rate) or load an "
+                             "earlier checkpoint.")
+        checked[layer] = tc
+    return checked
+
+
+def check_tokens(lm: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Token contexts ``[n, context]`` (a single ``[context]`` gains a batch axis), checked for ``lm``."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2) or tokens.numel() == 0 \
+            or tokens.is_floating_point():
+        raise ValueError("tokens must be a non-empty [n_contexts, context] tensor of token ids, as "
+                         "load_corpus returns.")
+    tokens = tokens.long().view(-1, tokens.shape[-1])
+    if lm.max_context is not None and tokens.shape[1] > lm.max_context:
+        raise ValueError(f"Contexts of {tokens.shape[1]} tokens are longer than {lm.name} allows "
+                         f"({lm.max_context}); load the corpus with a shorter context=.")
+    vocab = lm.config.vocab_size
+    if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+        raise ValueError(f"tokens contain ids outside {lm.name}'s vocabulary (0..{vocab - 1}): were they made "
+                         "with another model's tokenizer?")
+    return tokens
+
+
+def splice(
+    lm: Any,
+    transcoders: Mapping[int, Any] | Any,
+    tokens: torch.Tensor,
+    *,
+    mode: Mode = "replace",
+    zero_ablate: Sequence[int] = (),
+    edit: LatentEdit | None = None,
+    save_latents: bool = False,
+    save_mlp: Sequence[int] = (),
+    batch_size: int = 8,
+    progress: bool = True,
+    remote: bool | str | None = None,
+) -> SplicedRun:
+    """Run ``lm`` on ``tokens`` with transcoders spliced in and chosen MLPs zero-ablated.
+
+    Args:
+        lm: a model from `load_model`.
+        transcoders: ``{layer: transcoder}`` or one transcoder; ``{}`` runs the clean model.
+        tokens: ``[n_contexts, context]`` (or ``[context]``) token ids.
+        mode: ``"replace"`` (reconstruction only) or ``"error"`` (reconstruction plus error term).
+        zero_ablate: layers whose MLP output is replaced by zeros (not also spliced).
+        edit: ``edit(layer, latents) -> latents``, applied to every spliced layer's latents before
+            decoding. It runs inside the trace, so with ``remote=True`` it must be shippable
+            (a notebook function or a ``tcwidgets`` one).
+        save_latents: also return the spliced layers' latents.
+        save_mlp: also return these layers' MLP inputs and outputs.
+        batch_size: contexts per forward pass.
+        progress: show a progress bar when there is more than one batch.
+        remote: run on NDIF (``True``) or through its request path in-process (``"local"``);
+            defaults to the model's own setting.
+    """
+    transcoders = check_transcoders(lm, transcoders)
+    tokens = check_tokens(lm, tokens)
+    if mode not in ("replace", "error"):
+        raise ValueError(f"mode={mode!r}: choose 'replace' (reconstruction only) or 'error' (reconstruction "
+                         "plus error term).")
+    zero = sorted(set(zero_ablate))
+    save_mlp = sorted(set(save_mlp))
+    for layer in zero + save_mlp:
+        lm.check_layer(layer)
+    both = sorted(set(zero) & set(transcoders))
+    if both:
+        raise ValueError(f"Layers {both} are both zero-ablated and spliced: choose one per layer.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive.")
+    remote = lm.remote if remote is None else remote
+    if remote:
+        nnsight.register("tcwidgets")  # the server has no tcwidgets: ship its code by value
+
+    batches = range(0, len(tokens), batch_size)
+    parts = []
+    with torch.no_grad():
+        for start in tqdm(batches, desc="splicing", unit="batch", disable=not progress or len(batches) < 2):
+            logits, latents, mlp = _trace(lm, tokens[start:start + batch_size].to(lm.device), transcoders,
+                                          mode, zero, edit, save_latents, save_mlp, remote)
+            parts.append(SplicedRun(logits.cpu(), _to_cpu(latents), _to_cpu(mlp)))
+    return SplicedRun(
+        torch.cat([part.logits for part in parts]),
+        {layer: torch.cat([part.latents[layer] for part in parts]) for layer in parts[0].latents},
+        {layer: tuple(torch.cat([part.mlp[layer][i] for part in parts]) for i in range(2)) for layer in save_mlp},
+    )
+
+
+def spliced_logits(
+    lm: Any,
+    transcoders: Mapping[int, Any] | Any,
+    tokens: torch.Tensor,
+    *,
+    mode: Mode = "replace",
+    zero_ablate: Sequence[int] = (),
+    edit: LatentEdit | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    remote: bool | str | None = None,
+) -> torch.Tensor:
+    """The logits ``[n_contexts, context, vocab]`` of `splice` (same arguments)."""
+    return splice(lm, transcoders, tokens, mode=mode, zero_ablate=zero_ablate, edit=edit,
+                  batch_size=batch_size, progress=progress, remote=remote).logits
+
+
+def _to_cpu(values: dict) -> dict:
+    return {key: tuple(v.cpu() for v in value) if isinstance(value, tuple) else value.cpu()
+            for key, value in values.items()}
+
+
+def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mode, zero: list[int],
+           edit: LatentEdit | None, save_latents: bool, save_mlp: list[int],
+           remote: bool | str) -> tuple[torch.Tensor, dict, dict]:
+    """One forward pass of a batch; layers in ascending order (nnsight needs execution order)."""
+    layers = sorted(set(transcoders) | set(zero) | set(save_mlp))
+    with lm.trace(tokens, remote=remote):
+        latents, mlp = nnsight.save({}), nnsight.save({})
+        for layer in layers:
+            envoy = lm.mlp(layer)
+            tc = transcoders.get(layer)
+            reads_input = layer in save_mlp or (tc is not None and tc.config.kind != "sae")
+            x = envoy.input if reads_input else None
+            y = envoy.output
+            if layer in save_mlp:
+                mlp[layer] = (x, y)
+            if layer in zero:
+                envoy.output = torch.zeros_like(y)
+            elif tc is not None:
+                z, new = _spliced_output(tc, layer, y if tc.config.kind == "sae" else x, y, mode, edit)
+                if save_latents:
+                    latents[layer] = z
+                envoy.output = new
+        logits = lm.output.logits.save()
+    return logits, latents, mlp
+
+
+def _spliced_output(tc: Any, layer: int, source: torch.Tensor, y: torch.Tensor, mode: Mode,
+                    edit: LatentEdit | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latents of ``source`` and the MLP's new output (runs inside the trace).
+
+    An edit adds ``decode(edited) - decode(latents)``: in ``"error"`` mode that is the edited
+    reconstruction plus the unedited error term, ``y - ŷ``; a skip path, which does not depend on
+    the latents, cancels out.
+    """
+    tc = tc.to(source.device)
+    dtype = next(tc.parameters()).dtype
+    latents, reconstruction = tc(source.to(dtype))
+    new = reconstruction if mode == "replace" else y.to(dtype)
+    if edit is not None:
+        edited = edit(layer, latents)
+        if not isinstance(edited, torch.Tensor) or edited.shape != latents.shape:
+            raise ValueError(f"edit(layer={layer}, latents) must return a tensor of the latents' shape "
+                             f"{tuple(latents.shape)}, got {getattr(edited, 'shape', type(edited).__name__)}.")
+        new = new + (tc.decode(edited) - tc.decode(latents))
+    return latents, new.to(y.dtype)
