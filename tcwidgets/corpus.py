@@ -125,6 +125,8 @@ def _tokenize(documents: Iterable[str], tokenizer: Any, budget: int | None) -> l
 
     def flush() -> None:
         nonlocal total
+        if not batch:
+            return
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             if ids:
                 encoded.append(ids)
