@@ -200,7 +200,7 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
             if layer in zero:
                 envoy.output = torch.zeros_like(y)
             elif tc is not None:
-                z, new = _spliced_output(tc, layer, y if tc.config.kind == "sae" else x, y, mode, edit)
+                z, new = _spliced_output(tc, layer, x, y, mode, edit)
                 if save_latents:
                     latents[layer] = z
                 envoy.output = new
@@ -208,22 +208,33 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
     return logits, latents, mlp
 
 
-def _spliced_output(tc: Any, layer: int, source: torch.Tensor, y: torch.Tensor, mode: Mode,
+def run_transcoder(tc: Any, mlp_input: torch.Tensor | None,
+                   mlp_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latents, reconstruction)`` of one site: a transcoder reads the MLP input, an SAE its output.
+
+    Runs on the activations' device in the transcoder's dtype; the reconstruction comes back in
+    the MLP output's dtype.
+    """
+    source = mlp_output if tc.config.kind == "sae" else mlp_input
+    tc = tc.to(source.device)
+    latents, reconstruction = tc(source.to(next(tc.parameters()).dtype))
+    return latents, reconstruction.to(mlp_output.dtype)
+
+
+def _spliced_output(tc: Any, layer: int, x: torch.Tensor | None, y: torch.Tensor, mode: Mode,
                     edit: LatentEdit | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latents of ``source`` and the MLP's new output (runs inside the trace).
+    """The latents and the MLP's new output (runs inside the trace).
 
     An edit adds ``decode(edited) - decode(latents)``: in ``"error"`` mode that is the edited
     reconstruction plus the unedited error term, ``y - ŷ``; a skip path, which does not depend on
     the latents, cancels out.
     """
-    tc = tc.to(source.device)
-    dtype = next(tc.parameters()).dtype
-    latents, reconstruction = tc(source.to(dtype))
-    new = reconstruction if mode == "replace" else y.to(dtype)
+    latents, reconstruction = run_transcoder(tc, x, y)
+    new = reconstruction if mode == "replace" else y
     if edit is not None:
         edited = edit(layer, latents)
         if not isinstance(edited, torch.Tensor) or edited.shape != latents.shape:
             raise ValueError(f"edit(layer={layer}, latents) must return a tensor of the latents' shape "
                              f"{tuple(latents.shape)}, got {getattr(edited, 'shape', type(edited).__name__)}.")
-        new = new + (tc.decode(edited) - tc.decode(latents))
-    return latents, new.to(y.dtype)
+        new = new + (tc.decode(edited) - tc.decode(latents)).to(y.dtype)
+    return latents, new
