@@ -210,31 +210,38 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
 
 def run_transcoder(tc: Any, mlp_input: torch.Tensor | None,
                    mlp_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(latents, reconstruction)`` of one site: a transcoder reads the MLP input, an SAE its output.
+    """``(latents, reconstruction)`` at one site; the reconstruction in the MLP output's dtype."""
+    latents, reconstruction = tc(_transcoder_input(tc, mlp_input, mlp_output))
+    return latents, reconstruction.to(mlp_output.dtype)
 
-    Runs on the activations' device in the transcoder's dtype; the reconstruction comes back in
-    the MLP output's dtype.
+
+def _transcoder_input(tc: Any, mlp_input: torch.Tensor | None, mlp_output: torch.Tensor) -> torch.Tensor:
+    """What ``tc`` reads (an SAE the MLP output, a transcoder its input), on its device and in its dtype.
+
+    Moves ``tc`` to the activations' device when they differ (e.g. a CPU transcoder and a GPU model).
     """
     source = mlp_output if tc.config.kind == "sae" else mlp_input
-    tc = tc.to(source.device)
-    latents, reconstruction = tc(source.to(next(tc.parameters()).dtype))
-    return latents, reconstruction.to(mlp_output.dtype)
+    tc.to(source.device)
+    return source.to(next(tc.parameters()).dtype)
 
 
 def _spliced_output(tc: Any, layer: int, x: torch.Tensor | None, y: torch.Tensor, mode: Mode,
                     edit: LatentEdit | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The latents and the MLP's new output (runs inside the trace).
 
-    An edit adds ``decode(edited) - decode(latents)``: in ``"error"`` mode that is the edited
-    reconstruction plus the unedited error term, ``y - ŷ``; a skip path, which does not depend on
-    the latents, cancels out.
+    ``"replace"``: the (edited) reconstruction. ``"error"``: ``y + (edited reconstruction −
+    reconstruction)``, i.e. the edited reconstruction plus the unedited error term ``y − ŷ``;
+    unedited, exactly ``y``.
     """
-    latents, reconstruction = run_transcoder(tc, x, y)
-    new = reconstruction if mode == "replace" else y
+    source = _transcoder_input(tc, x, y)
+    latents, reconstruction = tc(source)
+    output = reconstruction
     if edit is not None:
         edited = edit(layer, latents)
         if not isinstance(edited, torch.Tensor) or edited.shape != latents.shape:
             raise ValueError(f"edit(layer={layer}, latents) must return a tensor of the latents' shape "
                              f"{tuple(latents.shape)}, got {getattr(edited, 'shape', type(edited).__name__)}.")
-        new = new + (tc.decode(edited) - tc.decode(latents)).to(y.dtype)
-    return latents, new
+        output = tc.decode(edited, source)
+    if mode == "error":
+        output = y + (output - reconstruction)
+    return latents, output.to(y.dtype)
