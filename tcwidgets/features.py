@@ -1,0 +1,646 @@
+"""Per-latent statistics of a transcoder over a token set, for dashboards.
+
+`analyze_features` runs the model over the tokens once (one nnsight trace per batch, stopped at the
+transcoder's layer), encodes the MLP input (the MLP output for an SAE) and keeps, per latent and in
+bounded memory: the top activating examples, a uniform sample of firing examples grouped by
+activation quantile, firing count, sum and maximum, and a histogram; then adds two weights-only
+views, logit effects and the tokens whose embeddings excite the latent. It returns `FeatureStats`.
+
+A stats folder (all writes atomic, ``stats.json`` last, so an interrupted save never looks
+complete)::
+
+    stats.json          format, version, model, transcoder fingerprint and config, settings
+    stats.safetensors   per-latent arrays (first axis = latent) and the analysed token contexts
+    vocab.json          the display string of every token id
+
+`FeatureStats.load` reads only ``stats.json`` and the safetensors header; a latent's rows are read
+from the memory-mapped file when asked for, so stats of thousands of latents open at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from .activations import StoreError, _trace_batch, atomic_write, read_safetensors_header, write_json
+from .corpus import bos_id
+from .models import resolve
+from .splicing import check_tokens, check_transcoders
+
+FORMAT = "tcwidgets.features"
+VERSION = 1
+SORT_KEYS = ("density", "max", "mean_active", "index")
+
+_STATS, _ARRAYS, _VOCAB = "stats.json", "stats.safetensors", "vocab.json"
+_NUMPY = {"F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64}
+_EMPTY = -1  # token index of an empty example slot
+
+
+class FeatureStatsError(ValueError):
+    """Feature statistics are missing, corrupted, from a newer version, or do not match."""
+
+
+class TranscoderMismatchError(FeatureStatsError):
+    """Feature statistics were computed for a different transcoder or model."""
+
+
+def transcoder_fingerprint(transcoder: torch.nn.Module) -> str:
+    """A SHA-256 of a transcoder's config and weights: equal fingerprints, same transcoder."""
+    digest = hashlib.sha256(json.dumps(transcoder.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(transcoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# -- what one latent looks like -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """One token where a latent fires, with a window of context around it.
+
+    ``tokens`` and ``acts`` cover the window (clipped to the context): token ids and this latent's
+    activation at each; ``center`` is the example token's index in the window.
+    """
+
+    context: int
+    position: int
+    value: float
+    tokens: np.ndarray
+    acts: np.ndarray
+    center: int
+
+
+@dataclass(frozen=True)
+class QuantileGroup:
+    """Examples whose activations lie between quantiles ``low`` and ``high`` (fractions) of the
+    latent's firing activations; ``min``/``max`` are the smallest and largest sampled values in it."""
+
+    low: float
+    high: float
+    min: float
+    max: float
+    examples: list[Example]
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Everything recorded for one latent. Activations are in the transcoder's latent units.
+
+    ``histogram_edges``/``histogram_counts``: firing activations (> 0) in equal-width bins from 0.
+    ``promoted``/``suppressed``/``embedding``: ``(token id, value)`` pairs, strongest first
+    (``embedding`` is ``None`` for an SAE, see `analyze_features`).
+    """
+
+    index: int
+    count: int
+    n_tokens: int
+    mean_active: float
+    max: float
+    histogram_edges: np.ndarray
+    histogram_counts: np.ndarray
+    top: list[Example]
+    quantiles: list[QuantileGroup]
+    sample_size: int
+    promoted: list[tuple[int, float]]
+    suppressed: list[tuple[int, float]]
+    embedding: list[tuple[int, float]] | None
+
+    @property
+    def density(self) -> float:
+        """The fraction of analysed tokens on which the latent fires."""
+        return self.count / self.n_tokens
+
+
+# -- the statistics -------------------------------------------------------------------------------
+
+class FeatureStats:
+    """Per-latent statistics from `analyze_features`; `save` them and `load` them lazily.
+
+    ``latent(i)`` gives a `LatentStats`; ``density``, ``max`` and ``mean_active`` are per-latent
+    vectors; ``order`` sorts latents and ``search`` finds latents by token text.
+    """
+
+    def __init__(self, meta: dict, arrays: Mapping[str, np.ndarray], vocab: list[str] | None = None,
+                 root: Path | None = None) -> None:
+        self.meta, self.root = meta, root
+        self._arrays = arrays
+        if vocab is not None:
+            self.vocab = vocab
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the stats folder ``path`` (created if needed); returns it."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        arrays = {name: np.ascontiguousarray(array) for name, array in self._arrays.items()}
+        atomic_write(root / _ARRAYS, lambda temporary: save_file(arrays, temporary))
+        atomic_write(root / _VOCAB, lambda temporary: Path(temporary).write_text(json.dumps(self.vocab)))
+        write_json(root / _STATS, self.meta)
+        return root
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        """Open a stats folder written by `save`. Reads the metadata and the array index only."""
+        root = Path(path)
+        meta_path = root / _STATS
+        if not meta_path.is_file():
+            raise FeatureStatsError(f"{root} holds no feature statistics (no {_STATS}). Create them with "
+                                    "tcwidgets.analyze_features(lm, transcoder, tokens).save(path).")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as error:
+            raise FeatureStatsError(f"{meta_path} is corrupted ({error}); run analyze_features again.") from error
+        if meta.get("format") != FORMAT:
+            raise FeatureStatsError(f"{meta_path} is not a tcwidgets feature-statistics file.")
+        if meta.get("version", 0) > VERSION:
+            raise FeatureStatsError(f"{root} was written by a newer tcwidgets (stats version {meta['version']}); "
+                                    "upgrade tcwidgets to read it.")
+        for name in (_ARRAYS, _VOCAB):
+            if not (root / name).is_file():
+                raise FeatureStatsError(f"{root / name} is missing; run analyze_features again and save.")
+        return cls(meta, _MappedArrays(root / _ARRAYS), root=root)
+
+    @cached_property
+    def vocab(self) -> list[str]:
+        """The display string of every token id."""
+        return json.loads((self.root / _VOCAB).read_text())
+
+    # -- what the stats describe ----------------------------------------------------------------------
+    @property
+    def n_latents(self) -> int:
+        return self.meta["n_latents"]
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens were analysed (BOS positions excluded when asked)."""
+        return self.meta["n_tokens"]
+
+    @property
+    def model(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def fingerprint(self) -> str:
+        """The `transcoder_fingerprint` of the analysed transcoder."""
+        return self.meta["fingerprint"]
+
+    @property
+    def transcoder(self) -> dict:
+        """The analysed transcoder's config."""
+        return self.meta["transcoder"]
+
+    def __len__(self) -> int:
+        return self.n_latents
+
+    def __repr__(self) -> str:
+        site = self.transcoder.get("site", {})
+        return (f"FeatureStats({self.model}, layer {site.get('layer')}, {self.transcoder['kind']}, "
+                f"{self.n_latents:,} latents over {self.n_tokens:,} tokens)")
+
+    def check_transcoder(self, transcoder: torch.nn.Module, model: str | None = None) -> None:
+        """Raise `TranscoderMismatchError` unless these stats were computed for ``transcoder``
+        (and, when given, the model named ``model``)."""
+        if model is not None and model != self.model:
+            raise TranscoderMismatchError(f"These stats were computed on {self.model!r}, not {model!r}: "
+                                          "run analyze_features with this model.")
+        if transcoder_fingerprint(transcoder) != self.fingerprint:
+            raise TranscoderMismatchError(
+                f"These stats were computed for a different transcoder ({self.transcoder['kind']}, "
+                f"{self.transcoder['n_latents']} latents, layer {self.transcoder['site'].get('layer')}; the "
+                "weights differ). Run analyze_features(lm, transcoder, tokens) for this transcoder.")
+
+    # -- per-latent vectors ------------------------------------------------------------------------------
+    @cached_property
+    def count(self) -> np.ndarray:
+        """How many analysed tokens each latent fires on."""
+        return np.asarray(self._arrays["count"])
+
+    @property
+    def density(self) -> np.ndarray:
+        return self.count / self.n_tokens
+
+    @cached_property
+    def max(self) -> np.ndarray:
+        return np.asarray(self._arrays["max"])
+
+    @property
+    def mean_active(self) -> np.ndarray:
+        """Mean activation over the tokens where the latent fires (0 for dead latents)."""
+        return np.asarray(self._arrays["sum"]) / np.maximum(self.count, 1)
+
+    def order(self, by: str = "density", descending: bool = True) -> np.ndarray:
+        """Latent indices sorted by ``"density"``, ``"max"``, ``"mean_active"`` or ``"index"``."""
+        if by not in SORT_KEYS:
+            raise ValueError(f"Cannot sort by {by!r}: choose one of {SORT_KEYS}.")
+        keys = np.arange(self.n_latents) if by == "index" else getattr(self, by)
+        order = np.argsort(keys, kind="stable")
+        return order[::-1] if descending else order
+
+    def search(self, query: str, limit: int = 100) -> list[tuple[int, int]]:
+        """Latents whose examples' activating tokens or logit effects contain ``query``.
+
+        Matches are case-insensitive substrings of the tokens' text. Returns ``(latent, hits)``
+        pairs, most hits first, then the highest maximum activation.
+        """
+        needle = query.strip().lower()
+        if not needle:
+            return []
+        matches = np.array([i for i, text in enumerate(self.vocab) if needle in text.lower()], dtype=np.int64)
+        if matches.size == 0:
+            return []
+        flat = np.asarray(self._arrays["tokens"]).reshape(-1)
+        hits = np.zeros(self.n_latents, dtype=np.int64)
+        for name in ("top_index", "sample_index"):
+            index = np.asarray(self._arrays[name]).reshape(self.n_latents, -1)
+            centers = np.where(index >= 0, flat[np.maximum(index, 0)], _EMPTY)
+            hits += np.isin(centers, matches).sum(1)
+        for name in ("promoted_ids", "suppressed_ids"):
+            hits += np.isin(np.asarray(self._arrays[name]), matches).sum(1)
+        found = np.flatnonzero(hits)
+        found = found[np.lexsort((-self.max[found], -hits[found]))][:limit]
+        return [(int(i), int(hits[i])) for i in found]
+
+    # -- one latent ----------------------------------------------------------------------------------------
+    def latent(self, index: int) -> LatentStats:
+        """Everything recorded for latent ``index`` (read from disk on demand)."""
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < self.n_latents:
+            raise IndexError(f"Latent {index!r} is out of range: these stats have {self.n_latents} latents, "
+                             f"numbered 0 to {self.n_latents - 1}.")
+        index = int(index)
+        row = {name: self._row(name, index) for name in self._arrays.keys() if name not in _SHARED}
+        count = int(row["count"])
+        width = float(row["hist_width"])
+        counts = row["hist_counts"]
+        quantiles = self.meta["settings"]["quantiles"]
+        groups = []
+        for group in range(quantiles):
+            examples = self._examples(row["sample_index"][group], row["sample_value"][group],
+                                      row["sample_acts"][group])
+            low, high = row["quantile_bounds"][group]
+            groups.append(QuantileGroup(group / quantiles, (group + 1) / quantiles, float(low), float(high), examples))
+        return LatentStats(
+            index=index, count=count, n_tokens=self.n_tokens,
+            mean_active=float(row["sum"]) / max(count, 1), max=float(row["max"]),
+            histogram_edges=np.arange(counts.size + 1) * width, histogram_counts=counts,
+            top=self._examples(row["top_index"], row["top_value"], row["top_acts"]),
+            quantiles=groups, sample_size=int(row["sample_size"]),
+            promoted=_pairs(row["promoted_ids"], row["promoted_values"]),
+            suppressed=_pairs(row["suppressed_ids"], row["suppressed_values"]),
+            embedding=_pairs(row["embedding_ids"], row["embedding_values"]) if "embedding_ids" in row else None,
+        )
+
+    def _row(self, name: str, index: int) -> np.ndarray:
+        """Row ``index`` of a per-latent array (the only read of per-latent data)."""
+        try:
+            return np.array(self._arrays[name][index])
+        except (OSError, ValueError) as error:
+            raise FeatureStatsError(f"Could not read latent {index} from {self.root}: {error}. "
+                                    "Run analyze_features again and save.") from error
+
+    @cached_property
+    def _tokens(self) -> np.ndarray:
+        return np.asarray(self._arrays["tokens"])
+
+    def _examples(self, index: np.ndarray, values: np.ndarray, acts: np.ndarray) -> list[Example]:
+        left, _ = self.meta["settings"]["window"]
+        context_length = self._tokens.shape[1]
+        examples = []
+        for token_index, value, window_acts in zip(index, values, acts):
+            if token_index == _EMPTY:
+                continue
+            context, position = divmod(int(token_index), context_length)
+            start, stop = max(position - left, 0), min(position - left + len(window_acts), context_length)
+            offset = start - (position - left)
+            examples.append(Example(context, position, float(value), self._tokens[context, start:stop].copy(),
+                                    window_acts[offset:offset + stop - start], position - start))
+        return examples
+
+
+_SHARED = ("tokens",)  # arrays not indexed by latent
+
+
+def _pairs(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
+    return [(int(i), float(v)) for i, v in zip(ids, values)]
+
+
+class _MappedArrays(Mapping):
+    """The arrays of one safetensors file, each memory-mapped when first asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._header, self._offset = read_safetensors_header(path)
+        except StoreError as error:
+            raise FeatureStatsError(f"{path} is truncated or corrupted; run analyze_features again and "
+                                    f"save ({error.__cause__}).") from error
+        self._header.pop("__metadata__", None)
+        self._maps: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._maps:
+            entry = self._header[name]
+            begin, _ = entry["data_offsets"]
+            self._maps[name] = np.memmap(self.path, dtype=_NUMPY[entry["dtype"]], mode="r",
+                                         offset=self._offset + begin, shape=tuple(entry["shape"]))
+        return self._maps[name]
+
+    def __iter__(self):
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+
+# -- streaming accumulation -----------------------------------------------------------------------------
+
+class _Accumulator:
+    """Running per-latent statistics over batches of dense latents ``[n_latents, batch, context]``."""
+
+    def __init__(self, n_latents: int, context: int, *, top_k: int, sample_size: int, window: tuple[int, int],
+                 n_bins: int, seed: int) -> None:
+        self.context, self.window, self.n_bins = context, window, n_bins
+        width = window[0] + 1 + window[1]
+        self.count = torch.zeros(n_latents, dtype=torch.int64)
+        self.sum = torch.zeros(n_latents, dtype=torch.float64)
+        self.max = torch.zeros(n_latents)
+        self.hist = torch.zeros(n_latents, n_bins, dtype=torch.int64)
+        self.exponent = torch.zeros(n_latents, dtype=torch.int64)  # bin width 2**exponent; set on first firing
+        # top examples, keyed by activation (largest kept); the sample, keyed by a random number (smallest kept)
+        self.top = _Reservoir(n_latents, top_k, width, empty_key=-math.inf)
+        self.sample = _Reservoir(n_latents, sample_size, width, empty_key=math.inf)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, latents: torch.Tensor, first_token: int) -> None:
+        """Add one batch; ``first_token`` is the flat index of its first token in the token set."""
+        n_latents = latents.shape[0]
+        flat = latents.reshape(n_latents, -1)
+        active = flat > 0
+        new = self.count == 0
+        self.count += active.sum(1)
+        self.sum += flat.sum(1, dtype=torch.float64)
+        batch_max = flat.max(1).values.clamp_min(0)
+        self.max = torch.maximum(self.max, batch_max)
+        self._histogram(flat, active, batch_max, new)
+
+        padded = torch.nn.functional.pad(latents, self.window)
+        top_keys = torch.where(active, flat, -math.inf)
+        self.top.add(top_keys, flat, padded, first_token, self.context, largest=True)
+        sample_keys = torch.rand(flat.shape, generator=self.generator).masked_fill_(~active, math.inf)
+        self.sample.add(sample_keys, flat, padded, first_token, self.context, largest=False)
+
+    def _histogram(self, flat: torch.Tensor, active: torch.Tensor, batch_max: torch.Tensor,
+                   new: torch.Tensor) -> None:
+        """Bins of width 2**exponent from 0; a latent whose maximum outgrows its bins doubles the
+        width, merging bins in pairs, so counts stay exact and at least half the bins are in use."""
+        fires = batch_max > 0
+        needed = torch.floor(torch.log2(batch_max.double() / self.n_bins)).long() + 1
+        self.exponent = torch.where(new & fires, needed, self.exponent)
+        while (grow := fires & ~new & (needed > self.exponent)).any():
+            merged = self.hist[grow].view(-1, self.n_bins // 2, 2).sum(2)
+            self.hist[grow] = torch.cat([merged, torch.zeros_like(merged)], 1)
+            self.exponent[grow] += 1
+        rows, cols = active.nonzero(as_tuple=True)
+        scaled = flat[rows, cols].double() * torch.pow(2.0, -self.exponent[rows].double())
+        bins = scaled.floor().long().clamp_(max=self.n_bins - 1)
+        self.hist += torch.bincount(rows * self.n_bins + bins, minlength=self.hist.numel()).view_as(self.hist)
+
+    def finish(self, quantiles: int, per_quantile: int) -> dict[str, np.ndarray]:
+        top_index, top_value, top_acts, _ = self.top.result()
+        sample = self._quantile_groups(quantiles, per_quantile)
+        return {
+            "count": self.count.numpy(), "sum": self.sum.numpy(), "max": self.max.numpy(),
+            "hist_counts": self.hist.numpy(),
+            "hist_width": np.where(self.count.numpy() > 0, np.exp2(self.exponent.double().numpy()), 0.0),
+            "top_index": top_index, "top_value": top_value, "top_acts": top_acts, **sample,
+        }
+
+    def _quantile_groups(self, quantiles: int, per_quantile: int) -> dict[str, np.ndarray]:
+        """Split each latent's uniform sample of firing tokens, sorted by activation, into
+        ``quantiles`` equal groups and keep up to ``per_quantile`` evenly spaced examples of each."""
+        index, value, acts, keys = self.sample.result()
+        n_latents, size = value.shape
+        order = np.argsort(np.where(np.isfinite(keys), value, np.inf), axis=1, kind="stable")
+        index, value = np.take_along_axis(index, order, 1), np.take_along_axis(value, order, 1)
+        acts = np.take_along_axis(acts, order[..., None], 1)
+        n = np.isfinite(keys).sum(1)[:, None]  # sampled examples per latent
+        group = np.arange(quantiles)[None, :]
+        low, high = group * n // quantiles, (group + 1) * n // quantiles  # [latents, quantiles]
+        take = np.minimum(high - low, per_quantile)
+        slot = np.arange(per_quantile)[None, None, :]
+        rank = low[..., None] + slot * (high - low)[..., None] // np.maximum(take, 1)[..., None]
+        valid = slot < take[..., None]
+        rank = np.where(valid, rank, 0).reshape(n_latents, -1)
+        pick = lambda array: np.take_along_axis(array, rank, 1).reshape(n_latents, quantiles, per_quantile)  # noqa: E731
+        bounds = np.full((n_latents, quantiles, 2), np.nan, dtype=np.float32)
+        filled = high > low
+        latent_ids = np.nonzero(filled)[0]
+        bounds[filled, 0] = value[latent_ids, low[filled]]
+        bounds[filled, 1] = value[latent_ids, high[filled] - 1]
+        return {
+            "sample_index": np.where(valid, pick(index), _EMPTY),
+            "sample_value": np.where(valid, pick(value), 0).astype(np.float32),
+            "sample_acts": np.take_along_axis(acts, rank[..., None], 1).reshape(
+                n_latents, quantiles, per_quantile, -1) * valid[..., None],
+            "quantile_bounds": bounds, "sample_size": n[:, 0].astype(np.int64),
+        }
+
+
+class _Reservoir:
+    """Per latent, the ``size`` examples with the best keys so far, each with its token index,
+    activation and window of activations."""
+
+    def __init__(self, n_latents: int, size: int, width: int, empty_key: float) -> None:
+        self.keys = torch.full((n_latents, size), empty_key)
+        self.index = torch.full((n_latents, size), _EMPTY, dtype=torch.int64)
+        self.value = torch.zeros(n_latents, size)
+        self.acts = torch.zeros(n_latents, size, width)
+
+    def add(self, keys: torch.Tensor, flat: torch.Tensor, padded: torch.Tensor, first_token: int,
+            context: int, largest: bool) -> None:
+        n_latents, size = self.keys.shape
+        keys, rows = keys.topk(min(size, keys.shape[1]), dim=1, largest=largest)
+        latent_ids = torch.arange(n_latents)[:, None]
+        width = self.acts.shape[2]
+        contexts, positions = rows // context, rows % context
+        acts = padded[latent_ids[..., None], contexts[..., None], positions[..., None] + torch.arange(width)]
+        keys = torch.cat([self.keys, keys], 1)
+        best = keys.topk(size, dim=1, largest=largest).indices
+        self.keys = keys.gather(1, best)
+        self.index = torch.cat([self.index, rows + first_token], 1).gather(1, best)
+        self.value = torch.cat([self.value, flat.gather(1, rows)], 1).gather(1, best)
+        self.acts = torch.cat([self.acts, acts], 1).gather(1, best[..., None].expand(-1, -1, width))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(index, value, acts, keys)``; empty slots have index -1 and a non-finite key."""
+        filled = torch.isfinite(self.keys)
+        index = torch.where(filled, self.index, _EMPTY)
+        return index.numpy(), (self.value * filled).numpy(), (self.acts * filled[..., None]).numpy(), self.keys.numpy()
+
+
+# -- weights-only views ----------------------------------------------------------------------------------
+
+def _norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+    """The elementwise scale a norm applies (Gemma's RMSNorm multiplies by ``1 + weight``)."""
+    weight = norm.weight.detach().double()
+    return weight + 1 if type(norm).__name__.startswith("Gemma") else weight
+
+
+def _extremes(rows: torch.Tensor, columns: torch.Tensor, n: int, *, lowest: bool,
+              chunk: int = 256) -> tuple[np.ndarray, ...]:
+    """For each row r of ``rows`` [n_rows, d], the ``n`` largest (and smallest) entries of
+    ``columns @ r`` ([n_columns]): ids and values, computed in chunks of rows."""
+    found: dict[str, list[torch.Tensor]] = {"top_ids": [], "top_values": [], "low_ids": [], "low_values": []}
+    for start in range(0, rows.shape[0], chunk):
+        scores = rows[start:start + chunk] @ columns.T
+        for prefix, largest in (("top", True),) + ((("low", False),) if lowest else ()):
+            values, ids = scores.topk(n, dim=1, largest=largest)
+            found[f"{prefix}_ids"].append(ids.int())
+            found[f"{prefix}_values"].append(values)
+    return tuple(torch.cat(parts).numpy() for parts in found.values() if parts)
+
+
+@torch.no_grad()
+def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> dict[str, np.ndarray]:
+    """Logit effects of each decoder row and, for transcoders, the tokens whose embeddings most
+    excite each encoder row (see `analyze_features`)."""
+    module, sites = lm._module, lm.sites
+    unembed = resolve(module, sites.unembed).weight.detach().float()
+    n = min(n, unembed.shape[0])
+    config = transcoder.config
+    directions = transcoder.W_dec.detach().cpu().double() / config.output_scale
+    directions = (directions * _norm_weight(resolve(module, sites.final_norm)).cpu()).float()
+    promoted_ids, promoted, suppressed_ids, suppressed = _extremes(directions, unembed.cpu(), n, lowest=True)
+    views = {"promoted_ids": promoted_ids, "promoted_values": promoted,
+             "suppressed_ids": suppressed_ids, "suppressed_values": suppressed}
+    if config.kind != "sae":
+        embed = resolve(module, sites.embed).weight.detach()
+        norm = resolve(module, f"{sites.block(layer)}.{sites.pre_mlp_norm}")
+        inputs = (norm(embed) * config.input_scale).float().cpu()
+        ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, n, lowest=False)
+        views.update(embedding_ids=ids, embedding_values=values)
+    return views
+
+
+def _vocabulary(tokenizer: Any, size: int) -> list[str]:
+    """The display string of each token id below ``size`` (the unembedding's row count)."""
+    known = min(len(tokenizer), size)
+    texts = tokenizer.batch_decode([[i] for i in range(known)])
+    return texts + [f"<unused {i}>" for i in range(known, size)]
+
+
+# -- the entry point -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def analyze_features(
+    lm: Any,
+    transcoder: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    top_k: int = 20,
+    quantiles: int = 4,
+    per_quantile: int = 5,
+    sample_size: int = 64,
+    window: tuple[int, int] = (16, 6),
+    n_bins: int = 48,
+    n_logits: int = 12,
+    exclude_bos: bool = True,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> FeatureStats:
+    """Per-latent statistics of ``transcoder`` over ``tokens``, for `FeatureDashboard`.
+
+    One pass over the tokens, ``batch_size`` contexts per nnsight trace (stopped after the
+    transcoder's layer); memory stays bounded by the batch and the per-latent state.
+
+    Args:
+        lm: the model from `load_model` the transcoder was trained on.
+        transcoder: a `Transcoder` (its ``config.site["layer"]`` says where it reads: the MLP
+            input, or the MLP output for an SAE).
+        tokens: ``[n_contexts, context]`` token ids, e.g. from `load_corpus`.
+        top_k: top activating examples kept per latent.
+        quantiles, per_quantile: a uniform sample of ``sample_size`` firing tokens per latent is
+            sorted by activation and split into ``quantiles`` equal groups, ``per_quantile``
+            evenly spaced examples of each are kept (exact quantiles when the latent fires on
+            fewer than ``sample_size`` tokens).
+        window: tokens of context kept before and after each example.
+        n_bins: histogram bins (equal width from 0; at least half of them in use).
+        n_logits: tokens kept per logit-effect and embedding list.
+        exclude_bos: ignore positions holding the BOS token (attention sinks, whose huge
+            activations would otherwise top many latents).
+
+    Weights-only views, per latent:
+
+    - *logit effects*: the decoder row (in model units) scaled by the final norm's weight and
+      multiplied by the unembedding: the direct effect on each logit of one unit of activation,
+      ignoring later layers and the final norm's data-dependent scale. Most promoted and most
+      suppressed tokens are kept.
+    - *embedding*: each token's embedding passed through the layer's pre-MLP norm (the module
+      itself, weight included) and the encoder (without bias and activation): how much the latent
+      would fire if the residual stream at this layer held only that token's embedding, ignoring
+      attention, earlier MLPs and position. Not computed for an SAE, which reads the MLP output.
+    """
+    layer = transcoder.config.site.get("layer")
+    if layer is None:
+        raise ValueError("The transcoder's config.site has no 'layer': analyze_features needs to know which "
+                         "MLP it replaces (config.site = {'model': ..., 'layer': ...}).")
+    check_transcoders(lm, {layer: transcoder})
+    tokens = check_tokens(lm, tokens)
+    include = torch.ones_like(tokens, dtype=torch.bool)
+    bos = bos_id(lm.tokenizer)
+    if exclude_bos and bos is not None:
+        include = tokens != bos
+    n_tokens = int(include.sum())
+    if n_tokens == 0:
+        raise ValueError("Every token is a BOS token, so there is nothing to analyse: pass real text, or "
+                         "exclude_bos=False.")
+    for name, value in (("top_k", top_k), ("quantiles", quantiles), ("per_quantile", per_quantile),
+                        ("sample_size", sample_size), ("n_logits", n_logits), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if n_bins < 2 or n_bins % 2:
+        raise ValueError(f"n_bins={n_bins} must be an even number of at least 2.")
+
+    context = tokens.shape[1]
+    state = _Accumulator(transcoder.n_latents, context, top_k=top_k, sample_size=sample_size,
+                         window=tuple(window), n_bins=n_bins, seed=seed)
+    device, dtype = transcoder.W_enc.device, transcoder.W_enc.dtype
+    reads = 1 if transcoder.config.kind == "sae" else 0
+    training = transcoder.training
+    transcoder.eval()  # inference behaviour (BatchTopK's calibrated threshold)
+    try:
+        for start in tqdm(range(0, len(tokens), batch_size), desc="analysing features", disable=not progress,
+                          leave=False):
+            batch = tokens[start:start + batch_size]
+            site = _trace_batch(lm, batch, [layer])[0][reads]
+            latents = transcoder.encode(site.to(device, dtype)).float().cpu()  # [batch, context, n_latents]
+            latents *= include[start:start + batch_size, :, None]
+            state.add(latents.permute(2, 0, 1).contiguous(), start * context)
+    finally:
+        transcoder.train(training)
+
+    arrays = state.finish(quantiles, per_quantile)
+    arrays.update(_weight_views(lm, transcoder, layer, n_logits))
+    arrays["tokens"] = tokens.to(torch.int32).numpy()
+    meta = {
+        "format": FORMAT, "version": VERSION, "model": lm.name, "fingerprint": transcoder_fingerprint(transcoder),
+        "transcoder": transcoder.config.to_dict(), "n_latents": transcoder.n_latents, "n_tokens": n_tokens,
+        "settings": {"top_k": top_k, "quantiles": quantiles, "per_quantile": per_quantile,
+                     "sample_size": sample_size, "window": list(window), "n_bins": n_bins,
+                     "n_logits": n_logits, "exclude_bos": exclude_bos, "seed": seed},
+    }
+    vocab = _vocabulary(lm.tokenizer, resolve(lm._module, lm.sites.unembed).weight.shape[0])
+    return FeatureStats(meta, arrays, vocab)

@@ -1,0 +1,149 @@
+"""`FeatureDashboard`: inspect a transcoder's latents one at a time.
+
+Python holds the `FeatureStats` and answers the page: the synced trait ``_latent`` carries only the
+current latent's payload (`latent_payload`), and the sortable list and the token search are
+request/response custom messages (``{"type": "list", ...}``). The page sends ``{"type": "select"}``
+to change latent; Python validates it and sets ``feature``, so user code and other widgets that set
+or observe ``feature`` see exactly what the page shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import numpy as np
+import torch
+import traitlets
+
+from ..features import SORT_KEYS, Example, FeatureStats, FeatureStatsError
+
+STATIC = Path(__file__).parent / "static"
+LIST_PAGE = 50  # rows per page of the latent list
+
+
+def _round(value: float) -> float:
+    """Four significant digits: enough to read, a third of the bytes."""
+    return float(f"{value:.4g}")
+
+
+def _example(stats: FeatureStats, example: Example) -> dict[str, Any]:
+    return {"tokens": [stats.vocab[i] for i in example.tokens.tolist()],
+            "acts": [_round(a) for a in example.acts.tolist()],
+            "center": example.center, "value": _round(example.value),
+            "context": example.context, "position": example.position}
+
+
+def _tokens(stats: FeatureStats, pairs: list[tuple[int, float]] | None) -> list[list] | None:
+    return None if pairs is None else [[stats.vocab[i], _round(v)] for i, v in pairs]
+
+
+def latent_payload(stats: FeatureStats, index: int) -> dict[str, Any]:
+    """What the page needs to draw latent ``index``: JSON values only, token strings decoded."""
+    latent = stats.latent(index)
+    counts = latent.histogram_counts
+    used = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
+    return {
+        "index": latent.index, "n_latents": stats.n_latents, "count": latent.count, "n_tokens": latent.n_tokens,
+        "density": latent.density, "mean": _round(latent.mean_active), "max": _round(latent.max),
+        "histogram": {"width": float(latent.histogram_edges[1]), "counts": counts[:used].tolist()},
+        "top": [_example(stats, e) for e in latent.top],
+        "quantiles": [{"low": g.low, "high": g.high, "min": _round(g.min) if g.examples else None,
+                       "max": _round(g.max) if g.examples else None,
+                       "examples": [_example(stats, e) for e in g.examples]} for g in latent.quantiles],
+        "sample_size": latent.sample_size,
+        "promoted": _tokens(stats, latent.promoted), "suppressed": _tokens(stats, latent.suppressed),
+        "embedding": _tokens(stats, latent.embedding),
+    }
+
+
+class FeatureDashboard(anywidget.AnyWidget):
+    """Browse the latents of `FeatureStats`: examples shaded by activation, quantile groups, a
+    histogram, logit effects and embedding tokens.
+
+    Args:
+        stats: `FeatureStats`, or the folder they were saved to.
+        feature: the latent to show first (default: the first that ever fires).
+        transcoder: when given, refuse stats computed for a different transcoder.
+
+    ``feature`` is synced both ways: ``dash.feature = 12`` changes the page, clicks and keys
+    (←/→, j/k) change ``dash.feature``, and ``dash.observe(fn, "feature")`` sees both.
+    """
+
+    _esm = STATIC / "dashboard.js"
+    _css = STATIC / "dashboard.css"
+
+    feature = traitlets.Int(0).tag(sync=True)
+    n_latents = traitlets.Int(0, read_only=True).tag(sync=True)
+    error = traitlets.Unicode("").tag(sync=True)
+    _latent = traitlets.Dict().tag(sync=True)
+
+    def __init__(self, stats: FeatureStats | str | os.PathLike, feature: int | None = None, *,
+                 transcoder: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        self.stats = stats if isinstance(stats, FeatureStats) else FeatureStats.load(stats)
+        if transcoder is not None:
+            self.stats.check_transcoder(transcoder)
+        super().__init__(**kwargs)
+        self.set_trait("n_latents", self.stats.n_latents)
+        self.on_msg(self._on_message)
+        if feature is None:
+            firing = np.flatnonzero(self.stats.count)
+            feature = int(firing[0]) if firing.size else 0
+        self.feature = feature
+        if self._latent.get("index") != self.feature:  # the trait's default: no change, no observer call
+            self._show(self.feature)
+
+    @traitlets.validate("feature")
+    def _check_feature(self, proposal: dict) -> int:
+        value = proposal["value"]
+        if not 0 <= value < self.stats.n_latents:
+            self.error = (f"Latent {value} is out of range: these stats have {self.stats.n_latents} latents, "
+                          f"numbered 0 to {self.stats.n_latents - 1}.")
+            raise traitlets.TraitError(self.error)
+        return value
+
+    @traitlets.observe("feature")
+    def _on_feature(self, change: dict) -> None:
+        self._show(change["new"])
+
+    def _show(self, index: int) -> None:
+        try:
+            payload = latent_payload(self.stats, index)
+        except (FeatureStatsError, OSError) as error:
+            self.error = str(error)
+            raise
+        with self.hold_sync():
+            self.error = ""
+            self._latent = payload
+
+    # -- messages from the page ----------------------------------------------------------------------
+    def _on_message(self, _: Any, content: dict, buffers: list) -> None:
+        kind = content.get("type")
+        if kind == "select":
+            try:
+                self.feature = int(content["feature"])
+            except (traitlets.TraitError, TypeError, ValueError, KeyError):
+                if not self.error:
+                    self.error = f"Cannot show latent {content.get('feature')!r}: give a whole number."
+        elif kind == "list":
+            self.send({"type": "list", "request": content.get("request"), **self.rows(
+                content.get("query", ""), content.get("sort", "density"), bool(content.get("descending", True)),
+                int(content.get("offset", 0)))})
+
+    def rows(self, query: str = "", sort: str = "density", descending: bool = True,
+             offset: int = 0) -> dict[str, Any]:
+        """One page of the latent list: all latents sorted by ``sort``, or the results of a token
+        search when ``query`` is not empty. Rows are ``[latent, density, max, hits]``."""
+        if query.strip():
+            found = self.stats.search(query)
+            order, hits = [i for i, _ in found], [h for _, h in found]
+        else:
+            order, hits = self.stats.order(sort if sort in SORT_KEYS else "density", descending), None
+        offset = max(0, min(offset, max(len(order) - 1, 0)))
+        page = np.asarray(order[offset:offset + LIST_PAGE], dtype=np.int64)
+        density, maximum = self.stats.density[page], self.stats.max[page]
+        rows = [[int(i), float(density[n]), _round(float(maximum[n])), hits[offset + n] if hits else None]
+                for n, i in enumerate(page)]
+        return {"rows": rows, "total": len(order), "offset": offset, "query": query.strip()}
