@@ -1,0 +1,574 @@
+"""The transcoder module: a wide, sparsely activating replacement for one MLP.
+
+A transcoder reads an MLP's input ``x`` and reconstructs its output ``y``:
+
+    z = act(W_enc · x̃ + b_enc)        x̃ = x · input_scale
+    ŷ̃ = W_dec · z + b_dec (+ W_skip · x̃)   ŷ = ŷ̃ / output_scale
+
+Inputs and targets are scaled to an average norm of sqrt(d) while training; the scales live in
+the config, so the module takes and returns *model units* and splices back into the model as is.
+Latent activations ``z`` are in the normalised units.
+
+Kinds: ``"transcoder"`` (MLP input -> MLP output), ``"skip"`` (plus an affine skip path
+W_skip·x, Paulo, Shabalin & Belrose 2025) and ``"sae"`` (reconstructs its own input; x = y).
+Activations: ``"relu"`` (trained with an L1 penalty weighted by decoder row norms), ``"topk"``,
+``"batchtopk"`` (k × batch latents over a training batch, one threshold at inference) and
+``"jumprelu"`` (trained through a straight-through estimator with an L0 penalty, Rajamanoharan
+et al. 2024).
+
+Files: ``config.json`` + ``weights.safetensors``, written atomically, never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "KINDS",
+    "ACTIVATIONS",
+    "TranscoderConfig",
+    "Transcoder",
+    "TranscoderOutput",
+    "SparseLatents",
+    "TranscoderFileError",
+    "jumprelu",
+    "step",
+    "rectangle",
+]
+
+SCHEMA_VERSION = 1
+"""Version of the on-disk format (``config.json`` + ``weights.safetensors``)."""
+
+KINDS = ("transcoder", "skip", "sae")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class TranscoderFileError(ValueError):
+    """A saved transcoder cannot be read: missing, truncated, corrupted or from a newer version."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TranscoderConfig:
+    """Everything needed to rebuild a `Transcoder` (its weights aside).
+
+    ``site`` records where it belongs: ``{"model": ..., "layer": ..., "input": ..., "output": ...}``
+    as given by the activation store. ``input_scale``/``output_scale`` map model units to the
+    normalised units the weights live in. ``threshold_init`` and ``bandwidth`` are JumpReLU's
+    initial threshold and straight-through bandwidth, in latent units.
+    """
+
+    d_in: int
+    d_out: int
+    n_latents: int
+    kind: str = "transcoder"
+    activation: str = "topk"
+    k: int | None = 32
+    input_scale: float = 1.0
+    output_scale: float = 1.0
+    threshold_init: float = 0.1
+    bandwidth: float = 0.1
+    site: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not one of {ACTIVATIONS}")
+        for name in ("d_in", "d_out", "n_latents"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kind == "sae" and self.d_in != self.d_out:
+            raise ValueError(
+                f"an SAE reconstructs its own input, so d_in must equal d_out "
+                f"(got d_in={self.d_in}, d_out={self.d_out})"
+            )
+        if self.activation in ("topk", "batchtopk"):
+            if not isinstance(self.k, int) or self.k < 1:
+                raise ValueError(f"activation={self.activation!r} needs a positive integer k, got {self.k!r}")
+            if self.k > self.n_latents:
+                raise ValueError(
+                    f"k={self.k} is larger than n_latents={self.n_latents}: "
+                    f"choose k <= n_latents (typically k is 1-5% of n_latents)"
+                )
+        for name in ("input_scale", "output_scale", "threshold_init", "bandwidth"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the content of ``config.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TranscoderConfig:
+        """Rebuild a config, checking the schema version first.
+
+        ``source`` names where ``data`` came from, for error messages.
+        """
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise TranscoderFileError(f"{source}: missing or invalid 'schema_version' ({version!r})")
+        if version > SCHEMA_VERSION:
+            raise TranscoderFileError(
+                f"{source} was written by a newer tcwidgets (schema version {version}; this "
+                f"tcwidgets reads up to {SCHEMA_VERSION}): upgrade with `pip install -U tcwidgets`"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TranscoderFileError(f"{source}: unknown fields {unknown} for schema version {version}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise TranscoderFileError(f"{source}: invalid transcoder config: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# JumpReLU and its straight-through estimator
+# --------------------------------------------------------------------------------------------
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The kernel of the straight-through estimator: 1 on (-1/2, 1/2), 0 elsewhere."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = -(threshold / eps) * rectangle((pre - threshold) / eps) * grad
+        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * rectangle((pre - threshold) / eps) * grad
+        return torch.zeros_like(pre), _sum_to(grad_threshold, threshold.shape), None
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to ``shape`` (the threshold's)."""
+    return grad.reshape(-1, *shape).sum(0) if grad.dim() > len(shape) else grad
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU ``pre · H(pre - θ)`` with the straight-through pseudo-derivatives
+
+    ∂/∂pre = H(pre - θ),   ∂/∂θ = -(θ / ε) · rectangle((pre - θ) / ε),   ε = ``bandwidth``.
+    """
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Heaviside step ``H(pre - θ)`` (counts active latents for the L0 penalty), with
+
+    ∂/∂pre = 0,   ∂/∂θ = -(1 / ε) · rectangle((pre - θ) / ε),   ε = ``bandwidth``.
+    """
+    return _Step.apply(pre, threshold, bandwidth)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse encoding
+# --------------------------------------------------------------------------------------------
+
+
+class SparseLatents(NamedTuple):
+    """The active latents of a batch of tokens, grouped by token (``F.embedding_bag``'s layout).
+
+    Token ``t``'s active latents are ``indices[offsets[t]:offsets[t + 1]]`` with activations
+    ``values[offsets[t]:offsets[t + 1]]``; for TopK every group has exactly k entries.
+    """
+
+    indices: Tensor  # [nnz] int64 latent ids
+    values: Tensor  # [nnz] activations (normalised units)
+    offsets: Tensor  # [n_tokens] int64 start of each token's group
+
+    @property
+    def rows(self) -> Tensor:
+        """The token index of each entry ([nnz] int64)."""
+        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.indices.numel()]))
+        return torch.repeat_interleave(torch.arange(len(self.offsets), device=self.offsets.device), counts)
+
+    def to_dense(self, n_latents: int) -> Tensor:
+        """Latents as a dense ``[n_tokens, n_latents]`` tensor."""
+        dense = self.values.new_zeros(len(self.offsets), n_latents)
+        return dense.index_put((self.rows, self.indices), self.values, accumulate=True)
+
+
+class SparseEncoding(NamedTuple):
+    """Output of `Transcoder.encode_sparse`."""
+
+    latents: SparseLatents
+    pre: Tensor  # dense pre-activations [n_tokens, n_latents], no grad (maybe bfloat16)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """``values[i] = x[rows[i]] · weight[cols[i]] + bias[cols[i]]``, a linear layer evaluated at a
+    sparse set of (token, latent) pairs.
+
+    The forward reads the values from ``pre``, the dense pre-activations already computed without
+    grad to choose the pairs (recomputing them in full precision when ``pre`` is lower precision).
+    The backward is a sparse matrix product, so the encoder's gradient costs O(nnz · d) instead of
+    a dense [tokens, n_latents] × [tokens, d] product.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, rows, cols)
+        if pre.dtype == weight.dtype:
+            return pre[rows, cols]
+        return torch.einsum("nd,nd->n", x[rows], weight[cols]) + bias[cols]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rows, cols = ctx.saved_tensors
+        n_latents, n_tokens = weight.shape[0], x.shape[0]
+        grad = grad.to(weight.dtype)
+        grad_x = grad_weight = grad_bias = None
+        # sparse [n_latents, n_tokens] matrix of the upstream gradient
+        g = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), grad, (n_latents, n_tokens), check_invariants=False
+        )
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.sparse.mm(g, x.to(weight.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(n_latents, dtype=weight.dtype, device=weight.device).index_add_(0, cols, grad)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.sparse.mm(g.t(), weight).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+class TranscoderOutput(NamedTuple):
+    latents: Tensor  # [..., n_latents] dense latent activations (normalised units)
+    output: Tensor  # [..., d_out] reconstruction in model units
+
+
+class Transcoder(nn.Module):
+    """A sparse, wide replacement for one MLP (or an SAE); see the module docstring.
+
+    Weights are stored row-major per latent: ``W_enc`` [n_latents, d_in], ``W_dec``
+    [n_latents, d_out]; ``W_skip`` [d_out, d_in] for skip transcoders; ``log_threshold``
+    [n_latents] for JumpReLU; the buffer ``threshold`` (scalar) for BatchTopK at inference.
+    """
+
+    def __init__(self, config: TranscoderConfig):
+        super().__init__()
+        self.config = config
+        n, d_in, d_out = config.n_latents, config.d_in, config.d_out
+        self.W_enc = nn.Parameter(torch.empty(n, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if config.kind == "skip":
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))
+        if config.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), math.log(config.threshold_init)))
+        if config.activation == "batchtopk":
+            self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit-norm decoder rows; encoder rows equal to the decoder rows when the two
+        spaces have the same width (the SAE convention), random unit rows otherwise.
+
+        `Trainer` replaces this with a data-dependent initialisation.
+        """
+        nn.init.normal_(self.W_dec)
+        self.normalize_decoder()
+        if self.d_in == self.d_out:
+            self.W_enc.copy_(self.W_dec)
+        else:
+            nn.init.normal_(self.W_enc)
+            self.W_enc /= self.W_enc.norm(dim=1, keepdim=True)
+
+    # ---- shapes ---------------------------------------------------------------------------
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_latents
+
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.config.d_out
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        c = self.config
+        k = f", k={c.k}" if c.activation in ("topk", "batchtopk") else ""
+        return f"{c.kind}, {c.activation}{k}, d_in={c.d_in}, n_latents={c.n_latents}, d_out={c.d_out}"
+
+    # ---- dense path -------------------------------------------------------------------------
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``W_enc · x̃ + b_enc`` for MLP inputs ``x`` in model units."""
+        return F.linear(x * self.config.input_scale, self.W_enc, self.b_enc)
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Apply the activation function to pre-activations (dense in, dense out).
+
+        BatchTopK selects k × tokens latents over the batch in training mode and applies its
+        calibrated threshold in eval mode (see `calibrate_threshold`).
+        """
+        act = self.config.activation
+        if act == "relu":
+            return F.relu(pre)
+        if act == "jumprelu":
+            return jumprelu(pre, self.log_threshold.exp(), self.config.bandwidth)
+        if act == "topk":
+            values, indices = pre.topk(self.config.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+        # batchtopk
+        if self.training:
+            flat = pre.reshape(-1, pre.shape[-1])
+            kept = flat.flatten().topk(self.config.k * flat.shape[0], sorted=False).indices
+            mask = torch.zeros_like(flat, dtype=torch.bool).flatten().index_fill_(0, kept, True)
+            return F.relu(pre) * mask.view(pre.shape)
+        return pre * (pre > self._calibrated_threshold())
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations ``[..., n_latents]`` for MLP inputs ``x`` (model units)."""
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, latents: Tensor, x: Tensor | None = None) -> Tensor:
+        """Reconstruction in model units from dense latents; skip transcoders also need ``x``."""
+        out = F.linear(latents, self.W_dec.t(), self.b_dec)
+        return self._finish(out, x)
+
+    def forward(self, x: Tensor) -> TranscoderOutput:
+        """``(latents, output)`` for MLP inputs ``x`` (model units)."""
+        latents = self.encode(x)
+        return TranscoderOutput(latents, self.decode(latents, x))
+
+    def _finish(self, out: Tensor, x: Tensor | None) -> Tensor:
+        """Add the skip path (if any) and return to model units."""
+        if self.config.kind == "skip":
+            if x is None:
+                raise ValueError("a skip transcoder adds W_skip·x to its output: pass the MLP input x to decode")
+            out = out + F.linear(x * self.config.input_scale, self.W_skip)
+        return out / self.config.output_scale
+
+    # ---- sparse path (TopK, BatchTopK) --------------------------------------------------------
+
+    def encode_sparse(self, x: Tensor, *, low_precision: bool = False) -> SparseEncoding:
+        """Active latents of TopK/BatchTopK as a `SparseLatents`, differentiable with respect to
+        the encoder; also returns the dense pre-activations (no grad) for auxiliary losses.
+
+        ``x`` is ``[n_tokens, d_in]`` in model units. With ``low_precision`` the dense matrix
+        product that chooses the latents runs in bfloat16 (the selected values are recomputed in
+        float32). Only the selected latents enter the backward pass.
+        """
+        act = self.config.activation
+        if act not in ("topk", "batchtopk"):
+            raise ValueError(f"encode_sparse needs a TopK or BatchTopK transcoder, not {act!r}")
+        with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
+            pre = F.linear(x * self.config.input_scale, self.W_enc, self.b_enc)
+        rows, cols = self._select(pre)
+        return SparseEncoding(self.latents_at(x, rows, cols, pre), pre)
+
+    def latents_at(self, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> SparseLatents:
+        """Activations (ReLU of the pre-activations) of chosen (token, latent) pairs as
+        `SparseLatents`, differentiable with respect to the encoder.
+
+        ``rows`` (token indices, non-decreasing) and ``cols`` (latent ids) name the pairs; ``pre``
+        holds the dense pre-activations of ``x`` computed without grad, which the values are read
+        from. The backward pass only touches the chosen pairs.
+        """
+        values = _GatheredLinear.apply(x * self.config.input_scale, self.W_enc, self.b_enc, rows, cols, pre)
+        counts = torch.bincount(rows, minlength=len(x))
+        return SparseLatents(cols, F.relu(values), torch.cumsum(counts, 0) - counts)
+
+    @torch.no_grad()
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the latents to keep, grouped by token."""
+        n_tokens, n = pre.shape
+        k = self.config.k
+        if self.config.activation == "topk":
+            cols = pre.topk(k, dim=-1, sorted=False).indices.flatten()
+            return torch.arange(n_tokens, device=pre.device).repeat_interleave(k), cols
+        if self.training:
+            flat = pre.flatten().topk(k * n_tokens, sorted=False).indices.sort().values
+        else:
+            flat = torch.nonzero(pre.flatten() > self._calibrated_threshold()).flatten()
+        return flat // n, flat % n
+
+    def decode_sparse(self, latents: SparseLatents, x: Tensor | None = None, *, bias: bool = True) -> Tensor:
+        """Reconstruction in model units from sparse latents (a gather of decoder rows).
+
+        With ``bias=False`` only the latents' own contribution (no ``b_dec``, no skip path).
+        """
+        out = F.embedding_bag(
+            latents.indices, self.W_dec, latents.offsets, mode="sum",
+            per_sample_weights=latents.values.to(self.W_dec.dtype),
+        )
+        if not bias:
+            return out / self.config.output_scale
+        return self._finish(out + self.b_dec, x)
+
+    # ---- BatchTopK threshold ------------------------------------------------------------------
+
+    def _calibrated_threshold(self) -> Tensor:
+        if torch.isnan(self.threshold):
+            raise RuntimeError(
+                "this BatchTopK transcoder has no inference threshold yet: call "
+                "calibrate_threshold(batches_of_x) (train_transcoder does it after training)"
+            )
+        return self.threshold
+
+    @torch.no_grad()
+    def calibrate_threshold(self, xs: Iterable[Tensor]) -> float:
+        """Set BatchTopK's inference threshold: the mean over batches of the smallest activation
+        that BatchTopK keeps (so that inference keeps about k latents per token)."""
+        if self.config.activation != "batchtopk":
+            raise ValueError("only BatchTopK transcoders have a threshold to calibrate")
+        minima = []
+        for x in xs:
+            pre = self.pre_activations(x).flatten()
+            minima.append(pre.topk(self.config.k * len(x), sorted=False).values.min().clamp_min(0))
+        if not minima:
+            raise ValueError("calibrate_threshold needs at least one batch")
+        self.threshold.copy_(torch.stack(minima).mean())
+        return float(self.threshold)
+
+    # ---- decoder norm ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the component of each decoder row's gradient parallel to the row (which would
+        only change the row's norm, undone by `normalize_decoder`)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    # ---- files ------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``weights.safetensors`` into directory ``path`` (created if
+        needed), each atomically. Returns the directory."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_dict(), indent=2)
+        atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Transcoder:
+        """Load a transcoder saved with `save`, onto ``device`` (default CPU).
+
+        Raises `TranscoderFileError` (a ``ValueError``) naming the file when it is missing,
+        truncated or corrupted, written by a newer tcwidgets, or does not match its config.
+        """
+        path = Path(path)
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise TranscoderFileError(f"{p} not found: is {path} a directory written by Transcoder.save?")
+        try:
+            data = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TranscoderFileError(f"{config_path} is not valid JSON ({err}); re-save the transcoder") from err
+        if not isinstance(data, dict):
+            raise TranscoderFileError(f"{config_path} does not hold a JSON object; re-save the transcoder")
+        config = TranscoderConfig.from_dict(data, source=str(config_path))
+        tensors = read_safetensors(weights_path, device, fix="re-save or re-train the transcoder")
+        model = cls(config)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if expected != found:
+            diff = sorted(
+                f"{name}: expected {expected.get(name)}, found {found.get(name)}"
+                for name in set(expected) | set(found)
+                if expected.get(name) != found.get(name)
+            )
+            raise TranscoderFileError(
+                f"{weights_path} does not match {config_path} ({'; '.join(diff)}); "
+                f"re-save or re-train the transcoder"
+            )
+        model.load_state_dict({name: t.float() for name, t in tensors.items()})
+        return model.to(device) if device is not None else model
+
+
+# --------------------------------------------------------------------------------------------
+# File helpers (shared with training checkpoints)
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``target``, then move it into place,
+    so an interrupted write never leaves a file that looks complete."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(path: Path, device: str | torch.device | None, *, fix: str) -> dict[str, Tensor]:
+    """Read a safetensors file, turning any read failure into a `TranscoderFileError` that
+    names the file and says how to ``fix`` it."""
+    try:
+        return load_file(path, device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise TranscoderFileError(f"{path} is truncated or corrupted ({err}); {fix}") from err

@@ -1,0 +1,316 @@
+"""The Transcoder module: activations, the sparse path, model units, files.
+
+Every check compares against an independent computation written out here.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tcwidgets.transcoder import (
+    SCHEMA_VERSION,
+    Transcoder,
+    TranscoderConfig,
+    TranscoderFileError,
+    atomic_write,
+    jumprelu,
+    step,
+)
+
+D_IN, D_OUT, N = 12, 10, 48
+
+
+def make(kind="transcoder", activation="topk", k=4, d_in=D_IN, d_out=D_OUT, n=N, **extra):
+    """A transcoder with random (not unit-scale) weights and biases, so every term matters."""
+    if kind == "sae":
+        d_out = d_in
+    config = TranscoderConfig(d_in=d_in, d_out=d_out, n_latents=n, kind=kind, activation=activation, k=k,
+                              input_scale=1.7, output_scale=0.3, **extra)
+    tc = Transcoder(config)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        tc.normalize_decoder()
+    return tc
+
+
+def reference(tc, x, mask=None, params=None):
+    """Dense forward written from the definition, in float64: z = act(W_enc·x̃ + b_enc),
+    ŷ = (W_dec·z + b_dec + W_skip·x̃) / output_scale. ``mask`` picks the kept latents (TopK);
+    ``params`` replaces the module's parameters (float64 copies by default)."""
+    c = tc.config
+    p = params or {name: t.detach().double() for name, t in tc.named_parameters()}
+    xs = x.double() * c.input_scale
+    pre = xs @ p["W_enc"].T + p["b_enc"]
+    z = torch.relu(pre) if mask is None else torch.relu(pre) * mask
+    out = z @ p["W_dec"] + p["b_dec"]
+    if c.kind == "skip":
+        out = out + xs @ p["W_skip"].T
+    return pre, z, out / c.output_scale
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+def test_topk_keeps_exactly_k_latents_per_token_and_the_largest_ones():
+    tc = make(k=5)
+    with torch.no_grad():
+        tc.b_enc.fill_(3.0)  # all pre-activations positive: every kept latent is non-zero
+    x = torch.randn(64, D_IN)
+    z = tc.encode(x)
+    assert ((z != 0).sum(-1) == 5).all()
+    pre = reference(tc, x)[0]
+    largest = pre.argsort(dim=-1, descending=True)[:, :5]
+    for row in range(64):
+        assert set(z[row].nonzero().flatten().tolist()) == set(largest[row].tolist())
+
+
+def test_topk_drops_negative_pre_activations():
+    tc = make(k=8)
+    with torch.no_grad():
+        tc.b_enc.fill_(-100.0)
+    assert (tc.encode(torch.randn(8, D_IN)) == 0).all()
+
+
+def test_batchtopk_keeps_k_times_batch_latents_in_total():
+    tc = make(activation="batchtopk", k=3).train()
+    with torch.no_grad():
+        tc.b_enc.fill_(3.0)
+    x = torch.randn(40, D_IN)
+    z = tc.encode(x)
+    assert int((z != 0).sum()) == 3 * 40
+    per_token = (z != 0).sum(-1)
+    assert per_token.min() != per_token.max()  # a batch budget, not k per token
+    pre = reference(tc, x)[0].flatten()
+    kept = set(pre.argsort(descending=True)[: 3 * 40].tolist())
+    assert set(z.flatten().nonzero().flatten().tolist()) == kept
+
+
+def test_batchtopk_inference_uses_one_calibrated_threshold():
+    tc = make(activation="batchtopk", k=3)
+    with torch.no_grad():
+        tc.b_enc.fill_(1.0)
+    tc.eval()
+    x = torch.randn(200, D_IN)
+    with pytest.raises(RuntimeError, match="calibrate_threshold"):
+        tc.encode(x)
+    threshold = tc.calibrate_threshold(x.split(50))
+    expected = torch.stack([reference(tc, b)[0].flatten().sort(descending=True).values[3 * 50 - 1]
+                            for b in x.split(50)]).mean()
+    assert threshold == pytest.approx(float(expected), rel=1e-5)
+    z = tc.encode(x)
+    pre = reference(tc, x)[0].float()
+    assert torch.equal(z != 0, pre > threshold)
+    assert (z != 0).sum(-1).float().mean() == pytest.approx(3, rel=0.25)
+
+
+def test_jumprelu_gradients_follow_the_straight_through_definition():
+    torch.manual_seed(1)
+    eps = 0.3
+    pre = (torch.randn(50, 7) * 0.5 + 0.4).requires_grad_()
+    theta = torch.full((7,), 0.4).requires_grad_()
+    upstream = torch.randn(50, 7)
+    (jumprelu(pre, theta, eps) * upstream).sum().backward()
+
+    with torch.no_grad():
+        p, t = pre.detach(), theta.detach()
+        active = (p > t).float()
+        near = ((p - t).abs() < eps / 2).float()  # rectangle((pre - θ) / ε)
+        assert torch.allclose(pre.grad, active * upstream)
+        assert torch.allclose(theta.grad, (-(t / eps) * near * upstream).sum(0), atol=1e-6)
+        assert near.sum() > 20  # the check covers many points inside the window
+
+    pre.grad, theta.grad = None, None
+    (step(pre, theta, eps) * upstream).sum().backward()
+    assert torch.equal(pre.grad, torch.zeros_like(pre))
+    assert torch.allclose(theta.grad, (-(1 / eps) * near * upstream).sum(0), atol=1e-5)
+
+
+def test_jumprelu_forward_zeroes_below_threshold():
+    tc = make(activation="jumprelu")
+    with torch.no_grad():
+        tc.log_threshold.fill_(math.log(0.5))
+    x = torch.randn(30, D_IN)
+    pre = reference(tc, x)[0].float()
+    assert torch.allclose(tc.encode(x), torch.where(pre > 0.5, pre, 0.0), atol=1e-5)
+
+
+# ---- the model-unit contract and the sparse path -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "skip", "sae"])
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_forward_matches_definition_in_model_units(kind, activation):
+    tc = make(kind=kind, activation=activation, k=N)  # k = n_latents: TopK keeps every positive latent
+    x = torch.randn(20, tc.d_in)
+    latents, output = tc(x)
+    _, z, out = reference(tc, x)
+    assert torch.allclose(latents.double(), z, atol=1e-5)
+    assert torch.allclose(output.double(), out, atol=1e-4)
+    assert latents.shape == (20, tc.n_latents) and output.shape == (20, tc.d_out)
+
+
+def test_skip_transcoder_decode_needs_x():
+    tc = make(kind="skip")
+    with pytest.raises(ValueError, match="pass the MLP input x"):
+        tc.decode(tc.encode(torch.randn(3, D_IN)))
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kind", ["transcoder", "skip"])
+def test_sparse_path_matches_dense_reference_loss_and_gradients(activation, kind):
+    tc = make(kind=kind, activation=activation, k=6).train()
+    x = torch.randn(32, D_IN, requires_grad=True)
+    y = torch.randn(32, D_OUT)
+
+    encoding = tc.encode_sparse(x)
+    y_hat = tc.decode_sparse(encoding.latents, x)
+    loss = (y - y_hat).square().sum() / (y - y.mean(0)).square().sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in tc.named_parameters()}
+
+    # independent float64 reference: choose the kept latents from the float64 pre-activations
+    params = {name: p.detach().double().requires_grad_() for name, p in tc.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    pre = reference(tc, x64)[0].detach()
+    if activation == "topk":
+        mask = torch.zeros_like(pre).scatter(1, pre.topk(6, dim=1).indices, 1.0)
+    else:
+        mask = torch.zeros_like(pre).flatten().index_fill(0, pre.flatten().topk(6 * 32).indices, 1.0).view_as(pre)
+    out = reference(tc, x64, mask, params)[2]
+    y64 = y.double()
+    ref_loss = (y64 - out).square().sum() / (y64 - y64.mean(0)).square().sum()
+    ref_grads = torch.autograd.grad(ref_loss, [*params.values(), x64])
+
+    assert float(loss.detach()) == pytest.approx(float(ref_loss), rel=1e-5)
+    for (name, g), ref in zip(grads.items(), ref_grads):
+        assert torch.allclose(g.double(), ref, rtol=1e-4, atol=1e-6), name
+    assert torch.allclose(x.grad.double(), ref_grads[-1], rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_latents_match_dense_encoding():
+    tc = make(k=7)
+    x = torch.randn(9, D_IN)
+    latents = tc.encode_sparse(x).latents
+    assert latents.indices.shape == (9 * 7,)
+    assert torch.equal(latents.offsets, torch.arange(0, 63, 7))
+    assert torch.allclose(latents.to_dense(N), tc.encode(x))
+    assert torch.allclose(tc.decode_sparse(latents), tc.decode(tc.encode(x)), atol=1e-6)
+
+
+def test_decoder_gradient_projection_and_normalisation():
+    tc = make()
+    tc.W_dec.grad = torch.randn_like(tc.W_dec)
+    tc.project_decoder_grad()
+    assert (tc.W_dec.grad * tc.W_dec).sum(1).abs().max() < 1e-5
+    with torch.no_grad():
+        tc.W_dec.mul_(torch.rand(N, 1) * 3)
+    tc.normalize_decoder()
+    assert torch.allclose(tc.W_dec.norm(dim=1), torch.ones(N))
+
+
+# ---- configuration errors -------------------------------------------------------------------------
+
+
+def test_k_larger_than_n_latents_is_refused():
+    with pytest.raises(ValueError, match="k=64 is larger than n_latents=48"):
+        TranscoderConfig(d_in=D_IN, d_out=D_OUT, n_latents=48, k=64)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kind": "autoencoder"}, "kind='autoencoder' is not one of"),
+    ({"activation": "gelu"}, "activation='gelu' is not one of"),
+    ({"kind": "sae"}, "d_in must equal d_out"),
+    ({"input_scale": float("nan")}, "input_scale must be a positive finite number"),
+])
+def test_invalid_configs_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TranscoderConfig(**{"d_in": D_IN, "d_out": D_OUT, "n_latents": N, **changes})
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, activation", [("transcoder", "topk"), ("skip", "jumprelu"),
+                                              ("sae", "relu"), ("transcoder", "batchtopk")])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, kind, activation):
+    tc = make(kind=kind, activation=activation)
+    tc.config.site = {"model": "smollm2-135m", "layer": 6, "input": "model.layers.6.mlp.input",
+                      "output": "model.layers.6.mlp.output"}
+    x = torch.randn(16, tc.d_in)
+    if activation == "batchtopk":
+        tc.calibrate_threshold([x])
+    tc.eval()
+    tc.save(tmp_path / "tc")
+    assert sorted(p.name for p in (tmp_path / "tc").iterdir()) == ["config.json", "weights.safetensors"]
+    loaded = Transcoder.load(tmp_path / "tc", device="cpu")
+    assert loaded.config == tc.config
+    for (name, a), (_, b) in zip(tc.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    loaded.eval()
+    assert torch.equal(loaded(x).output, tc(x).output)
+    assert torch.equal(loaded(x).latents, tc(x).latents)
+
+
+def test_config_json_is_plain_and_versioned(tmp_path):
+    make().save(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["input_scale"] == 1.7 and data["k"] == 4
+
+
+def test_newer_schema_asks_to_upgrade(tmp_path):
+    make().save(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(TranscoderFileError, match="newer tcwidgets.*pip install -U tcwidgets"):
+        Transcoder.load(tmp_path)
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path):
+    make().save(tmp_path)
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(TranscoderFileError, match=r"weights\.safetensors is truncated or corrupted.*re-save or re-train"):
+        Transcoder.load(tmp_path)
+    weights.write_bytes(b"\x00" * 7)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        Transcoder.load(tmp_path)
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
+    make().save(tmp_path)
+    tensors = load_file(tmp_path / "weights.safetensors")
+    tensors["W_enc"] = tensors["W_enc"][:-1]
+    save_file(tensors, tmp_path / "weights.safetensors")
+    with pytest.raises(TranscoderFileError, match=r"W_enc: expected \(48, 12\), found \(47, 12\)"):
+        Transcoder.load(tmp_path)
+
+
+def test_missing_or_invalid_config(tmp_path):
+    with pytest.raises(TranscoderFileError, match="config.json not found"):
+        Transcoder.load(tmp_path)
+    make().save(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(TranscoderFileError, match="config.json is not valid JSON"):
+        Transcoder.load(tmp_path)
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
