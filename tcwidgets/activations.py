@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 FORMAT = "tcwidgets.activations"
 VERSION = 1
-SHARD_BYTES = 128 * 2**20  # activations held in memory before a shard is written
+SHARD_BYTES = 64 * 2**20  # activations held in memory before a shard is written
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
@@ -349,11 +349,10 @@ def _shard_tensors(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tens
     """Concatenate a shard's rows and add the float64 partial sums the statistics are built from."""
     tensors = {}
     for name, rows in parts.items():
-        values = torch.cat(rows)
-        as64 = values.double()
-        tensors[name] = values
-        tensors[f"{name}.sum"] = as64.sum(0)
-        tensors[f"{name}.norm_sum"] = as64.norm(dim=1).sum().reshape(1)
+        tensors[f"{name}.sum"] = sum(part.double().sum(0) for part in rows)
+        tensors[f"{name}.norm_sum"] = sum(part.double().norm(dim=1).sum() for part in rows).reshape(1)
+        tensors[name] = torch.cat(rows)
+        rows.clear()
     return tensors
 
 
