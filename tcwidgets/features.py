@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .activations import StoreError, _trace_batch, atomic_write, read_safetensors_header, write_json
 from .corpus import bos_id
 from .models import resolve
-from .splicing import check_tokens, check_transcoders
+from .splicing import _transcoder_input, check_tokens, check_transcoders
 
 FORMAT = "tcwidgets.features"
 VERSION = 1
@@ -617,16 +617,15 @@ def analyze_features(
     context = tokens.shape[1]
     state = _Accumulator(transcoder.n_latents, context, top_k=top_k, sample_size=sample_size,
                          window=tuple(window), n_bins=n_bins, seed=seed)
-    device, dtype = transcoder.W_enc.device, transcoder.W_enc.dtype
-    reads = 1 if transcoder.config.kind == "sae" else 0
     training = transcoder.training
     transcoder.eval()  # inference behaviour (BatchTopK's calibrated threshold)
     try:
         for start in tqdm(range(0, len(tokens), batch_size), desc="analysing features", disable=not progress,
                           leave=False):
             batch = tokens[start:start + batch_size]
-            site = _trace_batch(lm, batch, [layer])[0][reads]
-            latents = transcoder.encode(site.to(device, dtype)).float().cpu()  # [batch, context, n_latents]
+            mlp_input, mlp_output = _trace_batch(lm, batch, [layer])[0]
+            site = _transcoder_input(transcoder, mlp_input, mlp_output)
+            latents = transcoder.encode(site).float().cpu()  # [batch, context, n_latents]
             latents *= include[start:start + batch_size, :, None]
             state.add(latents.permute(2, 0, 1).contiguous(), start * context)
     finally:
