@@ -193,8 +193,13 @@ def describe_transcoder(tc: Any) -> dict[str, Any]:
     return {**description, "n_latents": tc.n_latents, "d_in": tc.d_in, "d_out": tc.d_out}
 
 
-class _Reconstruction:
-    """Running sums for one layer's reconstruction metrics (float64)."""
+class ReconstructionStats:
+    """Running float64 sums for FVU, MSE, L0 and dead fraction, fed batch by batch.
+
+    ``add(latents, reconstruction, target)`` takes ``[..., n_latents]``, ``[..., d]``, ``[..., d]``
+    tensors; `metrics` returns ``{"fvu", "mse", "l0", "dead_fraction"}`` over everything added
+    (definitions in the module docstring).
+    """
 
     def __init__(self, n_latents: int) -> None:
         self.n_tokens = 0
@@ -206,15 +211,17 @@ class _Reconstruction:
 
     def add(self, latents: torch.Tensor, reconstruction: torch.Tensor, target: torch.Tensor) -> None:
         target = target.reshape(-1, target.shape[-1]).double()
-        latents = latents.reshape(-1, latents.shape[-1]) != 0
+        nonzero = latents.reshape(-1, latents.shape[-1]) != 0
         self.n_tokens += len(target)
         self.squared_error += float((target - reconstruction.reshape(target.shape).double()).square().sum())
-        self.target_sum = self.target_sum + target.sum(0)
+        self.target_sum = self.target_sum + target.sum(0).cpu()
         self.target_squares += float(target.square().sum())
-        self.active += int(latents.sum())
-        self.fired |= latents.any(0).cpu()
+        self.active += int(nonzero.sum())
+        self.fired |= nonzero.any(0).cpu()
 
     def metrics(self) -> dict[str, float]:
+        if not self.n_tokens:
+            raise ValueError("No tokens were added.")
         variance = self.target_squares - float(self.target_sum.square().sum()) / self.n_tokens
         return {"fvu": self.squared_error / variance if variance > 0 else math.nan,
                 "mse": self.squared_error / (self.n_tokens * len(self.target_sum)),
@@ -272,7 +279,7 @@ def evaluate(
         runs["spliced all"] = {"transcoders": transcoders}
         runs["zero all"] = {"transcoders": {}, "zero_ablate": layers}
 
-    reconstruction = {layer: _Reconstruction(tc.n_latents) for layer, tc in transcoders.items()}
+    reconstruction = {layer: ReconstructionStats(tc.n_latents) for layer, tc in transcoders.items()}
     ce = dict.fromkeys(["clean", *runs], 0.0)
     kl = dict.fromkeys(runs, 0.0)
     options = {"progress": False, "remote": remote}

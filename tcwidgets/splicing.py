@@ -69,12 +69,14 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
         if site.get("model") not in (None, lm.name):
             warnings.warn(f"The layer-{layer} transcoder was trained on {site['model']!r}, not {lm.name!r}; "
                           "its sizes match, so it is used anyway.", stacklevel=2)
-        bad = [name for name, value in (*tc.named_parameters(), *tc.named_buffers())
-               if value.is_floating_point() and not torch.isfinite(value).all()]
+        bad = [name for name, value in tc.named_parameters() if not torch.isfinite(value).all()]
         if bad:
             raise ValueError(f"The layer-{layer} transcoder has NaN or infinite values in {', '.join(bad)}: "
                              "its training diverged. Retrain it (e.g. with a lower learning rate) or load an "
                              "earlier checkpoint.")
+        if tc.training and getattr(tc.config, "activation", None) == "batchtopk":
+            warnings.warn(f"The layer-{layer} BatchTopK transcoder is in training mode, so its latents depend "
+                          "on the whole batch; call tc.eval() to use its inference threshold.", stacklevel=2)
         checked[layer] = tc
     return checked
 

@@ -308,3 +308,5 @@ def test_single_transcoder_check_returns_layer_map(lm):
     with pytest.warns(UserWarning, match="trained on 'other-model'"):
         tc.config.site["model"] = "other-model"
         check_transcoders(lm, tc)
+    with pytest.warns(UserWarning, match="training mode"):
+        check_transcoders(lm, make_tc(lm, 6, activation="batchtopk").train())
