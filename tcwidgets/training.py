@@ -1,0 +1,626 @@
+"""Train transcoders on an activation store.
+
+A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defaults.
+
+- Shuffled batches from the store (deterministic given the seed), Adam with a linear warm-up and
+  a linear decay to zero, a learning rate scaled with the width.
+- Inputs and targets scaled to an average norm of sqrt(d) (the scales live in the transcoder's
+  config, so it works in model units); loss = fraction of variance unexplained (FVU).
+- Unit-norm decoder rows (the gradient component parallel to each row is removed before the step,
+  rows are renormalised after it), except for ReLU, whose L1 penalty is weighted by the rows' norms.
+- A data-driven initialisation (see `initialize` and docs/training.md for the measurements),
+  ``b_dec`` at the target mean.
+- AuxK (Gao et al. 2024) for latents that have not fired in the last ``dead_window`` tokens.
+- TopK/BatchTopK train through a sparse path: the encoder's and decoder's backward passes only
+  touch the active latents.
+- Checkpoints (safetensors + JSON, never pickles) written atomically, and exact resume: an
+  interrupted run resumed from its checkpoint ends with the same weights, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .transcoder import (
+    Transcoder,
+    TranscoderConfig,
+    TranscoderFileError,
+    atomic_write,
+    read_safetensors,
+    step as heaviside,
+)
+
+__all__ = ["TrainingConfig", "Trainer", "train_transcoder", "reconstruction_metrics", "default_lr", "initialize"]
+
+CHECKPOINT_FORMAT = "tcwidgets.checkpoint"
+CHECKPOINT_VERSION = 1
+_SPARSE = ("topk", "batchtopk")
+_DEFAULT_SPARSITY = {"relu": 3e-3, "jumprelu": 1e-3}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingConfig:
+    """What a training run computes (everything that decides the final weights).
+
+    Args:
+        n_latents: width of the transcoder; default 8 × the model's width.
+        kind: ``"transcoder"``, ``"skip"`` or ``"sae"``.
+        activation: ``"topk"``, ``"batchtopk"``, ``"relu"`` or ``"jumprelu"``.
+        k: active latents per token (TopK, BatchTopK).
+        epochs: passes over the store.
+        batch_size: tokens per step.
+        lr: Adam's peak learning rate; default `default_lr` (scaled with the width).
+        warmup: fraction of the steps with a linear warm-up; the rest decays linearly to zero.
+        sparsity_coefficient: L1 (ReLU) or L0 (JumpReLU) penalty weight, per token, relative to
+            the FVU; default 3e-3 (ReLU), 1e-3 (JumpReLU).
+        sparsity_warmup: fraction of the steps over which that weight rises linearly from zero.
+        auxk_coefficient: weight of the AuxK loss (TopK, BatchTopK); 0 turns it off.
+        k_aux: dead latents used by AuxK per token; default half the output width.
+        dead_window: a latent is dead when it has not fired in this many tokens; default
+            min(10M, a quarter of the tokens per epoch).
+        seed: initialisation and batch order.
+    """
+
+    n_latents: int | None = None
+    kind: str = "transcoder"
+    activation: str = "topk"
+    k: int = 32
+    epochs: int = 1
+    batch_size: int = 1024
+    lr: float | None = None
+    warmup: float = 0.05
+    sparsity_coefficient: float | None = None
+    sparsity_warmup: float = 0.1
+    auxk_coefficient: float = 1 / 32
+    k_aux: int | None = None
+    dead_window: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} is a fraction of the steps in [0, 1), got {getattr(self, name)!r}")
+        for name in ("lr", "sparsity_coefficient", "k_aux", "dead_window", "n_latents"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive (or None for the default), got {value!r}")
+        if self.auxk_coefficient < 0:
+            raise ValueError(f"auxk_coefficient must be >= 0, got {self.auxk_coefficient!r}")
+
+
+def default_lr(n_latents: int) -> float:
+    """Adam's peak learning rate for a width: 8e-4 / sqrt(n_latents / 16384).
+
+    The 1/sqrt(width) scaling is Gao et al.'s (2024) and sparsify's; the constant is four times
+    sparsify's 2e-4, measured best for runs of a few hundred steps (docs/training.md).
+    """
+    return 8e-4 / math.sqrt(n_latents / 2**14)
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then linear decay to 0."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
+    """Data-driven initialisation from a sample of training pairs (model units).
+
+    Each latent starts as one random training token: its decoder row is that token's centred
+    (scaled) target, normalised; its encoder row is that token's centred (scaled) input, normalised
+    and rescaled so pre-activations have unit variance, with ``b_enc`` centring them. ``b_dec`` is
+    the target mean. A skip transcoder's ``W_skip`` starts at zero.
+    """
+    c = tc.config
+    xs, ys = x * c.input_scale, y * c.output_scale
+    x_mean, y_mean = xs.mean(0), ys.mean(0)
+    pick = _distinct_rows(xs, c.n_latents, generator)
+    enc = _unit_rows(xs[pick] - x_mean)
+    dec = _unit_rows(ys[pick] - y_mean)
+    scale = ((xs - x_mean) @ enc.t()).std()
+    tc.W_enc.copy_(enc / scale)
+    tc.b_enc.copy_(-tc.W_enc @ x_mean)
+    tc.W_dec.copy_(dec)
+    tc.b_dec.copy_(y_mean)
+    if c.kind == "skip":
+        tc.W_skip.zero_()
+
+
+def _distinct_rows(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``n`` random rows of ``x``, distinct in value as far as possible (repeated rows,
+    such as every context's first token, would give latents that start identical)."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(x), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(x)), "amin")
+    order = first[torch.randperm(len(first), generator=generator)]
+    if n <= len(order):
+        return order[:n]
+    return torch.cat([order, order[torch.randint(len(order), (n - len(order),), generator=generator)]])
+
+
+def _unit_rows(m: Tensor) -> Tensor:
+    return m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train one transcoder on one layer of an `ActivationStore`.
+
+    ``trainer = Trainer(store, 6, TrainingConfig(n_latents=4608, k=32))``, then
+    ``tc = trainer.fit()``. ``trainer.history`` holds a record every ``log_every`` steps (step,
+    tokens, loss, fvu, l0, dead_fraction, lr, auxk); ``callback(trainer, record)`` is called with
+    each; `plot_history` draws them.
+
+    Args:
+        store: the training activations.
+        layer: which of its layers.
+        config: the `TrainingConfig` (default: all defaults).
+        transcoder: start from this transcoder instead of the default initialisation.
+        model: if given, the store must hold activations of this model.
+        checkpoint_dir: write checkpoints here every ``checkpoint_every`` steps and at the end.
+        checkpoint_every: steps between checkpoints (default: about 10 per run).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one (it must
+            be of the same configuration and store); ``False`` starts over, deleting it.
+        device: default CUDA when available, else CPU.
+        low_precision: choose TopK latents with a bfloat16 matrix product; default: on CUDA, and
+            on CPUs with native bfloat16 instructions (elsewhere bfloat16 is slower than float32).
+        eval_store: held-out activations; `reconstruction_metrics` on it after training, in
+            ``trainer.eval_metrics``.
+        log_every: steps between history records.
+        callback: ``callback(trainer, record)`` after each history record (e.g. a live plot).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        layer: int,
+        config: TrainingConfig | None = None,
+        *,
+        transcoder: Transcoder | None = None,
+        model: str | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool = True,
+        device: str | torch.device | None = None,
+        low_precision: bool | None = None,
+        eval_store: Any = None,
+        log_every: int = 10,
+        callback: Callable[[Trainer, dict[str, float]], None] | None = None,
+        progress: bool = True,
+    ):
+        config = config or TrainingConfig()
+        if model is not None:
+            store.check(model=model)
+        sites = store.sites(layer)  # raises a KeyError naming the store's layers
+        if eval_store is not None:
+            eval_store.check(model=store.model, layers=[layer])
+        self.store, self.layer, self.eval_store = store, layer, eval_store
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.low_precision = _bf16_pays(self.device) if low_precision is None else low_precision
+        self.log_every, self.callback, self.progress = log_every, callback, progress
+
+        d = store.d_model
+        n_latents = config.n_latents or 8 * d
+        self.config = config = replace(config, n_latents=n_latents)
+        self.total_steps = store.n_batches(config.batch_size, config.epochs)
+        if self.total_steps == 0:
+            raise ValueError(f"batch_size={config.batch_size} is larger than the store ({store.n_tokens} tokens)")
+        self.lr = config.lr or default_lr(n_latents)
+        self.k_aux = config.k_aux or d // 2
+        self.dead_window = config.dead_window or min(10_000_000, max(1, store.n_tokens // 4))
+        self.sparsity = config.sparsity_coefficient or _DEFAULT_SPARSITY.get(config.activation, 0.0)
+        self.checkpoint_every = checkpoint_every or max(1, self.total_steps // 10)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+        if transcoder is None:
+            transcoder = self._new_transcoder(sites)
+        elif (transcoder.d_in, transcoder.d_out, transcoder.config.activation) != (d, d, config.activation):
+            raise ValueError("the given transcoder does not match the store's width or the configured activation")
+        self.transcoder = transcoder.to(self.device).train()
+        self.optimizer = torch.optim.Adam(self.transcoder.parameters(), lr=self.lr, fused=True)
+        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=self.device)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.eval_metrics: dict[str, float] | None = None
+        self._sums: dict[str, float] = {}
+
+        if self.checkpoint_dir is not None:
+            latest = _latest_checkpoint(self.checkpoint_dir)
+            if latest is not None and resume:
+                self._load_checkpoint(latest)
+            elif latest is not None:
+                _clear_checkpoints(self.checkpoint_dir)
+
+    def _new_transcoder(self, sites: dict[str, str]) -> Transcoder:
+        c, store, layer = self.config, self.store, self.layer
+        stats = store.stats(layer)
+        sae = c.kind == "sae"
+        d = store.d_model
+        tc = Transcoder(TranscoderConfig(
+            d_in=d, d_out=d, n_latents=c.n_latents, kind=c.kind, activation=c.activation, k=c.k,
+            input_scale=math.sqrt(d) / (stats.out_norm if sae else stats.in_norm),
+            output_scale=math.sqrt(d) / stats.out_norm,
+            site={"model": store.model, "layer": layer, **sites},
+        ))
+        n = min(store.n_tokens, max(16384, 4 * c.n_latents))
+        x, y = next(store.batches(layer, n, seed=c.seed + 1))
+        initialize(tc, y if sae else x, y, torch.Generator().manual_seed(c.seed))
+        return tc
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def fit(self) -> Transcoder:
+        """Train to the end (from the latest checkpoint if resumed); return the transcoder."""
+        c = self.config
+        batches = self.store.batches(
+            self.layer, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=self.step
+        )
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"training layer {self.layer}",
+                   unit="step", disable=not self.progress)
+        try:
+            for x, y in batches:
+                self._check_batch(x, y)
+                self._train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                self.step += 1
+                bar.update()
+                if self.step % self.log_every == 0 or self.step == self.total_steps:
+                    record = self._log()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", fvu=f"{record['fvu']:.4f}",
+                                    l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.1%}")
+                    if self.callback is not None:
+                        self.callback(self, record)
+                if self.checkpoint_dir is not None and (
+                    self.step % self.checkpoint_every == 0 or self.step == self.total_steps
+                ):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return self._finish()
+
+    def _finish(self) -> Transcoder:
+        tc = self.transcoder.eval()
+        if tc.config.activation == "batchtopk" and torch.isnan(tc.threshold):
+            c = self.config
+            xs = (x.to(self.device) for x, _ in _take(
+                self.store.batches(self.layer, c.batch_size, seed=c.seed + 2), 16))
+            tc.calibrate_threshold(xs)
+        if self.eval_store is not None:
+            self.eval_metrics = reconstruction_metrics(tc, self.eval_store, self.layer)
+            if self.progress:
+                m = self.eval_metrics
+                tqdm.write(f"layer {self.layer}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, "
+                           f"dead {m['dead_fraction']:.2%}")
+        return tc
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        for name, t in (("inputs", x), ("outputs", y)):
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"batch {self.step} of layer {self.layer} has NaN or infinite MLP {name}: the "
+                    f"activation store is corrupted or the model overflowed; store.verify() finds the "
+                    f"shard; re-collect the activations (in float32 if they were half precision)"
+                )
+
+    def _train_step(self, x: Tensor, y: Tensor) -> None:
+        tc, c = self.transcoder, self.config
+        factor = lr_factor(self.step, self.total_steps, c.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * factor
+        if c.kind == "sae":
+            x = y
+        total_variance = (y - y.mean(0)).square().sum()
+        metrics: dict[str, Tensor] = {}
+
+        if c.activation in _SPARSE:
+            encoding = tc.encode_sparse(x, low_precision=self.low_precision)
+            latents = encoding.latents
+            error = y - tc.decode_sparse(latents, x)
+            fvu = error.square().sum() / total_variance
+            loss = fvu
+            if c.auxk_coefficient > 0:
+                auxk = self._auxk(x, encoding.pre, error.detach(), total_variance)
+                loss = loss + c.auxk_coefficient * auxk
+                metrics["auxk"] = auxk.detach()
+            fired = latents.indices[latents.values > 0]
+            active = fired.numel()
+        else:
+            pre = tc.pre_activations(x)
+            z = tc.activate(pre)
+            error = y - tc.decode(z, x)
+            fvu = error.square().sum() / total_variance
+            if c.activation == "relu":
+                penalty = (z * tc.W_dec.norm(dim=1)).sum(-1).mean()
+            else:
+                penalty = heaviside(pre, tc.log_threshold.exp(), tc.config.bandwidth).sum(-1).mean()
+            warm = max(1, round(c.sparsity_warmup * self.total_steps))
+            loss = fvu + self.sparsity * min(1.0, (self.step + 1) / warm) * penalty
+            fired_mask = z > 0
+            fired = fired_mask.any(0).nonzero().flatten()
+            active = int(fired_mask.sum())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        constrained = c.activation != "relu"
+        if constrained:
+            tc.project_decoder_grad()
+        self.optimizer.step()
+        if constrained:
+            tc.normalize_decoder()
+
+        with torch.no_grad():
+            self.tokens_since_fired += len(x)
+            self.tokens_since_fired[fired] = 0
+        metrics.update(loss=loss.detach(), fvu=fvu.detach())
+        for name, value in metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._sums["l0"] = self._sums.get("l0", 0.0) + active / len(x)
+        self._sums["n"] = self._sums.get("n", 0) + 1
+
+    def _auxk(self, x: Tensor, pre: Tensor, error: Tensor, total_variance: Tensor) -> Tensor:
+        """AuxK: the top ``k_aux`` dead latents of each token reconstruct the residual error."""
+        tc = self.transcoder
+        dead = (self.tokens_since_fired >= self.dead_window).nonzero().flatten()
+        if len(dead) == 0:
+            return error.new_zeros(())
+        k_aux = min(self.k_aux, len(dead))
+        cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
+        aux = tc.latents_at(x, rows, cols, pre)
+        fit = tc.decode_sparse(aux, bias=False)
+        return min(1.0, len(dead) / self.k_aux) * (fit - error).square().sum() / total_variance
+
+    def _log(self) -> dict[str, float]:
+        n = self._sums.pop("n")
+        record = {"step": self.step, "tokens": self.step * self.config.batch_size}
+        record.update({name: float(value) / n for name, value in sorted(self._sums.items())})
+        record["dead_fraction"] = float((self.tokens_since_fired >= self.dead_window).float().mean())
+        record["lr"] = self.lr * lr_factor(self.step - 1, self.total_steps, self.config.warmup)
+        self._sums.clear()
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"the loss of layer {self.layer} became {record['loss']} by step {self.step}: "
+                f"lower the learning rate (now {self.lr:.2e}) with lr=..."
+            )
+        self.history.append(record)
+        return record
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def plot_history(self):
+        """A matplotlib figure of the history (FVU, L0, dead fraction, learning rate vs tokens)."""
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3), constrained_layout=True)
+        tokens = [r["tokens"] for r in self.history]
+        for ax, (name, label) in zip(axes, [("fvu", "FVU"), ("l0", "L0"),
+                                            ("dead_fraction", "dead fraction"), ("lr", "learning rate")]):
+            ax.plot(tokens, [r[name] for r in self.history])
+            ax.set_xlabel("tokens")
+            ax.set_title(label)
+        if self.history and "auxk" in self.history[-1]:
+            axes[0].plot(tokens, [r.get("auxk", math.nan) for r in self.history])
+            axes[0].legend(["FVU", "AuxK"])
+        axes[0].set_yscale("log")
+        return fig
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step to ``checkpoint_dir/step-XXXXXXXX`` (atomically:
+        written to a temporary folder, then renamed) and delete older ones. Returns its path."""
+        if self.checkpoint_dir is None:
+            raise ValueError("this Trainer has no checkpoint_dir")
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        target = self.checkpoint_dir / f"step-{self.step:08d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".{target.name}."))
+        try:
+            self.transcoder.save(tmp / "transcoder")
+            tensors = {"tokens_since_fired": self.tokens_since_fired.cpu()}
+            names = {p: name for name, p in self.transcoder.named_parameters()}
+            for p, state in self.optimizer.state.items():
+                for key, value in state.items():
+                    tensors[f"optimizer.{names[p]}.{key}"] = value.detach().cpu().reshape(value.shape)
+            save_file(tensors, tmp / "trainer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+                "training": asdict(self.config), "store": self._store_identity(), "history": self.history,
+            }, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _clear_checkpoints(self.checkpoint_dir, keep=target)
+        return target
+
+    def _store_identity(self) -> dict[str, Any]:
+        return {"model": self.store.model, "layer": self.layer, "n_tokens": self.store.n_tokens}
+
+    def _load_checkpoint(self, path: Path) -> None:
+        meta_path = path / "trainer.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise TranscoderFileError(f"{meta_path} is unreadable ({err}); delete {path} to resume from an older checkpoint") from err
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version", 0) > CHECKPOINT_VERSION:
+            raise TranscoderFileError(f"{meta_path} is not a checkpoint this tcwidgets can read; upgrade tcwidgets")
+        saved = TrainingConfig(**{f.name: meta["training"][f.name] for f in fields(TrainingConfig)})
+        differences = {
+            **{name: (getattr(saved, name), getattr(self.config, name)) for name in asdict(saved)
+               if getattr(saved, name) != getattr(self.config, name)},
+            **{name: (value, self._store_identity()[name]) for name, value in meta["store"].items()
+               if value != self._store_identity()[name]},
+        }
+        if differences:
+            listed = ", ".join(f"{name}: checkpoint {a!r}, now {b!r}" for name, (a, b) in differences.items())
+            raise ValueError(
+                f"{self.checkpoint_dir} holds a run with other settings ({listed}): use another "
+                f"checkpoint_dir, or resume=False to start over"
+            )
+        fix = f"delete {path} to resume from an older checkpoint, or pass resume=False"
+        tc = Transcoder.load(path / "transcoder", device=self.device)
+        self.transcoder.load_state_dict(tc.state_dict())
+        tensors = read_safetensors(path / "trainer.safetensors", self.device, fix=fix)
+        self.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
+        params = dict(self.transcoder.named_parameters())
+        state: dict[int, dict[str, Tensor]] = {}
+        index = {name: i for i, name in enumerate(params)}
+        for key, value in tensors.items():
+            _, name, field_name = key.split(".")
+            state.setdefault(index[name], {})[field_name] = value.cpu() if field_name == "step" else value
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        self.step = meta["step"]
+        self.history = meta["history"]
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    done = sorted(directory.glob("step-[0-9]*")) if directory.is_dir() else []
+    return done[-1] if done else None
+
+
+def _clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
+    """Delete checkpoints (and leftovers of interrupted ones) other than ``keep``."""
+    for path in [*directory.glob("step-[0-9]*"), *directory.glob(".step-*")]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _take(iterable, n: int):
+    for i, item in enumerate(iterable):
+        if i == n:
+            return
+        yield item
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _bf16_pays(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are faster than float32 here: on CUDA with bf16 support,
+    and on CPUs with native bf16 instructions (AVX512-BF16, AMX). On other CPUs they are emulated
+    and much slower (about 100× on an AVX2-only machine)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation on stored activations and the one-call entry point
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_metrics(tc: Transcoder, store: Any, layer: int | None = None,
+                           batch_size: int = 4096) -> dict[str, float]:
+    """FVU, MSE, L0 and dead fraction of ``tc`` on a store's activations (all tokens, in order).
+
+    FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² in model units (float64 sums); dead fraction = share of latents
+    that are zero on every token. ``layer`` defaults to the transcoder's site layer.
+    """
+    layer = tc.config.site.get("layer") if layer is None else layer
+    was_training = tc.training
+    tc.eval()
+    device = tc.device
+    sq_err = 0.0
+    y_sum = torch.zeros(tc.d_out, dtype=torch.float64)
+    y_sq = 0.0
+    active = 0
+    fired = torch.zeros(tc.n_latents, dtype=torch.bool, device=device)
+    for x, y in store.batches(layer, batch_size, shuffle=False, drop_last=False):
+        x, y = x.to(device), y.to(device)
+        latents, out = tc(y if tc.config.kind == "sae" else x)
+        y64 = y.double()
+        sq_err += float((y64 - out.double()).square().sum())
+        y_sum += y64.sum(0).cpu()
+        y_sq += float(y64.square().sum())
+        nonzero = latents != 0
+        active += int(nonzero.sum())
+        fired |= nonzero.any(0)
+    tc.train(was_training)
+    n = store.n_tokens
+    variance = y_sq - float(y_sum.square().sum()) / n
+    return {"fvu": sq_err / variance, "mse": sq_err / (n * tc.d_out), "l0": active / n,
+            "dead_fraction": 1.0 - float(fired.float().mean())}
+
+
+def train_transcoder(
+    store: Any,
+    layer: int | Sequence[int],
+    *,
+    n_latents: int | None = None,
+    activation: str = "topk",
+    k: int = 32,
+    kind: str = "transcoder",
+    epochs: int = 1,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    eval_store: Any = None,
+    progress: bool = True,
+    model: str | None = None,
+    callback: Callable[[Trainer, dict[str, float]], None] | None = None,
+    **options: Any,
+) -> Transcoder | dict[int, Transcoder]:
+    """Train a transcoder on ``layer`` of an activation store (see `Trainer`, `TrainingConfig`).
+
+    With a list of layers, trains one per layer in turn (checkpoints in
+    ``checkpoint_dir/layer-<n>``) and returns ``{layer: transcoder}``. ``options`` are further
+    `TrainingConfig` fields (``warmup``, ``sparsity_coefficient``, ``auxk_coefficient``, ...).
+    """
+    config = TrainingConfig(n_latents=n_latents, kind=kind, activation=activation, k=k, epochs=epochs,
+                            batch_size=batch_size, lr=lr, seed=seed, **options)
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if not layers:
+        raise ValueError("layer is empty: name at least one layer")
+    store.check(model=model, layers=layers)
+    trained = {}
+    for each in layers:
+        directory = checkpoint_dir
+        if checkpoint_dir is not None and not isinstance(layer, int):
+            directory = Path(checkpoint_dir) / f"layer-{each}"
+        trainer = Trainer(store, each, config, model=model, checkpoint_dir=directory,
+                          checkpoint_every=checkpoint_every, resume=resume, device=device,
+                          eval_store=eval_store, callback=callback, progress=progress)
+        trained[each] = trainer.fit()
+    return trained[layer] if isinstance(layer, int) else trained

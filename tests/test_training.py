@@ -1,0 +1,231 @@
+"""Training on real activations of the default model: learning, exact resume, checkpoints, errors.
+
+Small stores (layers 0 and 1, a few thousand tokens) and small widths keep this file fast; the
+``slow`` test at the end trains the reference configuration on the full stores.
+"""
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tcwidgets as tcw
+from tcwidgets.activations import ActivationStore, StoreError
+from tcwidgets.training import Trainer, TrainingConfig, reconstruction_metrics, train_transcoder
+from tcwidgets.transcoder import Transcoder
+
+SMALL = dict(n_latents=256, k=8, batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def store(lm, tmp_path_factory):
+    tokens = tcw.load_corpus("python-docs", lm, context=32, n_tokens=64 * 32)
+    return tcw.collect_activations(lm, [0, 1], tokens, out=tmp_path_factory.mktemp("train"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def test_store(lm):
+    tokens = tcw.load_corpus("python-docs", lm, context=32, n_tokens=32 * 32, split="test")
+    return tcw.collect_activations(lm, [0, 1], tokens, progress=False)
+
+
+def weights(tc: Transcoder) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in tc.state_dict().items()}
+
+
+# ---- learning ---------------------------------------------------------------------------------------
+
+
+def test_topk_transcoder_learns_and_keeps_its_latents_alive(store, test_store):
+    records = []
+    tc = train_transcoder(store, 1, epochs=3, eval_store=test_store, progress=False,
+                          callback=lambda trainer, record: records.append(record), **SMALL)
+    metrics = reconstruction_metrics(tc, test_store)
+    # the least-squares linear map from x to y, fitted on the training set, is the bar to clear
+    x, y = store.layer(1)
+    xt, yt = test_store.layer(1)
+    ones = torch.ones(len(x), 1)
+    solution = torch.linalg.lstsq(torch.cat([x, ones], 1).double(), y.double()).solution
+    linear = torch.cat([xt, torch.ones(len(xt), 1)], 1).double() @ solution
+    linear_fvu = float((yt - linear).square().sum() / (yt - yt.mean(0)).square().sum())
+    assert metrics["fvu"] < 0.8 * linear_fvu
+    assert metrics["l0"] == pytest.approx(8, abs=0.5)
+    assert metrics["dead_fraction"] < 0.05
+    assert records[-1]["fvu"] < 0.5 * records[0]["fvu"]
+    assert set(records[0]) >= {"step", "tokens", "loss", "fvu", "l0", "dead_fraction", "lr", "auxk"}
+    assert tc.config.site == {"model": "smollm2-135m", "layer": 1, **store.sites(1)}
+
+
+@pytest.mark.parametrize("options", [
+    dict(activation="relu"), dict(activation="jumprelu"), dict(activation="batchtopk"),
+    dict(kind="skip"), dict(kind="sae"),
+], ids=lambda o: "-".join(o.values()))
+def test_every_kind_and_activation_trains(store, test_store, options):
+    tc = train_transcoder(store, 1, epochs=2, progress=False, **{**SMALL, **options})
+    metrics = reconstruction_metrics(tc, test_store)
+    assert metrics["fvu"] < 0.6, metrics
+    if options.get("activation") == "batchtopk":  # the calibrated threshold keeps about k per token
+        assert metrics["l0"] == pytest.approx(8, rel=0.3)
+    if options.get("activation") in ("relu", "jumprelu"):  # the sparsity penalty works
+        assert metrics["l0"] < 0.25 * SMALL["n_latents"]
+    if options.get("kind") == "sae":  # an SAE reads the MLP output
+        x, y = test_store.layer(1)
+        assert torch.allclose(tc(y).output, tc.decode(tc.encode(y)))
+
+
+def test_several_layers_train_in_turn(store):
+    tcs = train_transcoder(store, [0, 1], epochs=1, progress=False, **SMALL)
+    assert sorted(tcs) == [0, 1]
+    for layer, tc in tcs.items():
+        assert tc.config.site["layer"] == layer and tc.config.site["input"] == store.sites(layer)["input"]
+    assert not torch.equal(tcs[0].W_enc, tcs[1].W_enc)
+
+
+def test_auxk_loss_equals_a_dense_computation(store):
+    trainer = Trainer(store, 1, TrainingConfig(**SMALL), progress=False)
+    tc = trainer.transcoder
+    dead = torch.arange(0, 256, 3)
+    trainer.tokens_since_fired[dead] = trainer.dead_window
+    x, y = next(store.batches(1, 128))
+    encoding = tc.encode_sparse(x)
+    error = (y - tc.decode_sparse(encoding.latents)).detach()
+    variance = (y - y.mean(0)).square().sum()
+    loss = trainer._auxk(x, encoding.pre, error, variance)
+
+    # reference: each token's k_aux largest dead pre-activations (ReLU) decode the error, in float64
+    k_aux = trainer.k_aux
+    pre = (x.double() * tc.config.input_scale) @ tc.W_enc.detach().double().T + tc.b_enc.detach().double()
+    masked = torch.full_like(pre, -math.inf)
+    masked[:, dead] = pre[:, dead]
+    top = masked.topk(k_aux, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    fit = z @ tc.W_dec.detach().double() / tc.config.output_scale
+    scale = min(1.0, len(dead) / k_aux)
+    expected = scale * (fit - error.double()).square().sum() / variance.double()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+    loss.backward()  # only dead latents learn from AuxK
+    alive = torch.ones(256, dtype=torch.bool)
+    alive[dead] = False
+    assert tc.W_dec.grad[alive].abs().max() == 0 and tc.W_dec.grad[dead].abs().max() > 0
+    assert tc.W_enc.grad[alive].abs().max() == 0
+
+
+def test_history_callback_and_plot(store):
+    seen = []
+    trainer = Trainer(store, 1, TrainingConfig(**SMALL), log_every=4, progress=False,
+                      callback=lambda t, record: seen.append((t.step, record)))
+    trainer.fit()
+    assert [step for step, _ in seen] == [4, 8, 12, 16]
+    assert [r["step"] for r in trainer.history] == [4, 8, 12, 16]
+    assert trainer.history[-1]["tokens"] == 16 * 128
+    assert trainer.history[0]["lr"] > trainer.history[-1]["lr"] >= 0
+    import matplotlib.figure
+
+    assert isinstance(trainer.plot_history(), matplotlib.figure.Figure)
+
+
+# ---- checkpoints and exact resume ---------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_ends_bit_for_bit_equal(store, tmp_path):
+    config = TrainingConfig(**SMALL, epochs=2, dead_window=512)  # 32 steps; AuxK active
+    reference = Trainer(store, 1, config, log_every=4, progress=False)
+    expected = weights(reference.fit())
+
+    def interrupt(trainer, record):
+        if trainer.step == 20:
+            raise Interrupted
+
+    first = Trainer(store, 1, config, checkpoint_dir=tmp_path, checkpoint_every=8, log_every=4,
+                    callback=interrupt, progress=False)
+    with pytest.raises(Interrupted):
+        first.fit()
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000016"]
+
+    resumed = Trainer(store, 1, config, checkpoint_dir=tmp_path, checkpoint_every=8, log_every=4, progress=False)
+    assert resumed.step == 16
+    assert any(record["dead_fraction"] > 0 for record in resumed.history)  # AuxK was in play
+    result = weights(resumed.fit())
+    for name in expected:
+        assert torch.equal(result[name], expected[name]), name
+    assert resumed.history == reference.history
+    assert torch.equal(resumed.tokens_since_fired, reference.tokens_since_fired)
+
+
+def test_checkpoints_are_json_and_safetensors_and_only_the_latest_is_kept(store, tmp_path):
+    Trainer(store, 1, TrainingConfig(**SMALL), checkpoint_dir=tmp_path, checkpoint_every=5, progress=False).fit()
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000016"]
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["step-00000016/trainer.json", "step-00000016/trainer.safetensors",
+                     "step-00000016/transcoder/config.json", "step-00000016/transcoder/weights.safetensors"]
+    state = load_file(tmp_path / "step-00000016/trainer.safetensors")
+    assert {"optimizer.W_enc.exp_avg", "optimizer.W_dec.exp_avg_sq", "tokens_since_fired"} <= set(state)
+    # a finished run resumes to its end at once
+    again = Trainer(store, 1, TrainingConfig(**SMALL), checkpoint_dir=tmp_path, progress=False)
+    assert again.step == 16
+    assert torch.equal(again.fit().W_enc, Transcoder.load(tmp_path / "step-00000016/transcoder").W_enc)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_and_resume_false_starts_over(store, tmp_path):
+    Trainer(store, 1, TrainingConfig(**SMALL), checkpoint_dir=tmp_path, progress=False).fit()
+    with pytest.raises(ValueError, match="other settings.*k: checkpoint 8, now 4.*resume=False"):
+        Trainer(store, 1, TrainingConfig(**{**SMALL, "k": 4}), checkpoint_dir=tmp_path, progress=False)
+    fresh = Trainer(store, 1, TrainingConfig(**{**SMALL, "k": 4}), checkpoint_dir=tmp_path, resume=False,
+                    progress=False)
+    assert fresh.step == 0 and list(tmp_path.iterdir()) == []
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+
+def test_a_nan_batch_names_the_batch_and_layer(store, tmp_path):
+    shutil.copytree(store.root, tmp_path / "acts")
+    shard = sorted((tmp_path / "acts").glob("shard-*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["1.input"][100, 7] = math.nan
+    save_file(tensors, shard)
+    broken = ActivationStore.open(tmp_path / "acts")
+    with pytest.raises(ValueError, match=r"batch \d+ of layer 1 has NaN or infinite MLP inputs"):
+        train_transcoder(broken, 1, progress=False, **SMALL)
+
+
+def test_k_larger_than_n_latents_is_refused(store):
+    with pytest.raises(ValueError, match="k=32 is larger than n_latents=16"):
+        train_transcoder(store, 1, n_latents=16, k=32, progress=False)
+
+
+def test_a_layer_or_model_the_store_lacks_is_refused(store):
+    with pytest.raises(KeyError, match=r"Layer 7 is not in this store \(it holds layers \[0, 1\]"):
+        train_transcoder(store, 7, progress=False, **SMALL)
+    with pytest.raises(StoreError, match="holds activations of 'smollm2-135m', not 'gpt2'"):
+        train_transcoder(store, 1, model="gpt2", progress=False, **SMALL)
+
+
+# ---- the reference configuration ------------------------------------------------------------------------
+
+REAL = Path("/tmp/tcw-acts")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL / "train/manifest.json").is_file(), reason="needs the collected layer-6 stores")
+def test_reference_configuration_reaches_the_quality_target():
+    """Layer 6 of the default model, 100k training tokens, 4608 latents, TopK k=32, 2 epochs:
+    held-out FVU <= 0.30 with < 1% dead latents."""
+    train, test = ActivationStore.open(REAL / "train"), ActivationStore.open(REAL / "test")
+    start = time.perf_counter()
+    tc = train_transcoder(train, 6, n_latents=4608, k=32, epochs=2, progress=False)
+    seconds = time.perf_counter() - start
+    metrics = reconstruction_metrics(tc, test)
+    print(f"\nreference configuration: {metrics}, {seconds:.0f} s")
+    assert metrics["fvu"] <= 0.30
+    assert metrics["dead_fraction"] < 0.01
