@@ -396,16 +396,7 @@ def collect_activations(
         raise ValueError("layers is empty: name at least one layer, e.g. layers=[6].")
     for layer in layers:
         lm.check_layer(layer)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.numel() == 0:
-        raise ValueError("tokens must be a non-empty [n_contexts, context] tensor of token ids, as "
-                         "load_corpus returns.")
-    if lm.max_context is not None and tokens.shape[1] > lm.max_context:
-        raise ValueError(f"Contexts of {tokens.shape[1]} tokens are longer than {lm.name} allows "
-                         f"({lm.max_context}); load the corpus with a shorter context=.")
-    vocab = lm.config.vocab_size
-    if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
-        raise ValueError(f"tokens contain ids outside {lm.name}'s vocabulary (0..{vocab - 1}): were they made "
-                         "with another model's tokenizer?")
+    tokens = lm.check_tokens(tokens)
     dtype_name = str(dtype).removeprefix("torch.")
     if dtype_name not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(_DTYPES)}.")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .splicing import check_tokens, check_transcoders, run_transcoder, splice
+from .splicing import check_transcoders, run_transcoder, splice
 
 #: The per-layer metrics, in table order.
 LAYER_METRICS = ("fvu", "mse", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated",
@@ -267,7 +267,7 @@ def evaluate(
     transcoders = check_transcoders(lm, transcoders)
     if not transcoders:
         raise ValueError("No transcoders to evaluate: pass {layer: transcoder} or one transcoder.")
-    tokens = check_tokens(lm, tokens)
+    tokens = lm.check_tokens(tokens)
     if tokens.shape[1] < 2:
         raise ValueError("Contexts need at least 2 tokens to measure next-token loss.")
     layers = list(transcoders)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import nnsight
 import torch
 from nnsight import TransformersModel
 
@@ -137,7 +138,10 @@ class Model(TransformersModel):
         self.remote = remote
 
     def trace(self, *inputs: Any, remote: bool | str | None = None, **kwargs: Any) -> Any:
-        return super().trace(*inputs, remote=self.remote if remote is None else remote, **kwargs)
+        remote = self.remote if remote is None else remote
+        if remote:
+            nnsight.register("tcwidgets")  # NDIF has no tcwidgets installed: ship its code by value
+        return super().trace(*inputs, remote=remote, **kwargs)
 
     def _remoteable_class(self) -> type:
         return TransformersModel
@@ -170,6 +174,22 @@ class Model(TransformersModel):
                 f"Layer {layer!r} is out of range: {self.name} has {self.n_layers} layers, "
                 f"numbered 0 to {self.n_layers - 1}."
             )
+
+    def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token contexts ``[n, context]`` (a single ``[context]`` gains a batch axis), checked for this model."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2) or tokens.numel() == 0 \
+                or tokens.is_floating_point():
+            raise ValueError("tokens must be a non-empty [n_contexts, context] tensor of token ids, as "
+                             "load_corpus returns.")
+        tokens = tokens.long().view(-1, tokens.shape[-1])
+        if self.max_context is not None and tokens.shape[1] > self.max_context:
+            raise ValueError(f"Contexts of {tokens.shape[1]} tokens are longer than {self.name} allows "
+                             f"({self.max_context}); load the corpus with a shorter context=.")
+        vocab = self.config.vocab_size
+        if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+            raise ValueError(f"tokens contain ids outside {self.name}'s vocabulary (0..{vocab - 1}): were they "
+                             "made with another model's tokenizer?")
+        return tokens
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary: name, architecture, sizes and sites."""

@@ -81,21 +81,8 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
     return checked
 
 
-def check_tokens(lm: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """Token contexts ``[n, context]`` (a single ``[context]`` gains a batch axis), checked for ``lm``."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2) or tokens.numel() == 0 \
-            or tokens.is_floating_point():
-        raise ValueError("tokens must be a non-empty [n_contexts, context] tensor of token ids, as "
-                         "load_corpus returns.")
-    tokens = tokens.long().view(-1, tokens.shape[-1])
-    if lm.max_context is not None and tokens.shape[1] > lm.max_context:
-        raise ValueError(f"Contexts of {tokens.shape[1]} tokens are longer than {lm.name} allows "
-                         f"({lm.max_context}); load the corpus with a shorter context=.")
-    vocab = lm.config.vocab_size
-    if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
-        raise ValueError(f"tokens contain ids outside {lm.name}'s vocabulary (0..{vocab - 1}): were they made "
-                         "with another model's tokenizer?")
-    return tokens
+def check_tokens(lm: Any, tokens: torch.Tensor) -> torch.Tensor:  # TODO(lead): callers move to lm.check_tokens
+    return lm.check_tokens(tokens)
 
 
 def splice(
@@ -131,7 +118,7 @@ def splice(
             defaults to the model's own setting.
     """
     transcoders = check_transcoders(lm, transcoders)
-    tokens = check_tokens(lm, tokens)
+    tokens = lm.check_tokens(tokens)
     if mode not in ("replace", "error"):
         raise ValueError(f"mode={mode!r}: choose 'replace' (reconstruction only) or 'error' (reconstruction "
                          "plus error term).")
@@ -145,8 +132,6 @@ def splice(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive.")
     remote = lm.remote if remote is None else remote
-    if remote:
-        nnsight.register("tcwidgets")  # the server has no tcwidgets: ship its code by value
 
     batches = range(0, len(tokens), batch_size)
     parts = []
