@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,9 +85,9 @@ class JupyterLab:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def url(self, path: str) -> str:
+    def url(self, path: str, **query: str) -> str:
         """A page of this server, with the token."""
-        return f"{self.base}/{path.lstrip('/')}?token={self.token}"
+        return f"{self.base}/{path.lstrip('/')}?" + urllib.parse.urlencode({"token": self.token, **query})
 
     def start(self) -> JupyterLab:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,18 @@ class JupyterLab:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read()
         return json.loads(text) if text else None
+
+    def wait_for_kernel(self, path: str, timeout: float = CELL_TIMEOUT) -> None:
+        """Wait until the notebook at ``path`` has a started, idle kernel that a page is connected to
+        (the page's own status indicator reads "idle" before its kernel has even started)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for session in self.api("GET", "api/sessions"):
+                kernel = session["kernel"]
+                if session["path"] == path and kernel["execution_state"] == "idle" and kernel["connections"] > 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"The kernel of {path} did not start within {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def close_session(self, path: str) -> None:
         """Shut down the kernel of the notebook at ``path`` (relative to the root)."""
@@ -192,9 +205,13 @@ class NotebookPage:
         self.lab, self.page, self.path = lab, page, path
 
     def open(self) -> NotebookPage:
-        """Load JupyterLab on the notebook and wait for its kernel to be idle."""
-        self.page.goto(self.lab.url(f"lab/tree/{self.path}"), timeout=UI_TIMEOUT * 1000)
-        self.page.locator(".jp-NotebookPanel .jp-Notebook").first.wait_for(timeout=UI_TIMEOUT * 1000)
+        """Load JupyterLab on the notebook, in a fresh workspace of its own (so no earlier tab is
+        restored), and wait for its kernel to be idle."""
+        workspace = re.sub(r"[^A-Za-z0-9_-]+", "-", self.path)
+        self.page.goto(self.lab.url(f"lab/workspaces/{workspace}/tree/{self.path}", reset=""),
+                       timeout=UI_TIMEOUT * 1000)
+        self.panel.locator(".jp-Notebook").wait_for(timeout=UI_TIMEOUT * 1000)
+        self.lab.wait_for_kernel(self.path)
         self.wait_idle()
         return self
 
@@ -218,14 +235,17 @@ class NotebookPage:
                    .some(p => p.textContent.includes('*'));
                  return s && s.dataset.status === 'idle' && !busy; }""", timeout=timeout * 1000)
 
-    def _menu(self, menu: str, item: str) -> None:
-        self.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{re.escape(menu)}$")).click()
-        self.page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{re.escape(item)}$")).click()
+    def menu(self, *labels: str) -> None:
+        """Click through the menu bar: ``menu("Settings", "Theme", "JupyterLab Dark")``."""
+        self.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{re.escape(labels[0])}$")).click()
+        for label in labels[1:]:
+            self.page.locator(".lm-Menu:visible .lm-Menu-itemLabel",
+                              has_text=re.compile(f"^{re.escape(label)}$")).last.click()
 
     def run_all(self, timeout: float = CELL_TIMEOUT) -> None:
         """Run → Run All Cells, then wait until every cell ran (or one failed and the rest were skipped)."""
         self.cell(0).locator(".jp-InputPrompt").click()
-        self._menu("Run", "Run All Cells")
+        self.menu("Run", "Run All Cells")
         self.page.wait_for_function(
             f"""() => {{ const p = ({_PROMPTS})();
                  return p.every(t => /\\[\\d+\\]/.test(t)) ||

@@ -105,7 +105,7 @@ function latentView(p) {
   const groups = p.quantiles.filter((g) => g.examples.length).reverse().map((g) =>
     h("section", { class: "tcw-group" },
       h("h5", {}, `quantile ${Math.round(100 * g.low)}–${Math.round(100 * g.high)}%: activations ${fmt(g.min)}–${fmt(g.max)}`),
-      g.examples.map((ex) => example(ex, p.max))));
+      g.examples.slice().reverse().map((ex) => example(ex, p.max))));
   return h("div", {}, facts,
     h("section", { class: "tcw-top" }, h("h4", {}, "Top activations"), p.top.map((ex) => example(ex, p.max))),
     h("section", { class: "tcw-quantiles" },
@@ -117,7 +117,8 @@ function render({ model, el }) {
   let request = 0, latest = null, offset = 0, searchTimer = null;
 
   const number = h("input", { class: "tcw-number", type: "number", min: 0, "aria-label": "latent number",
-    onchange: () => select(Number(number.value)) });
+    onchange: () => select(Number(number.value)),
+    onkeydown: (event) => { if (event.key === "Enter") select(Number(number.value)); } });
   const prev = h("button", { class: "tcw-prev", title: "previous latent (← or k)", onclick: () => step(-1) }, "◀");
   const next = h("button", { class: "tcw-next", title: "next latent (→ or j)", onclick: () => step(1) }, "▶");
   const total = h("span", { class: "tcw-total" });
@@ -201,6 +202,7 @@ function render({ model, el }) {
     const message = model.get("error");
     banner.textContent = message;
     banner.hidden = !message;
+    if (message) number.value = model.get("feature"); // the rejected number is named in the message
   }
 
   function onKey(event) {
