@@ -44,6 +44,44 @@ def collect(args: argparse.Namespace) -> None:
         print(f"  layer {layer}: average norm of MLP input {stats.in_norm:.3g}, output {stats.out_norm:.3g}")
 
 
+def train(args: argparse.Namespace) -> None:
+    """Train transcoders on an activation store and save them."""
+    from pathlib import Path
+
+    from .activations import ActivationStore
+    from .training import train_transcoder
+
+    store = ActivationStore.open(args.acts)
+    layers = args.layers or store.layers
+    eval_store = ActivationStore.open(args.eval_acts) if args.eval_acts else None
+    trained = train_transcoder(store, layers, n_latents=args.latents, activation=args.activation, k=args.k,
+                               kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               checkpoint_dir=args.checkpoint_dir, seed=args.seed, eval_store=eval_store)
+    trained = trained if isinstance(trained, dict) else {layers[0]: trained}
+    for layer, tc in trained.items():
+        out = Path(args.out) if len(trained) == 1 else Path(args.out) / f"layer-{layer}"
+        tc.save(out)
+        print(f"layer {layer}: {tc.n_latents} latents ({tc.config.kind}, {tc.config.activation}) saved to {out}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluate saved transcoders spliced into the model, on held-out tokens."""
+    import json
+
+    from .evaluation import evaluate as evaluate_transcoders
+    from .models import load_model
+    from .transcoder import Transcoder
+
+    lm = load_model(args.model, remote=args.remote)
+    loaded = [Transcoder.load(path) for path in args.transcoders]
+    transcoders = {tc.config.site["layer"]: tc for tc in loaded}
+    metrics = evaluate_transcoders(lm, transcoders, _corpus(args, lm), batch_size=args.batch_size)
+    print(metrics)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(metrics.to_dict(), file, indent=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcwidgets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(run=collect)
+
+    p = commands.add_parser("train", help="train transcoders on an activation store")
+    p.add_argument("--acts", required=True, help="activation store folder (from tcwidgets collect)")
+    p.add_argument("--layers", type=_layers, default=None, help="layers to train (default: all in the store)")
+    p.add_argument("--out", required=True, help="folder for the transcoder (one sub-folder per layer if several)")
+    p.add_argument("--latents", type=int, default=None, help="number of latents (default: 8 x d_model)")
+    p.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
+    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK, BatchTopK)")
+    p.add_argument("--kind", default="transcoder", choices=["transcoder", "skip", "sae"])
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=None, help="default: scaled with the width")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here")
+    p.add_argument("--eval-acts", default=None, help="held-out store for FVU during training")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=train)
+
+    p = commands.add_parser("evaluate", help="splice transcoders into the model and measure them")
+    _add_model_and_corpus(p, split="test")
+    p.add_argument("transcoders", nargs="+", help="folders of saved transcoders")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(run=evaluate)
     return parser
 
 

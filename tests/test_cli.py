@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import tcwidgets as tcw
@@ -29,3 +30,24 @@ def test_bad_arguments_give_a_message_not_a_traceback(tmp_path):
     assert "Layer 40 is out of range" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("collect", "--layers", "six", "--out", str(tmp_path))
     assert done.returncode == 2 and "comma-separated integers" in done.stderr
+
+
+def test_train_then_evaluate_from_the_command_line(tmp_path, lm):
+    import json
+
+    tokens = tcw.load_corpus("python-docs", lm, context=32, n_tokens=64 * 32)
+    tcw.collect_activations(lm, [3], tokens, out=tmp_path / "acts", progress=False)
+    done = run_cli("train", "--acts", str(tmp_path / "acts"), "--out", str(tmp_path / "tc"), "--latents", "256",
+                   "--k", "8", "--batch-size", "256")
+    assert done.returncode == 0, done.stderr
+    tc = tcw.Transcoder.load(tmp_path / "tc")
+    assert (tc.n_latents, tc.config.k, tc.config.site["layer"], tc.config.site["model"]) == (256, 8, 3, "smollm2-135m")
+
+    done = run_cli("evaluate", str(tmp_path / "tc"), "--tokens", "64", "--context", "32",
+                   "--json", str(tmp_path / "metrics.json"))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    held_out = tcw.load_corpus("python-docs", lm, context=32, n_tokens=64, split="test")
+    expected = tcw.evaluate(lm, {3: tc}, held_out, progress=False)
+    assert str(round(expected[3].fvu, 4)) in done.stdout
+    assert tcw.Metrics.from_dict(metrics)[3].ce_spliced == pytest.approx(expected[3].ce_spliced, rel=1e-5)
