@@ -34,7 +34,8 @@ import torch
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .activations import StoreError, _trace_batch, atomic_write, read_safetensors_header, write_json
+from .activations import (ActivationStore, StoreError, _trace_batch, atomic_write, read_safetensors_header,
+                          write_json)
 from .corpus import bos_id
 from .models import resolve
 from .splicing import _transcoder_input, check_tokens, check_transcoders
@@ -547,7 +548,7 @@ def _vocabulary(tokenizer: Any, size: int) -> list[str]:
 def analyze_features(
     lm: Any,
     transcoder: torch.nn.Module,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | ActivationStore,
     *,
     top_k: int = 20,
     quantiles: int = 4,
@@ -564,13 +565,16 @@ def analyze_features(
     """Per-latent statistics of ``transcoder`` over ``tokens``, for `FeatureDashboard`.
 
     One pass over the tokens, ``batch_size`` contexts per nnsight trace (stopped after the
-    transcoder's layer); memory stays bounded by the batch and the per-latent state.
+    transcoder's layer); memory stays bounded by the batch and the per-latent state. Given an
+    `ActivationStore` that holds the transcoder's layer instead of tokens, the stored MLP
+    activations are read (in corpus order) and the model is not run.
 
     Args:
         lm: the model from `load_model` the transcoder was trained on.
         transcoder: a `Transcoder` (its ``config.site["layer"]`` says where it reads: the MLP
             input, or the MLP output for an SAE).
-        tokens: ``[n_contexts, context]`` token ids, e.g. from `load_corpus`.
+        tokens: ``[n_contexts, context]`` token ids, e.g. from `load_corpus`, or an
+            `ActivationStore` of ``lm`` holding the layer.
         top_k: top activating examples kept per latent.
         quantiles, per_quantile: a uniform sample of ``sample_size`` firing tokens per latent is
             sorted by activation and split into ``quantiles`` equal groups, ``per_quantile``
@@ -598,6 +602,10 @@ def analyze_features(
         raise ValueError("The transcoder's config.site has no 'layer': analyze_features needs to know which "
                          "MLP it replaces (config.site = {'model': ..., 'layer': ...}).")
     check_transcoders(lm, {layer: transcoder})
+    store = tokens if isinstance(tokens, ActivationStore) else None
+    if store is not None:
+        store.check(model=lm.name, layers=[layer])
+        tokens = store.tokens
     tokens = check_tokens(lm, tokens)
     include = torch.ones_like(tokens, dtype=torch.bool)
     bos = bos_id(lm.tokenizer)
@@ -617,13 +625,17 @@ def analyze_features(
     context = tokens.shape[1]
     state = _Accumulator(transcoder.n_latents, context, top_k=top_k, sample_size=sample_size,
                          window=tuple(window), n_bins=n_bins, seed=seed)
+    stored = None if store is None else store.batches(layer, batch_size * context, shuffle=False, drop_last=False)
     training = transcoder.training
     transcoder.eval()  # inference behaviour (BatchTopK's calibrated threshold)
     try:
         for start in tqdm(range(0, len(tokens), batch_size), desc="analysing features", disable=not progress,
                           leave=False):
             batch = tokens[start:start + batch_size]
-            mlp_input, mlp_output = _trace_batch(lm, batch, [layer])[0]
+            if store is None:
+                mlp_input, mlp_output = _trace_batch(lm, batch, [layer])[0]
+            else:
+                mlp_input, mlp_output = (values.view(*batch.shape, -1) for values in next(stored))
             site = _transcoder_input(transcoder, mlp_input, mlp_output)
             latents = transcoder.encode(site).float().cpu()  # [batch, context, n_latents]
             latents *= include[start:start + batch_size, :, None]
