@@ -38,7 +38,7 @@ from .activations import (ActivationStore, StoreError, _trace_batch, atomic_writ
                           write_json)
 from .corpus import bos_id
 from .models import resolve
-from .splicing import _transcoder_input, check_tokens, check_transcoders
+from .splicing import _transcoder_input, check_transcoders
 
 FORMAT = "tcwidgets.features"
 VERSION = 1
@@ -606,7 +606,7 @@ def analyze_features(
     if store is not None:
         store.check(model=lm.name, layers=[layer])
         tokens = store.tokens
-    tokens = check_tokens(lm, tokens)
+    tokens = lm.check_tokens(tokens)
     include = torch.ones_like(tokens, dtype=torch.bool)
     bos = bos_id(lm.tokenizer)
     if exclude_bos and bos is not None:
