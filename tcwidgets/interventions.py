@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ from .corpus import bos_id
 from .splicing import check_tokens, check_transcoders, splice
 
 EDIT_KINDS = ("scale", "clamp", "steer")
+# nnsight cannot trace one model from two threads at once: runs (a widget's worker thread, a
+# notebook cell) take turns.
+_RUNNING = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class Edit:
             raise ValueError(f"Edit(layer={self.layer}, latent={self.latent}): {given[0]}={value!r} must be a "
                              "finite number.")
         object.__setattr__(self, given[0], float(value))
+
+    def __repr__(self) -> str:
+        return f"Edit(layer={self.layer}, latent={self.latent}, {self.kind}={self.value!r})"
 
     @property
     def kind(self) -> str:
@@ -129,12 +136,12 @@ def check_edits(transcoders: Mapping[int, Any], edits: Edit | Iterable[Edit]) ->
                             "e.g. Edit(layer=6, latent=123, scale=0.0).")
         if edit.layer not in transcoders:
             have = ", ".join(map(str, sorted(transcoders))) or "none"
-            raise ValueError(f"{edit} edits layer {edit.layer}, which has no transcoder here (transcoders are "
-                             f"given for layers: {have}). Pass one for layer {edit.layer} or edit another layer.")
+            raise ValueError(f"Layer {edit.layer} has no transcoder here (transcoders are given for layers: {have}): "
+                             f"pass one for layer {edit.layer}, or edit a latent of another layer.")
         width = transcoders[edit.layer].n_latents
         if edit.latent >= width:
-            raise ValueError(f"{edit}: latent {edit.latent} is out of range: the layer-{edit.layer} transcoder has "
-                             f"{width} latents, numbered 0 to {width - 1}.")
+            raise ValueError(f"Latent {edit.latent} is out of range: the layer-{edit.layer} transcoder has {width} "
+                             f"latents, numbered 0 to {width - 1}.")
     return edits
 
 
@@ -240,19 +247,20 @@ def run_with_edits(
         return splice(lm, spliced, ids, mode="replace" if replace else "error", edit=editor, save_latents=latents,
                       batch_size=len(ids), progress=False, remote=remote)
 
-    run = forward(tokens, save_latents)
     total = max(generate, 1)
-    if on_step is not None:
-        on_step(1, total)
-    generated, last = tokens, run.logits[:, -1]
-    for step in range(1, generate + 1):
-        if sample:
-            new = torch.multinomial(torch.softmax(last.double(), -1), 1)
-        else:
-            new = last.argmax(-1, keepdim=True)
-        generated = torch.cat([generated, new], dim=1)
-        if step < generate:
-            last = forward(generated, False).logits[:, -1]
-            if on_step is not None:
-                on_step(step + 1, total)
+    with _RUNNING:
+        run = forward(tokens, save_latents)
+        if on_step is not None:
+            on_step(1, total)
+        generated, last = tokens, run.logits[:, -1]
+        for step in range(1, generate + 1):
+            if sample:
+                new = torch.multinomial(torch.softmax(last.double(), -1), 1)
+            else:
+                new = last.argmax(-1, keepdim=True)
+            generated = torch.cat([generated, new], dim=1)
+            if step < generate:
+                last = forward(generated, False).logits[:, -1]
+                if on_step is not None:
+                    on_step(step + 1, total)
     return EditResult(run.logits, generated, length, run.latents if save_latents else {})
