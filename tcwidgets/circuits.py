@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .interventions import encode_prompt
 from .models import resolve
-from .splicing import check_tokens, check_transcoders
+from .splicing import check_transcoders
 
 FORMAT = "tcwidgets.circuit"
 VERSION = 1
@@ -528,6 +529,12 @@ class CircuitGraph:
     def target_value(self) -> float:
         return self.nodes[self.target_id].value
 
+    def n_latents(self, layer: int) -> int | None:
+        """The width of the graph's layer-``layer`` transcoder (``None`` if unknown or none)."""
+        if self._run is None or layer >= len(self._run.layers) or self._run.layers[layer].tc is None:
+            return None
+        return self._run.layers[layer].tc.n_latents
+
     def predecessors(self, node_id: str) -> list[Edge]:
         """The graph's edges into ``node_id``, largest first."""
         return sorted((e for e in self.edges.values() if e.target == node_id), key=lambda e: -abs(e.weight))
@@ -561,6 +568,25 @@ class CircuitGraph:
 
         walk(self.target_id, 1.0, [self.target_id])
         return sorted(found, key=lambda item: -abs(item[0]))[:limit]
+
+    def logit_effects(self, node_id: str, k: int = 5) -> dict[str, list[tuple[int, float]]]:
+        """The ``k`` tokens a latent most promotes and most suppresses directly: its decoder row (model
+        units) times the final norm's weight, through the unembedding (later layers and the final
+        norm's scale ignored), as ``{"promoted": [(token id, value)], "suppressed": [...]}``."""
+        node = self.nodes.get(node_id)
+        if node is None or node.kind != "latent":
+            raise CircuitError(f"{node_id!r} is not a latent of this graph: only latents have logit effects.")
+        if self._run is None:
+            raise CircuitError("This graph was read back from JSON: it has no model to compute logit effects with.")
+        lm = self._run.lm
+        tc = self._run.layers[node.layer].tc
+        direction = tc.W_dec[node.feature] / tc.config.output_scale
+        direction = direction * _float64(resolve(lm._module, lm.sites.final_norm).weight)
+        unembed = resolve(lm._module, lm.sites.unembed).weight.detach()
+        scores = (unembed @ direction.to(unembed.device, unembed.dtype)).cpu()
+        top, bottom = scores.topk(k), scores.topk(k, largest=False)
+        return {"promoted": list(zip(top.indices.tolist(), top.values.tolist())),
+                "suppressed": list(zip(bottom.indices.tolist(), bottom.values.tolist()))}
 
     # -- growing ---------------------------------------------------------------------------------------
 
@@ -821,14 +847,11 @@ def _label(node: Node, tokens: list[str]) -> str:
 
 
 def _prompt_tokens(lm: Any, prompt: str | Sequence[int] | Tensor) -> tuple[Tensor, str]:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise CircuitError("The prompt is empty: give some text.")
-        tokens = torch.tensor(lm.tokenizer(prompt)["input_ids"], dtype=torch.long)
-        return tokens, prompt
-    tokens = torch.as_tensor(prompt).long().flatten()
-    tokens = check_tokens(lm, tokens)[0]
-    return tokens, lm.tokenizer.decode(tokens)
+    """Token ids (as `run_with_edits` reads the prompt: BOS first for text) and the prompt's text."""
+    tokens = encode_prompt(lm, prompt if isinstance(prompt, str) else torch.as_tensor(prompt))
+    if len(tokens) != 1:
+        raise CircuitError(f"attribute reads one prompt, got {len(tokens)}: pass one string or one row of ids.")
+    return tokens[0], prompt if isinstance(prompt, str) else lm.tokenizer.decode(tokens[0])
 
 
 def _token_ids(lm: Any, spec: TokenSpec | None, what: str) -> list[int]:

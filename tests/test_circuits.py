@@ -383,3 +383,53 @@ def test_bad_input_gives_clear_errors(lm, tiny, default_transcoders):
         num_key_value_heads=2, head_dim=16)), tokenizer=lm.tokenizer)
     with pytest.raises(CircuitError, match="does not support 'gemma2'"):
         attribute(gemma, {}, PROMPTS[0], LogitTarget("3"))
+
+
+# -- CircuitView, Python side (the browser tests are in test_circuit_view_browser.py) -----------------------
+
+
+def test_circuit_view_payload_and_messages(tiny):
+    from tcwidgets.widgets.circuit_view import CircuitView
+
+    lm, transcoders = tiny
+    graph = attribute(lm, transcoders, PROMPTS[0], LatentTarget(2, 7, -1), depth=1, top_k=8, threshold=0)
+    view = CircuitView(graph, threshold=0.05)
+    payload = view._graph
+    assert payload["nodes"]["id"][payload["target"]] == graph.target_id
+    assert len(payload["edges"]["source"]) == len(graph.edges) and payload["tokens"] == graph.token_strings
+    assert json.loads(json.dumps(payload)) == payload
+
+    latent = next(n for n in graph.nodes.values() if n.kind == "latent" and n.node_id != graph.target_id)
+    view._on_message(None, {"type": "select", "id": latent.node_id}, [])
+    assert view.selected == latent.node_id and view.selected_latent == (latent.layer, latent.feature)
+    view._on_message(None, {"type": "select", "id": "nope"}, [])
+    assert view.selected == latent.node_id and "No node 'nope'" in view.error
+    view._on_message(None, {"type": "pin", "id": latent.node_id, "pinned": True}, [])
+    assert view.pinned == [latent.node_id] and view.error == ""
+    view._on_message(None, {"type": "threshold", "value": 2.0}, [])
+    assert view.threshold == 0.05 and "from 0 to 1" in view.error
+
+    sent = []
+    view.send = sent.append
+    view._on_message(None, {"type": "summary", "request": "r1", "id": latent.node_id}, [])
+    summary = sent[-1]["summary"]
+    assert sent[-1]["request"] == "r1" and summary["kind"] == "latent" and len(summary["promoted"]) == 5
+    assert summary["outgoing"] and summary["outgoing"][0][0] == graph.nodes[graph.target_id].label
+    before = len(graph.nodes)
+    view._on_message(None, {"type": "expand", "request": "r2", "id": latent.node_id}, [])
+    assert sent[-1] == {"type": "expanded", "request": "r2", "added": len(graph.nodes) - before}
+    assert graph.nodes[latent.node_id].expanded and len(view._graph["nodes"]["id"]) == len(graph.nodes)
+    leaf = next(n.node_id for n in graph.nodes.values() if not n.expandable and n.kind != "logit")
+    view._on_message(None, {"type": "expand", "request": "r3", "id": leaf}, [])
+    assert sent[-1]["added"] == 0 and "no predecessors" in view.error
+
+    class Dashboard:
+        feature = -1
+
+    dashboard = Dashboard()
+    view.link_dashboard(dashboard, latent.layer)
+    view.selected = ""
+    view.selected = latent.node_id
+    assert dashboard.feature == latent.feature
+    with pytest.raises(TypeError, match="CircuitGraph"):
+        CircuitView(graph.to_json())
