@@ -368,41 +368,42 @@ class _MappedArrays(Mapping):
 # -- streaming accumulation -----------------------------------------------------------------------------
 
 class _Accumulator:
-    """Running per-latent statistics over batches of dense latents ``[n_latents, batch, context]``."""
+    """Running per-latent statistics over batches of dense latents ``[contexts, context, n_latents]``."""
 
-    def __init__(self, n_latents: int, context: int, *, top_k: int, sample_size: int, window: tuple[int, int],
+    def __init__(self, n_latents: int, *, top_k: int, sample_size: int, window: tuple[int, int],
                  n_bins: int, seed: int) -> None:
-        self.context, self.window, self.n_bins = context, window, n_bins
-        width = window[0] + 1 + window[1]
+        self.n_bins = n_bins
         self.count = torch.zeros(n_latents, dtype=torch.int64)
         self.sum = torch.zeros(n_latents, dtype=torch.float64)
         self.max = torch.zeros(n_latents)
         self.hist = torch.zeros(n_latents, n_bins, dtype=torch.int64)
         self.exponent = torch.zeros(n_latents, dtype=torch.int64)  # bin width 2**exponent; set on first firing
         # top examples, keyed by activation (largest kept); the sample, keyed by a random number (smallest kept)
-        self.top = _Reservoir(n_latents, top_k, width, empty_key=-math.inf)
-        self.sample = _Reservoir(n_latents, sample_size, width, empty_key=math.inf)
+        self.top = _Reservoir(n_latents, top_k, window, largest=True)
+        self.sample = _Reservoir(n_latents, sample_size, window, largest=False)
         self.generator = torch.Generator().manual_seed(seed)
 
     def add(self, latents: torch.Tensor, first_token: int) -> None:
-        """Add one batch; ``first_token`` is the flat index of its first token in the token set."""
-        n_latents = latents.shape[0]
-        flat = latents.reshape(n_latents, -1)
-        active = flat > 0
+        """Add one batch; ``first_token`` is the flat index of its first token in the token set.
+
+        Activations are never negative (every activation function ends in a ReLU or a
+        threshold at or above zero), so a latent fires where its activation is positive.
+        """
+        n_latents = latents.shape[2]
+        flat = latents.reshape(-1, n_latents)
+        cols, rows = (flat > 0).nonzero(as_tuple=True)  # the firing (token, latent) pairs
+        values = flat[cols, rows]
         new = self.count == 0
-        self.count += active.sum(1)
-        self.sum += flat.sum(1, dtype=torch.float64)
-        batch_max = flat.max(1).values.clamp_min(0)
+        self.count += torch.bincount(rows, minlength=n_latents)
+        self.sum.index_add_(0, rows, values.double())
+        batch_max = flat.amax(0).clamp_min(0)
         self.max = torch.maximum(self.max, batch_max)
-        self._histogram(flat, active, batch_max, new)
+        self._histogram(rows, values, batch_max, new)
 
-        padded = torch.nn.functional.pad(latents, self.window)
-        top_keys = torch.where(active, flat, -math.inf)
-        self.top.add(top_keys, flat, padded, first_token, self.context, largest=True)
-        sample_keys = torch.rand(flat.shape, generator=self.generator).masked_fill_(~active, math.inf)
-        self.sample.add(sample_keys, flat, padded, first_token, self.context, largest=False)
+        self.top.add(rows, cols, values, latents, first_token)
+        self.sample.add(rows, cols, torch.rand(rows.numel(), generator=self.generator), latents, first_token)
 
-    def _histogram(self, flat: torch.Tensor, active: torch.Tensor, batch_max: torch.Tensor,
+    def _histogram(self, rows: torch.Tensor, values: torch.Tensor, batch_max: torch.Tensor,
                    new: torch.Tensor) -> None:
         """Bins of width 2**exponent from 0; a latent whose maximum outgrows its bins doubles the
         width, merging bins in pairs, so counts stay exact and at least half the bins are in use."""
@@ -413,8 +414,7 @@ class _Accumulator:
             merged = self.hist[grow].view(-1, self.n_bins // 2, 2).sum(2)
             self.hist[grow] = torch.cat([merged, torch.zeros_like(merged)], 1)
             self.exponent[grow] += 1
-        rows, cols = active.nonzero(as_tuple=True)
-        scaled = flat[rows, cols].double() * torch.pow(2.0, -self.exponent[rows].double())
+        scaled = values.double() * torch.pow(2.0, -self.exponent[rows].double())
         bins = scaled.floor().long().clamp_(max=self.n_bins - 1)
         self.hist += torch.bincount(rows * self.n_bins + bins, minlength=self.hist.numel()).view_as(self.hist)
 
@@ -460,35 +460,66 @@ class _Accumulator:
 
 
 class _Reservoir:
-    """Per latent, the ``size`` examples with the best keys so far, each with its token index,
-    activation and window of activations."""
+    """Per latent, the ``size`` firing tokens with the largest (or smallest) keys so far, each with
+    its token index, activation and window of activations. Empty slots hold a non-finite key."""
 
-    def __init__(self, n_latents: int, size: int, width: int, empty_key: float) -> None:
-        self.keys = torch.full((n_latents, size), empty_key)
+    def __init__(self, n_latents: int, size: int, window: tuple[int, int], largest: bool) -> None:
+        self.largest, self.left = largest, window[0]
+        self.empty = -math.inf if largest else math.inf
+        self.keys = torch.full((n_latents, size), self.empty)
         self.index = torch.full((n_latents, size), _EMPTY, dtype=torch.int64)
-        self.value = torch.zeros(n_latents, size)
-        self.acts = torch.zeros(n_latents, size, width)
+        self.acts = torch.zeros(n_latents, size, window[0] + 1 + window[1])
 
-    def add(self, keys: torch.Tensor, flat: torch.Tensor, padded: torch.Tensor, first_token: int,
-            context: int, largest: bool) -> None:
+    def add(self, latent: torch.Tensor, token: torch.Tensor, keys: torch.Tensor, latents: torch.Tensor,
+            first_token: int) -> None:
+        """Merge a batch's firing pairs (``latent``, ``token`` column, ``keys``) into the reservoir;
+        ``latents`` is the batch ``[contexts, context, n_latents]``. Windows are gathered only for
+        the pairs that are kept."""
         n_latents, size = self.keys.shape
-        keys, rows = keys.topk(min(size, keys.shape[1]), dim=1, largest=largest)
-        latent_ids = torch.arange(n_latents)[:, None]
-        width = self.acts.shape[2]
-        contexts, positions = rows // context, rows % context
-        acts = padded[latent_ids[..., None], contexts[..., None], positions[..., None] + torch.arange(width)]
-        keys = torch.cat([self.keys, keys], 1)
-        best = keys.topk(size, dim=1, largest=largest).indices
-        self.keys = keys.gather(1, best)
-        self.index = torch.cat([self.index, rows + first_token], 1).gather(1, best)
-        self.value = torch.cat([self.value, flat.gather(1, rows)], 1).gather(1, best)
-        self.acts = torch.cat([self.acts, acts], 1).gather(1, best[..., None].expand(-1, -1, width))
+        # the batch's best `size` candidates per latent, as [n_latents, size] (sorting only firing pairs)
+        order = torch.sort(keys, descending=self.largest, stable=True).indices
+        order = order[torch.sort(latent[order], stable=True).indices]
+        latent, token, keys = latent[order], token[order], keys[order]
+        rank = _rank_within(latent, n_latents)
+        first = rank < size
+        candidates = torch.full((n_latents, size), self.empty)
+        candidates[latent[first], rank[first]] = keys[first]
+        rows = torch.zeros(n_latents, size, dtype=torch.int64)
+        rows[latent[first], rank[first]] = token[first]
+
+        # winners among the kept and the new; a new winner takes the slot of a loser in its latent
+        both = torch.cat([self.keys, candidates], 1)
+        won = torch.zeros_like(both, dtype=torch.bool).scatter_(1, both.topk(size, dim=1, largest=self.largest).indices, True)
+        won &= torch.isfinite(both)
+        free_latent, free_slot = (~won[:, :size]).nonzero(as_tuple=True)
+        new_latent, new_rank = won[:, size:].nonzero(as_tuple=True)
+        free = torch.zeros(n_latents, size, dtype=torch.int64)
+        free[free_latent, _rank_within(free_latent, n_latents)] = free_slot
+        slot = free[new_latent, _rank_within(new_latent, n_latents)]
+        new_rows = rows[new_latent, new_rank]
+        self.keys[new_latent, slot] = candidates[new_latent, new_rank]
+        self.index[new_latent, slot] = new_rows + first_token
+        context = latents.shape[1]
+        positions = (new_rows % context)[:, None] + torch.arange(self.acts.shape[2]) - self.left
+        inside = (positions >= 0) & (positions < context)
+        windows = latents[(new_rows // context)[:, None], positions.clamp(0, context - 1), new_latent[:, None]]
+        self.acts[new_latent, slot] = windows * inside
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(index, value, acts, keys)``; empty slots have index -1 and a non-finite key."""
-        filled = torch.isfinite(self.keys)
-        index = torch.where(filled, self.index, _EMPTY)
-        return index.numpy(), (self.value * filled).numpy(), (self.acts * filled[..., None]).numpy(), self.keys.numpy()
+        """``(index, value, acts, keys)``, best key first; empty slots (last) have index -1, zeros and a
+        non-finite key."""
+        order = self.keys.argsort(dim=1, descending=self.largest, stable=True)
+        keys = self.keys.gather(1, order)
+        filled = torch.isfinite(keys)
+        index = torch.where(filled, self.index.gather(1, order), _EMPTY)
+        acts = self.acts.gather(1, order[..., None].expand_as(self.acts)) * filled[..., None]
+        return index.numpy(), acts[..., self.left].numpy(), acts.numpy(), keys.numpy()
+
+
+def _rank_within(group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """For a sorted vector of group ids, each element's position within its group."""
+    counts = torch.bincount(group, minlength=n_groups)
+    return torch.arange(group.numel()) - (torch.cumsum(counts, 0) - counts)[group]
 
 
 # -- weights-only views ----------------------------------------------------------------------------------
@@ -623,7 +654,7 @@ def analyze_features(
         raise ValueError(f"n_bins={n_bins} must be an even number of at least 2.")
 
     context = tokens.shape[1]
-    state = _Accumulator(transcoder.n_latents, context, top_k=top_k, sample_size=sample_size,
+    state = _Accumulator(transcoder.n_latents, top_k=top_k, sample_size=sample_size,
                          window=tuple(window), n_bins=n_bins, seed=seed)
     stored = None if store is None else store.batches(layer, batch_size * context, shuffle=False, drop_last=False)
     training = transcoder.training
@@ -639,7 +670,7 @@ def analyze_features(
             site = _transcoder_input(transcoder, mlp_input, mlp_output)
             latents = transcoder.encode(site).float().cpu()  # [batch, context, n_latents]
             latents *= include[start:start + batch_size, :, None]
-            state.add(latents.permute(2, 0, 1).contiguous(), start * context)
+            state.add(latents, start * context)
     finally:
         transcoder.train(training)
 
