@@ -171,11 +171,16 @@ function render({ model, el }) {
     summaries.clear();
     pending.clear();
     place();
+    const targetX = placed.x[g.target];
+    if (targetX > scroller.scrollLeft + scroller.clientWidth - MARGIN.right) {
+      scroller.scrollLeft = targetX - scroller.clientWidth / 2;  // long prompts: start at the target
+    }
     showSelection();
     root.dataset.ready = "1";
     root.dataset.totalNodes = String(prepared.n);
     root.dataset.totalEdges = String(prepared.m);
     root.dataset.renderMs = (performance.now() - start).toFixed(1);
+    root.dataset.builtAt = String(Date.now());
   }
 
   /** Positions for the current width; token and layer labels. */
@@ -212,6 +217,7 @@ function render({ model, el }) {
   /** Apply the threshold, pins and selection; redraw the edges. */
   function draw() {
     if (!prepared || !placed) return;
+    const start = performance.now();
     const g = prepared.g;
     const selected = prepared.index.get(model.get("selected"));
     const pinned = model.get("pinned").map((id) => prepared.index.get(id));
@@ -257,6 +263,7 @@ function render({ model, el }) {
     root.dataset.selected = model.get("selected");
     slider.value = String(toSlider(threshold));
     updateButtons(selected);
+    root.dataset.drawMs = (performance.now() - start).toFixed(1);
 
     function stroke(context, e, s, t, palette, fade, boost = 1) {
       const share = prepared.absWeight[e] / prepared.maxWeight;
@@ -367,10 +374,8 @@ function render({ model, el }) {
 
   function showTooltip(i, event) {
     const s = askSummary(i);
-    tooltip.replaceChildren(...facts(i, s),
-      s ? tokenList("promotes", s.promoted, "tcw-cv-promoted") : null,
-      s ? tokenList("suppresses", s.suppressed, "tcw-cv-suppressed") : null,
-      s ? snippet(s.example) : null);
+    fill(tooltip, facts(i, s), s && [tokenList("promotes", s.promoted, "tcw-cv-promoted"),
+      tokenList("suppresses", s.suppressed, "tcw-cv-suppressed"), snippet(s.example)]);
     tooltip.dataset.id = prepared.g.nodes.id[i];
     tooltip.hidden = false;
     const box = root.getBoundingClientRect();
@@ -391,12 +396,14 @@ function render({ model, el }) {
       return;
     }
     const s = askSummary(selected);
-    details.replaceChildren(...facts(selected, s),
-      s ? tokenList("promotes", s.promoted, "tcw-cv-promoted") : null,
-      s ? tokenList("suppresses", s.suppressed, "tcw-cv-suppressed") : null,
-      s ? snippet(s.example) : null,
-      s ? h("div", { class: "tcw-cv-pair" }, edgeTable("strongest inputs", s.incoming),
-        edgeTable("feeds", s.outgoing)) : null);
+    fill(details, facts(selected, s), s && [tokenList("promotes", s.promoted, "tcw-cv-promoted"),
+      tokenList("suppresses", s.suppressed, "tcw-cv-suppressed"), snippet(s.example),
+      h("div", { class: "tcw-cv-pair" }, edgeTable("strongest inputs", s.incoming), edgeTable("feeds", s.outgoing))]);
+  }
+
+  /** Replace an element's children with the given parts, skipping empty ones. */
+  function fill(target, ...parts) {
+    target.replaceChildren(...parts.flat(2).filter((part) => part instanceof Node));
   }
 
   // -- events -----------------------------------------------------------------------------------------------------

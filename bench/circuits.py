@@ -1,0 +1,288 @@
+"""Circuits: attribution speed, CircuitView render speed, and the greater-than case study.
+
+    python bench/circuits.py timing      [--out DIR] [--random-transcoders]
+    python bench/circuits.py case-study  [--out DIR] [--prompts 20]
+
+``timing``:
+
+- attribute: `tcw.attribute` on a 20-token prompt of the default model with transcoders on 6
+  layers (a logit-difference target, 3 levels of expansion, top 5 per node): the frozen forward pass
+  and float64 replay alone (``depth=0``), and the whole call; median of 3 (target: under 10 s);
+- render: a synthetic graph of 2,000 nodes and 20,000 edges drawn by `CircuitView` in JupyterLab and
+  Chromium: the page's own time to build and draw it (target: under 1 s), the time from the cell's
+  start to the drawn widget, and the redraw after a threshold change and on hover.
+
+``case-study`` (docs/case-study-greater-than.md): on 20 prompts "The war lasted from the year 17YY
+to the year 17", measures how much probability the default model puts on tens digits larger than
+YY's versus smaller ones; attributes the logit difference (mean logit of the larger digits minus
+that of the smaller) through transcoders on 6 layers; then ablates (zeroes, error terms kept) the
+latents with the largest positive attribution and, as a control, as many random active latents.
+
+Transcoders for the case study (and for ``timing`` unless ``--random-transcoders``) are trained once
+with `tcw.train_transcoder` on 100k tokens of the default corpus and cached in
+``/tmp/tcw-circuits/`` (``$TCW_CIRCUITS_CACHE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import tcwidgets as tcw  # noqa: E402
+from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
+from tcwidgets.circuits import FORMAT, VERSION, LogitTarget, attribute  # noqa: E402
+from tcwidgets.interventions import encode_prompt  # noqa: E402
+from tcwidgets.splicing import splice  # noqa: E402
+
+CACHE = Path(os.environ.get("TCW_CIRCUITS_CACHE", "/tmp/tcw-circuits"))
+LAYERS = [5, 11, 16, 20, 24, 28]
+N_LATENTS, K, EPOCHS, TRAIN_TOKENS = 4608, 32, 2, 100_000
+PROMPT_20 = "The war in Europe lasted from the year 1732 to the year 17"
+TEMPLATE = "The war lasted from the year 17{:02d} to the year 17"
+
+
+def transcoders(lm: tcw.Model, random_init: bool = False) -> dict[int, tcw.Transcoder]:
+    """The case study's transcoders: loaded from the cache, else trained once (or random ones)."""
+    if random_init:
+        torch.manual_seed(0)
+        return {layer: tcw.Transcoder(tcw.TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=N_LATENTS,
+                                                           k=K, site={"model": lm.name, "layer": layer}))
+                for layer in LAYERS}
+    missing = [layer for layer in LAYERS if not (CACHE / f"tc-{layer}" / "config.json").is_file()]
+    if missing:
+        tokens = tcw.load_corpus("python-docs", lm, context=128, n_tokens=TRAIN_TOKENS)
+        store = tcw.collect_activations(lm, LAYERS, tokens, out=CACHE / "store", batch_size=16)
+        for layer in missing:
+            start = time.perf_counter()
+            tc = tcw.train_transcoder(store, layer, n_latents=N_LATENTS, k=K, epochs=EPOCHS, progress=False)
+            tc.save(CACHE / f"tc-{layer}")
+            print(f"trained layer {layer} in {time.perf_counter() - start:.0f} s", flush=True)
+    return {layer: tcw.Transcoder.load(CACHE / f"tc-{layer}") for layer in LAYERS}
+
+
+# -- timing -------------------------------------------------------------------------------------------------------
+
+
+def time_attribute(lm: tcw.Model, tcs: dict, results: dict) -> None:
+    n_tokens = len(encode_prompt(lm, PROMPT_20)[0])
+    assert n_tokens == 20, n_tokens
+    target = LogitTarget([str(d) for d in range(4, 10)], minus=[str(d) for d in range(3)])
+    attribute(lm, tcs, PROMPT_20, target, depth=0)  # warm-up
+    replay, full, graph = [], [], None
+    for _ in range(3):
+        start = time.perf_counter()
+        attribute(lm, tcs, PROMPT_20, target, depth=0)
+        replay.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        graph = attribute(lm, tcs, PROMPT_20, target, depth=3, top_k=5, threshold=0.01)
+        full.append(time.perf_counter() - start)
+    results["attribute"] = {
+        "prompt_tokens": n_tokens, "layers": sorted(tcs), "n_latents": N_LATENTS, "depth": 3, "top_k": 5,
+        "forward_and_replay_s": statistics.median(replay), "attribute_s": statistics.median(full),
+        "expansion_s": statistics.median(full) - statistics.median(replay),
+        "nodes": len(graph.nodes), "edges": len(graph.edges), "expanded": sum(n.expanded for n in graph.nodes.values()),
+    }
+
+
+def synthetic_graph(n_nodes: int = 2000, n_edges: int = 20_000, n_tokens: int = 20, n_layers: int = 30,
+                    seed: int = 0) -> dict:
+    """`CircuitGraph.to_json` data of a random graph that looks like a big attribution graph."""
+    rng = random.Random(seed)
+    kinds = ["latent"] * 80 + ["head"] * 12 + ["error"] * 4 + ["embedding", "bias", "mlp", "position"]
+    nodes = [{"node_id": "logit/19", "kind": "logit", "layer": n_layers, "ctx_idx": n_tokens - 1, "value": 1.0,
+              "attribution": 1.0}]
+    while len(nodes) < n_nodes:
+        kind = rng.choice(kinds)
+        layer = -1 if kind in ("embedding", "position") else rng.randrange(n_layers)
+        position = rng.randrange(n_tokens)
+        nodes.append({"node_id": f"{kind}/{len(nodes)}", "kind": kind, "layer": layer, "ctx_idx": position,
+                      "feature": rng.randrange(4608) if kind == "latent" else None,
+                      "head": rng.randrange(9) if kind == "head" else None,
+                      "name": "decoder" if kind == "bias" else None,
+                      "attribution": rng.lognormvariate(-3, 1.5) * rng.choice((-1, 1))})
+    for node in nodes:
+        node.update({key: node.get(key) for key in ("feature", "head", "source_ctx_idx", "name", "value",
+                                                      "activation")})
+        node.update(expanded=node["kind"] in ("latent", "head"), label=node["node_id"])
+    order = sorted(range(n_nodes), key=lambda i: (nodes[i]["layer"], nodes[i]["kind"] != "head"))
+    rank = {i: r for r, i in enumerate(order)}
+    links = {}
+    while len(links) < n_edges:
+        a, b = rng.sample(range(n_nodes), 2)
+        source, target = (a, b) if rank[a] < rank[b] else (b, a)
+        if nodes[target]["kind"] in ("latent", "head", "logit"):
+            strength = 30 if target == 0 else 1  # the target's inputs are the strongest edges, as in real graphs
+            links[(source, target)] = strength * rng.lognormvariate(-3, 1.5) * rng.choice((-1, 1))
+    return {"format": FORMAT, "version": VERSION, "model": "synthetic", "prompt": "synthetic",
+            "tokens": list(range(n_tokens)), "token_strings": [f"tok{i}" for i in range(n_tokens)],
+            "n_layers": n_layers, "target": {"type": "logit", "token": [0], "minus": [], "position": n_tokens - 1},
+            "target_id": "logit/19", "settings": {"depth": 3, "top_k": None, "threshold": 0.0, "scale": 1.0},
+            "nodes": nodes, "links": [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": w,
+                                       "invariant": w, "dependent": 1.0} for (s, t), w in links.items()]}
+
+
+def time_render(out: Path, results: dict) -> None:
+    (out / "big.json").write_text(json.dumps(synthetic_graph()))
+    write_notebook(out / "render.ipynb", [
+        "import json, time\nfrom tcwidgets.circuits import CircuitGraph\n"
+        "from tcwidgets.widgets.circuit_view import CircuitView\n"
+        "graph = CircuitGraph.from_json(json.load(open('big.json')))",
+        "started = time.time() * 1000\nview = CircuitView(graph)\nview",
+        "print('STARTED', started)"])
+    with JupyterLab(out) as lab, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        notebook = NotebookPage(lab, page, "render.ipynb").open()
+        notebook.run_all(timeout=300)
+        view = page.locator(".tcw-circuit[data-ready='1']")
+        view.wait_for()
+        started = float(notebook.output(2).split("STARTED", 1)[1])
+        render = {"nodes": int(view.get_attribute("data-total-nodes")),
+                  "edges": int(view.get_attribute("data-total-edges")),
+                  "page_build_and_draw_ms": float(view.get_attribute("data-render-ms")),
+                  "cell_to_drawn_ms": float(view.get_attribute("data-built-at")) - started}
+        slider = view.locator("input.tcw-cv-threshold")
+        draws = []
+        for position in (100, 200, 300, 0):
+            slider.evaluate(f"(el) => {{ el.value = {position}; el.dispatchEvent(new Event('input')); }}")
+            draws.append(float(view.get_attribute("data-draw-ms")))
+        render["threshold_redraw_ms"] = statistics.median(draws)
+        slider.evaluate("(el) => { el.value = 200; el.dispatchEvent(new Event('input')); }")
+        render["visible_edges_at_4pct"] = int(view.get_attribute("data-visible-edges"))
+        slider.evaluate("(el) => { el.value = 0; el.dispatchEvent(new Event('input')); }")
+        notebook.screenshot("circuit-view-2000-nodes", page.locator(".tcw-circuit"))
+        circle = view.locator("circle.tcw-cv-node").nth(5)
+        hovers = []
+        for _ in range(5):
+            circle.dispatch_event("mouseover")
+            hovers.append(float(view.get_attribute("data-draw-ms")))
+            circle.dispatch_event("mouseout")
+        render["hover_redraw_ms"] = statistics.median(hovers)
+        notebook.close()
+    results["render"] = render
+
+
+# -- the greater-than case study ---------------------------------------------------------------------------------------
+
+
+def digit_ids(lm: tcw.Model) -> list[int]:
+    ids = [lm.tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+    assert all(len(i) == 1 for i in ids)
+    return [i[0] for i in ids]
+
+
+def metrics(logits: torch.Tensor, tens: list[int], digits: list[int]) -> tuple[list[float], list[float]]:
+    """Per prompt: P(larger tens digit) − P(smaller) and mean logit(larger) − mean logit(smaller)."""
+    probs, diffs = [], []
+    for row, t in zip(logits[:, -1].double(), tens, strict=True):
+        p, logit = row.softmax(-1)[digits], row[digits]
+        probs.append(float(p[t + 1:].sum() - p[:t].sum()))
+        diffs.append(float(logit[t + 1:].mean() - logit[:t].mean()))
+    return probs, diffs
+
+
+class Ablate:
+    """``edit(layer, latents)`` for `splice`: zero chosen (layer, latent, position) triples of row 0."""
+
+    def __init__(self, triples: list[tuple[int, int, int]]) -> None:
+        self.by_layer: dict[int, list[tuple[int, int]]] = {}
+        for layer, latent, position in triples:
+            self.by_layer.setdefault(layer, []).append((latent, position))
+
+    def __call__(self, layer: int, latents: torch.Tensor) -> torch.Tensor:
+        if layer not in self.by_layer:
+            return latents
+        edited = latents.clone()
+        for latent, position in self.by_layer[layer]:
+            edited[0, position, latent] = 0
+        return edited
+
+
+def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random: int, results: dict) -> None:
+    digits = digit_ids(lm)
+    rng = random.Random(0)
+    years = rng.sample([y for y in range(20, 80) if y % 10 not in (0, 9)], n_prompts)
+    tens = [y // 10 for y in years]
+    tokens = torch.cat([encode_prompt(lm, TEMPLATE.format(y)) for y in years])
+    clean = splice(lm, tcs, tokens, mode="error", save_latents=True, progress=False)
+    probs, diffs = metrics(clean.logits, tens, digits)
+    study: dict = {"years": [1700 + y for y in years], "template": TEMPLATE, "layers": sorted(tcs),
+                   "prob_diff": probs, "logit_diff": diffs}
+
+    per_prompt, top_paths = [], None
+    for i, (year, t) in enumerate(zip(years, tens, strict=True)):
+        target = LogitTarget([str(d) for d in range(t + 1, 10)], minus=[str(d) for d in range(t)])
+        start = time.perf_counter()
+        graph = attribute(lm, tcs, TEMPLATE.format(year), target, depth=4, top_k=6, threshold=0.005)
+        seconds = time.perf_counter() - start
+        latents = sorted((n for n in graph.nodes.values() if n.kind == "latent"), key=lambda n: -n.attribution)
+        chosen = [(n.layer, n.feature, n.ctx_idx) for n in latents[:n_ablate] if n.attribution > 0]
+        active = [(layer, int(j), p) for layer in tcs for p, j in torch.nonzero(clean.latents[layer][i]).tolist()]
+        random_sets = [rng.sample(active, len(chosen)) for _ in range(n_random)]
+        row = {"year": 1700 + year, "graph_nodes": len(graph.nodes), "attribute_s": seconds,
+               "target_value": graph.target_value, "ablated": chosen,
+               "predicted_drop": sum(n.attribution for n in latents[:len(chosen)])}
+        for name, sets in (("top", [chosen]), ("random", random_sets)):
+            changes_p, changes_l = [], []
+            for triples in sets:
+                logits = splice(lm, tcs, tokens[i:i + 1], mode="error", edit=Ablate(triples), progress=False).logits
+                p, logit = metrics(logits, [t], digits)
+                changes_p.append(p[0] - probs[i])
+                changes_l.append(logit[0] - diffs[i])
+            row[f"{name}_prob_change"] = statistics.mean(changes_p)
+            row[f"{name}_logit_change"] = statistics.mean(changes_l)
+        per_prompt.append(row)
+        if year == 32:
+            top_paths = [(a, [graph.nodes[n].label for n in path]) for a, path in graph.paths(12)]
+            study["example_graph"] = graph.to_json()
+        print(f"17{year:02d}: metric {probs[i]:+.3f}, ablate top {row['top_prob_change']:+.3f}, "
+              f"random {row['random_prob_change']:+.3f} ({seconds:.1f} s)", flush=True)
+    study["per_prompt"] = per_prompt
+    study["top_paths_1732"] = top_paths
+    summary = {key: statistics.mean(r[key] for r in per_prompt) for key in
+               ("top_prob_change", "random_prob_change", "top_logit_change", "random_logit_change",
+                "predicted_drop", "attribute_s")}
+    summary.update(metric_mean=statistics.mean(probs), metric_min=min(probs), logit_diff_mean=statistics.mean(diffs),
+                   positive=sum(p > 0 for p in probs), n_prompts=len(probs), n_ablated=n_ablate, n_random=n_random)
+    study["summary"] = summary
+    results["case_study"] = study
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("timing", "case-study"), nargs="?", default="timing")
+    parser.add_argument("--out", type=Path, default=CACHE / "bench")
+    parser.add_argument("--random-transcoders", action="store_true", help="timing with untrained transcoders")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--ablate", type=int, default=10, help="latents ablated per prompt")
+    parser.add_argument("--random-sets", type=int, default=5, help="random control sets per prompt")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    lm = tcw.load_model()
+    if args.mode == "timing":
+        time_attribute(lm, transcoders(lm, args.random_transcoders), results)
+        time_render(args.out, results)
+    else:
+        case_study(lm, transcoders(lm), args.prompts, args.ablate, args.random_sets, results)
+    path = args.out / f"{args.mode}.json"
+    path.write_text(json.dumps(results, indent=1))
+    shown = {k: v for k, v in results.items() if k != "case_study"}
+    if "case_study" in results:
+        shown["case_study"] = {k: results["case_study"][k] for k in ("summary", "top_paths_1732", "prob_diff")}
+    print(json.dumps(shown, indent=1))
+    print(f"full results: {path}")
+
+
+if __name__ == "__main__":
+    main()

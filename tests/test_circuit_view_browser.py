@@ -1,0 +1,127 @@
+"""CircuitView in a real JupyterLab and Chromium: the notebook builds a graph on a tiny random GPT-2
+(saved by the test with random transcoders) and the test drives the widget through the page.
+Select with ``pytest -m browser``; screenshots go to test-artifacts/."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import tcwidgets as tcw
+from tcwidgets.transcoder import Transcoder, TranscoderConfig
+
+pytest_plugins = ["browser.harness"]
+pytestmark = pytest.mark.browser
+
+HOSTILE = '<img src=x onerror="window.__pwned=1">'
+SETUP = f"""import tcwidgets as tcw
+from tcwidgets.circuits import LogitTarget, attribute
+from tcwidgets.transcoder import Transcoder
+from tcwidgets.widgets.circuit_view import CircuitView
+lm = tcw.load_model("tiny")
+transcoders = {{layer: Transcoder.load(f"tc-{{layer}}") for layer in range(3)}}
+graph = attribute(lm, transcoders, {('The year 1732 ' + HOSTILE + ' to 17')!r}, LogitTarget("3", minus="1"),
+                  depth=2, top_k=6, threshold=0)
+view = CircuitView(graph)
+view"""
+
+
+@pytest.fixture(scope="module")
+def model_files(lm, lab_root):
+    """A tiny random GPT-2 (with the default tokenizer) and random transcoders on its 3 layers."""
+    torch.manual_seed(1)
+    module = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        vocab_size=49152, n_embd=64, n_layer=3, n_head=4, n_positions=64))
+    module.save_pretrained(lab_root / "tiny")
+    lm.tokenizer.save_pretrained(lab_root / "tiny")
+    for layer in range(3):
+        tc = Transcoder(TranscoderConfig(d_in=64, d_out=64, n_latents=128, k=8, input_scale=0.7, output_scale=1.6,
+                                         site={"model": "tiny", "layer": layer}))
+        with torch.no_grad():
+            tc.W_dec.mul_(4.0)
+        tc.save(lab_root / f"tc-{layer}")
+    return lab_root
+
+
+def widget(notebook):
+    notebook.page.locator(".tcw-circuit[data-ready='1']").wait_for()
+    return notebook.page.locator(".tcw-circuit")
+
+
+def value(notebook, expression):
+    """Print a Python expression in a new cell; return the printed text."""
+    return notebook.run(f"print('VALUE', {expression})").split("VALUE", 1)[1].strip()
+
+
+def test_graph_renders_and_threshold_prunes(open_notebook, model_files):
+    notebook = open_notebook([SETUP])
+    notebook.run_all()
+    view = widget(notebook)
+    total_nodes, total_edges = int(value(notebook, "len(graph.nodes)")), int(value(notebook, "len(graph.edges)"))
+    assert view.locator("circle.tcw-cv-node").count() == total_nodes
+    assert int(view.get_attribute("data-visible-edges")) == total_edges == int(view.get_attribute("data-total-edges"))
+    tokens = view.locator(".tcw-cv-token")
+    assert tokens.count() == int(value(notebook, "len(graph.tokens)"))
+    shown = "".join(tokens.all_text_contents())
+    assert "img" in shown and "error" in shown  # the hostile text is drawn as text
+    assert notebook.page.evaluate("() => window.__pwned") is None
+    assert view.locator("img").count() == 0
+    notebook.screenshot("circuit-view-full", view)
+
+    # half the target's strongest input, as a fraction of the strongest edge, on the slider's scale
+    half = float(value(notebook, "0.5 * max(abs(e.weight) for e in graph.predecessors(graph.target_id)) / "
+                                 "max(abs(e.weight) for e in graph.edges.values())"))
+    position = int(1000 * half ** 0.5)
+    threshold = (position / 1000) ** 2
+    slider = view.locator("input.tcw-cv-threshold")
+    slider.evaluate(f"(el) => {{ el.value = {position}; el.dispatchEvent(new Event('input', {{ bubbles: true }})); }}")
+    notebook.page.wait_for_function(
+        f"() => Math.abs(Number(document.querySelector('.tcw-circuit').dataset.threshold) - {threshold}) < 1e-12")
+    visible = int(view.get_attribute("data-visible-edges"))
+    assert 0 < visible < total_edges
+    assert int(view.get_attribute("data-visible-nodes")) < total_nodes
+    hidden = view.locator("circle.tcw-cv-node").evaluate_all("cs => cs.filter(c => c.style.display === 'none').length")
+    assert hidden == total_nodes - int(view.get_attribute("data-visible-nodes"))
+    assert float(value(notebook, "view.threshold")) == pytest.approx(threshold)  # the slider told Python
+    notebook.screenshot("circuit-view-threshold", view)
+
+    notebook.run("view.threshold = 0.0")
+    notebook.page.wait_for_function(
+        f"() => Number(document.querySelector('.tcw-circuit').dataset.visibleEdges) === {total_edges}")
+
+
+def test_click_selects_hover_summarises_and_expand_grows(open_notebook, model_files):
+    notebook = open_notebook([SETUP])
+    notebook.run_all()
+    view = widget(notebook)
+    latent = value(notebook, "max((n for n in graph.nodes.values() if n.kind == 'latent' and not n.expanded), "
+                             "key=lambda n: abs(n.attribution)).node_id")
+    circle = view.locator(f"circle[data-id='{latent}']")
+    circle.dispatch_event("click")
+    notebook.page.wait_for_function(
+        f"() => document.querySelector('.tcw-circuit').dataset.selected === {latent!r}")
+    assert value(notebook, "view.selected") == latent
+    layer, feature = latent.split("/")[1:3]
+    assert value(notebook, "view.selected_latent") == f"({layer}, {feature})"
+    assert "tcw-cv-selected" in circle.get_attribute("class")
+    view.locator(".tcw-cv-details .tcw-cv-promoted").wait_for()  # the summary arrived
+
+    circle.dispatch_event("mouseover")
+    tooltip = view.locator(".tcw-cv-tooltip")
+    tooltip.wait_for()
+    assert "promotes" in tooltip.inner_text()
+    circle.dispatch_event("mouseout")
+
+    before = int(view.get_attribute("data-total-nodes"))
+    view.locator("button.tcw-cv-expand").click()
+    notebook.page.wait_for_function(
+        f"() => Number(document.querySelector('.tcw-circuit').dataset.totalNodes) > {before}")
+    assert value(notebook, f"graph.nodes[{latent!r}].expanded") == "True"
+    assert int(view.get_attribute("data-total-nodes")) == int(value(notebook, "len(graph.nodes)"))
+    notebook.screenshot("circuit-view-expanded", view)
+
+    view.locator("button.tcw-cv-pin").click()
+    selector = json.dumps(f".tcw-circuit circle[data-id='{latent}']")
+    notebook.page.wait_for_function(f"() => document.querySelector({selector}).classList.contains('tcw-cv-pinned')")
+    assert value(notebook, "view.pinned") == f"[{latent!r}]"
