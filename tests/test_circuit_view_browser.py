@@ -8,7 +8,6 @@ import pytest
 import torch
 import transformers
 
-import tcwidgets as tcw
 from tcwidgets.transcoder import Transcoder, TranscoderConfig
 
 pytest_plugins = ["browser.harness"]

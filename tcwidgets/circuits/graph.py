@@ -1,0 +1,427 @@
+"""`CircuitGraph`: an attribution graph grown from a frozen run by path search, and its exports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..models import resolve
+from .replay import CircuitError, FrozenRun, _float64, _Reader
+
+FORMAT = "tcwidgets.circuit"
+VERSION = 1
+
+#: Kinds of graph nodes. Expandable ones have predecessors: latents (shared by every consumer),
+#: attention heads and skip paths (linear, one node per consumer).
+KINDS = ("logit", "latent", "head", "skip", "embedding", "position", "error", "mlp", "bias")
+EXPANDABLE = ("latent", "head", "skip")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One direct contribution to a node: ``weight = invariant × dependent``.
+
+    ``source`` is the contributing node's description (``kind``, ``layer``, ``position`` and, as
+    relevant, ``latent``, ``head``, ``source_position``, ``name``).
+    """
+
+    source: dict[str, Any]
+    weight: float
+    invariant: float
+    dependent: float
+
+
+
+@dataclass
+class Node:
+    """A node of a `CircuitGraph`.
+
+    ``value``: a latent's pre-activation, a head's or skip path's contribution to its consumer,
+    the target's value; ``activation``: a latent's activation. ``attribution``: the node's total
+    effect on the target along the graph's edges (``value`` for the target).
+    """
+
+    node_id: str
+    kind: str
+    layer: int
+    ctx_idx: int
+    feature: int | None = None
+    head: int | None = None
+    source_ctx_idx: int | None = None
+    name: str | None = None
+    value: float | None = None
+    activation: float | None = None
+    attribution: float = 0.0
+    expanded: bool = False
+    label: str = ""
+
+    @property
+    def expandable(self) -> bool:
+        return self.kind in EXPANDABLE
+
+
+@dataclass
+class Edge:
+    """``source``'s direct contribution ``weight = invariant × dependent`` to ``target``'s value."""
+
+    source: str
+    target: str
+    weight: float
+    invariant: float
+    dependent: float
+
+
+@dataclass
+class _Search:
+    """Path-search settings; ``scale`` is the target's total absolute direct contribution."""
+
+    depth: int
+    top_k: int | None
+    threshold: float
+    scale: float = 1.0
+
+
+@dataclass
+class CircuitGraph:
+    """An attribution graph: nodes (latents, heads, embeddings, errors, biases, …) at (layer,
+    position) and edges carrying direct contributions. Built by `attribute`.
+
+    ``expand(node_id)`` adds a node's largest predecessors (needs the run it was built from, kept
+    in memory; a graph read back with `from_json` cannot expand). ``to_json`` and
+    ``to_circuit_tracer_json`` export it.
+    """
+
+    model: str
+    prompt: str
+    tokens: list[int]
+    token_strings: list[str]
+    n_layers: int
+    target: dict[str, Any]
+    target_id: str
+    nodes: dict[str, Node] = field(default_factory=dict)
+    edges: dict[tuple[str, str], Edge] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    _run: FrozenRun | None = field(default=None, repr=False)
+    _readers: dict[str, tuple[_Reader, float]] = field(default_factory=dict, repr=False)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    @property
+    def target_value(self) -> float:
+        return self.nodes[self.target_id].value
+
+    def n_latents(self, layer: int) -> int | None:
+        """The width of the graph's layer-``layer`` transcoder (``None`` if unknown or none)."""
+        if self._run is None or layer >= len(self._run.layers) or self._run.layers[layer].tc is None:
+            return None
+        return self._run.layers[layer].tc.n_latents
+
+    def predecessors(self, node_id: str) -> list[Edge]:
+        """The graph's edges into ``node_id``, largest first."""
+        return sorted((e for e in self.edges.values() if e.target == node_id), key=lambda e: -abs(e.weight))
+
+    def contributions(self, node_id: str) -> list[Contribution]:
+        """Every direct contribution to ``node_id`` (not only those kept in the graph), largest first.
+
+        They sum to the node's ``value``: a latent's pre-activation, the target's value, a head's
+        or skip path's contribution.
+        """
+        reader, constant = self._reader(node_id)
+        found = [Contribution(s.describe(i), float(s.weight[i]), float(s.invariant[i]), float(s.dependent[i]))
+                 for s in self._run.decompose(reader) for i in range(len(s.weight))]
+        found += self._constants(node_id, constant)
+        return sorted(found, key=lambda c: -abs(c.weight))
+
+    def paths(self, limit: int = 10) -> list[tuple[float, list[str]]]:
+        """The ``limit`` paths into the target with the largest attributions, as
+        ``(attribution, [node ids from source to target])``. A path's attribution is its first
+        edge's weight times the gain of each later edge (a latent passes on ``weight / value``
+        of its own value; heads and skip paths pass theirs on whole)."""
+        found: list[tuple[float, list[str]]] = []
+        incoming: dict[str, list[Edge]] = {}
+        for edge in self.edges.values():
+            incoming.setdefault(edge.target, []).append(edge)
+
+        def walk(node_id: str, gain: float, path: list[str]) -> None:
+            for edge in incoming.get(node_id, []):
+                found.append((edge.weight * gain, [edge.source, *path]))
+                walk(edge.source, gain * self._gain(edge), [edge.source, *path])
+
+        walk(self.target_id, 1.0, [self.target_id])
+        return sorted(found, key=lambda item: -abs(item[0]))[:limit]
+
+    def logit_effects(self, node_id: str, k: int = 5) -> dict[str, list[tuple[int, float]]]:
+        """The ``k`` tokens a latent most promotes and most suppresses directly: its decoder row (model
+        units) times the final norm's weight, through the unembedding (later layers and the final
+        norm's scale ignored), as ``{"promoted": [(token id, value)], "suppressed": [...]}``."""
+        node = self.nodes.get(node_id)
+        if node is None or node.kind != "latent":
+            raise CircuitError(f"{node_id!r} is not a latent of this graph: only latents have logit effects.")
+        if self._run is None:
+            raise CircuitError("This graph was read back from JSON: it has no model to compute logit effects with.")
+        lm = self._run.lm
+        tc = self._run.layers[node.layer].tc
+        direction = tc.W_dec[node.feature] / tc.config.output_scale
+        direction = direction * _float64(resolve(lm._module, lm.sites.final_norm).weight)
+        unembed = resolve(lm._module, lm.sites.unembed).weight.detach()
+        scores = (unembed @ direction.to(unembed.device, unembed.dtype)).cpu()
+        top, bottom = scores.topk(k), scores.topk(k, largest=False)
+        return {"promoted": list(zip(top.indices.tolist(), top.values.tolist())),
+                "suppressed": list(zip(bottom.indices.tolist(), bottom.values.tolist()))}
+
+    # -- growing ---------------------------------------------------------------------------------------
+
+    def expand(self, node_id: str, *, top_k: int | None = None, threshold: float | None = None,
+               depth: int = 1) -> list[str]:
+        """Add the largest direct contributions to ``node_id`` (and recursively to theirs, ``depth``
+        levels), keeping per node the ``top_k`` whose path attribution is at least ``threshold`` ×
+        the target's total absolute direct contribution (defaults: the `attribute` settings).
+        Returns the ids of the nodes added."""
+        if node_id not in self.nodes:
+            raise KeyError(f"No node {node_id!r} in this graph.")
+        if not self.nodes[node_id].expandable:
+            raise CircuitError(f"{node_id} is a {self.nodes[node_id].kind} node: it has no predecessors to expand.")
+        search = _Search(depth, self.settings["top_k"] if top_k is None else top_k,
+                         self.settings["threshold"] if threshold is None else threshold, self.settings["scale"])
+        before = set(self.nodes)
+        self._grow([node_id], search)
+        return [n for n in self.nodes if n not in before]
+
+    def _grow(self, frontier: list[str], search: _Search) -> None:
+        """Breadth-first expansion, ``search.depth`` levels from ``frontier``."""
+        for _ in range(search.depth):
+            multipliers = self._multipliers()
+            following = []
+            for node_id in dict.fromkeys(frontier):
+                following += self._expand_one(node_id, multipliers.get(node_id, 0.0), search)
+            self._update_attributions()
+            frontier = [n for n in following if not self.nodes[n].expanded]
+            if not frontier:
+                break
+
+    def _expand_one(self, node_id: str, multiplier: float, search: _Search) -> list[str]:
+        node = self.nodes[node_id]
+        reader, constant = self._reader(node_id)
+        node.expanded = True
+        candidates = []  # (|attribution|, segment, index)
+        for segment in self._run.decompose(reader):
+            weights = segment.weight.abs() * abs(multiplier)
+            keep = torch.nonzero(weights >= search.threshold * search.scale).flatten()
+            if search.top_k is not None and len(keep) > search.top_k:
+                keep = keep[weights[keep].topk(search.top_k).indices]
+            candidates += [(float(weights[i]), segment, int(i)) for i in keep]
+        candidates.sort(key=lambda c: -c[0])
+        if search.top_k is not None:
+            candidates = candidates[:search.top_k]
+        added = []
+        for _, segment, i in candidates:
+            source = self._add_node(segment.describe(i), consumer=(node_id, reader))
+            self.edges[(source, node_id)] = Edge(source, node_id, float(segment.weight[i]),
+                                                 float(segment.invariant[i]), float(segment.dependent[i]))
+            added.append(source)
+        for contribution in self._constants(node_id, constant):
+            if abs(contribution.weight * multiplier) >= search.threshold * search.scale:
+                source = self._add_node(contribution.source)
+                self.edges[(source, node_id)] = Edge(source, node_id, contribution.weight,
+                                                     contribution.invariant, contribution.dependent)
+        return [a for a in added if self.nodes[a].expandable]
+
+    def _constants(self, node_id: str, constant: float) -> list[Contribution]:
+        """A node's own constant input (a latent's encoder and norm biases, the final norm's and
+        unembedding's biases for a logit, a skip path's norm bias) as one bias contribution."""
+        if constant == 0.0:
+            return []
+        node = self.nodes[node_id]
+        name = {"latent": "encoder", "logit": "unembedding", "skip": "skip"}[node.kind]
+        return [Contribution({"kind": "bias", "layer": node.layer, "position": node.ctx_idx, "name": name},
+                             constant, constant, 1.0)]
+
+    def _reader(self, node_id: str) -> tuple[_Reader, float]:
+        if self._run is None:
+            raise CircuitError("This graph was read back from JSON: it has no forward pass to expand or "
+                               "decompose nodes with. Run tcw.attribute again.")
+        if node_id not in self._readers:
+            node = self.nodes.get(node_id)
+            if node is None:
+                raise KeyError(f"No node {node_id!r} in this graph.")
+            if node.kind != "latent":
+                raise CircuitError(f"{node_id} is a {node.kind} node: it has no predecessors.")
+            self._readers[node_id] = self._run.latent_reader(node.layer, node.feature, node.ctx_idx)
+        return self._readers[node_id]
+
+    def _add_node(self, source: dict[str, Any], consumer: tuple[str, _Reader] | None = None) -> str:
+        """The id of the node described by ``source`` (created if new). Heads and skip paths are
+        per consumer: their reader is built from the consumer's."""
+        kind, layer, p = source["kind"], source.get("layer", -1), source["position"]
+        run = self._run
+        if kind == "head":
+            q = source["source_position"]
+            node_id = f"head/{layer}.{source['head']}/{q}>{p}/{consumer[0]}"
+        elif kind == "skip":
+            node_id = f"skip/{layer}/{p}/{consumer[0]}"
+        elif kind == "latent":
+            node_id = f"latent/{layer}/{source['latent']}/{p}"
+        elif kind == "bias":
+            node_id = f"bias/{source['name']}/{layer}/{p}"
+        else:
+            node_id = f"{kind}/{layer}/{p}" if kind in ("error", "mlp") else f"{kind}/{p}"
+        if node_id in self.nodes:
+            return node_id
+        node = Node(node_id, kind, layer, p, feature=source.get("latent"), head=source.get("head"),
+                    source_ctx_idx=source.get("source_position"), name=source.get("name"))
+        if kind == "latent":
+            frozen = run.layers[layer]
+            node.value = float(frozen.pre[p, node.feature])
+            node.activation = float(frozen.latents[p, node.feature])
+        elif kind == "head":
+            self._readers[node_id] = (run.head_reader(consumer[1], layer, node.head, node.source_ctx_idx), 0.0)
+        elif kind == "skip":
+            self._readers[node_id] = run.skip_reader(consumer[1], layer)
+        node.label = _label(node, self.token_strings)
+        self.nodes[node_id] = node
+        if kind in ("head", "skip"):
+            reader, constant = self._readers[node_id]
+            node.value = run.read(reader) + constant
+        return node_id
+
+    # -- attributions -------------------------------------------------------------------------------------
+
+    def _gain(self, edge: Edge) -> float:
+        """How much of the source's own value an edge passes on (1 for heads and skip paths)."""
+        source = self.nodes[edge.source]
+        if source.kind in ("head", "skip") or not source.value:
+            return 1.0
+        return edge.weight / source.value
+
+    def _multipliers(self) -> dict[str, float]:
+        """∂target/∂value of each node along the graph's edges (1 for the target)."""
+        outgoing: dict[str, list[Edge]] = {}
+        for edge in self.edges.values():
+            outgoing.setdefault(edge.source, []).append(edge)
+        memo = {self.target_id: 1.0}
+
+        def multiplier(node_id: str) -> float:
+            if node_id not in memo:
+                memo[node_id] = sum(self._gain(e) * multiplier(e.target) for e in outgoing.get(node_id, []))
+            return memo[node_id]
+
+        for node_id in self.nodes:
+            multiplier(node_id)
+        return memo
+
+    def _update_attributions(self) -> None:
+        multipliers = self._multipliers()
+        totals = dict.fromkeys(self.nodes, 0.0)
+        for edge in self.edges.values():
+            totals[edge.source] += edge.weight * multipliers[edge.target]
+        totals[self.target_id] = self.nodes[self.target_id].value
+        for node_id, total in totals.items():
+            self.nodes[node_id].attribution = total
+
+    # -- export --------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole graph as JSON-ready data: metadata, ``nodes`` and ``links`` (circuit-tracer's
+        key names where they exist, plus each link's ``invariant`` and ``dependent`` factors)."""
+        nodes = []
+        for node in self.nodes.values():
+            data = asdict(node)
+            data["expandable"] = node.expandable
+            nodes.append(data)
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "prompt": self.prompt,
+                "tokens": self.tokens, "token_strings": self.token_strings, "n_layers": self.n_layers,
+                "target": self.target, "target_id": self.target_id, "settings": self.settings,
+                "nodes": nodes, "links": [asdict(e) for e in self.edges.values()]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CircuitGraph:
+        """A graph from `to_json` data (it can be drawn and exported, not expanded)."""
+        if data.get("format") != FORMAT:
+            raise CircuitError(f"Not a tcwidgets circuit graph (format {data.get('format')!r}, expected {FORMAT!r}).")
+        if data.get("version", 0) > VERSION:
+            raise CircuitError(f"This graph was written by a newer tcwidgets (version {data['version']}); upgrade.")
+        graph = cls(data["model"], data["prompt"], list(data["tokens"]), list(data["token_strings"]),
+                    data["n_layers"], dict(data["target"]), data["target_id"], settings=dict(data["settings"]))
+        for item in data["nodes"]:
+            node = Node(**{k: v for k, v in item.items() if k != "expandable"})
+            graph.nodes[node.node_id] = node
+        for item in data["links"]:
+            graph.edges[(item["source"], item["target"])] = Edge(**item)
+        return graph
+
+    def to_circuit_tracer_json(self, slug: str = "tcwidgets-graph") -> dict[str, Any]:
+        """The attribution-graph JSON that circuit-tracer's frontend and Neuronpedia read.
+
+        Its schema has no attention or skip nodes: with frozen attention those are linear, so
+        expanded ones are folded into direct edges between their predecessors and their consumer
+        (as in circuit-tracer's own graphs); unexpanded ones, biases and position embeddings are
+        left out. Latents become ``"cross layer transcoder"`` nodes, errors and MLPs without a
+        transcoder ``"mlp reconstruction error"``, the target latent or logit is marked.
+        """
+        ids, nodes = {}, []
+        for node in self.nodes.values():
+            converted = self._circuit_tracer_node(node)
+            if converted is not None:
+                ids[node.node_id] = converted["node_id"]
+                nodes.append(converted)
+        consumer = {e.source: e.target for e in self.edges.values() if self.nodes[e.source].kind in ("head", "skip")}
+        links: dict[tuple[str, str], float] = {}
+        for edge in self.edges.values():
+            if edge.source not in ids:
+                continue
+            target = edge.target
+            while target in consumer:  # a head or skip path passes its inputs on whole
+                target = consumer[target]
+            if target in ids:
+                key = (ids[edge.source], ids[target])
+                links[key] = links.get(key, 0.0) + edge.weight
+        return {
+            "metadata": {"slug": slug, "scan": self.model, "transcoder_list": [],
+                         "prompt_tokens": self.token_strings, "prompt": self.prompt,
+                         "node_threshold": self.settings.get("threshold"), "schema_version": 1},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": nodes,
+            "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
+        }
+
+    def _circuit_tracer_node(self, node: Node) -> dict[str, Any] | None:
+        common = {"ctx_idx": node.ctx_idx, "influence": node.attribution, "clerp": node.label,
+                  "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0}
+        if node.kind == "latent":
+            node_id = f"{node.layer}_{node.feature}_{node.ctx_idx}"
+            return {**common, "node_id": node_id, "jsNodeId": node_id, "feature": node.feature,
+                    "layer": str(node.layer), "feature_type": "cross layer transcoder",
+                    "activation": node.activation, "is_target_logit": node.node_id == self.target_id}
+        if node.kind in ("error", "mlp"):
+            return {**common, "node_id": f"{node.layer}_-1_{node.ctx_idx}", "jsNodeId": f"{node.layer}_-1-{node.ctx_idx}",
+                    "feature": -1, "layer": str(node.layer), "feature_type": "mlp reconstruction error",
+                    "activation": None}
+        if node.kind == "embedding":
+            token = self.tokens[node.ctx_idx]
+            return {**common, "node_id": f"E_{token}_{node.ctx_idx}", "jsNodeId": f"E_{token}-{node.ctx_idx}",
+                    "feature": node.ctx_idx, "layer": "E", "feature_type": "embedding", "activation": None}
+        if node.kind == "logit":
+            token = self.target["token"][0]
+            layer = str(self.n_layers + 1)
+            return {**common, "node_id": f"{layer}_{token}_{node.ctx_idx}", "jsNodeId": f"L_{token}-{node.ctx_idx}",
+                    "feature": token, "layer": layer, "feature_type": "logit", "is_target_logit": True,
+                    "activation": None}
+        return None
+
+
+def _label(node: Node, tokens: list[str]) -> str:
+    token = tokens[node.ctx_idx] if 0 <= node.ctx_idx < len(tokens) else ""
+    return {
+        "latent": lambda: f"L{node.layer}/{node.feature}",
+        "head": lambda: f"L{node.layer}.H{node.head} {node.source_ctx_idx}→{node.ctx_idx}",
+        "skip": lambda: f"skip L{node.layer}",
+        "embedding": lambda: f"token {token!r}",
+        "position": lambda: f"position {node.ctx_idx}",
+        "error": lambda: f"error L{node.layer}",
+        "mlp": lambda: f"MLP L{node.layer}",
+        "bias": lambda: f"{node.name} bias" + ("" if node.name == "unembedding" else f" L{node.layer}"),
+        "logit": lambda: "logit",
+    }[node.kind]()

@@ -1,0 +1,377 @@
+"""The frozen forward pass: attention patterns and norm scales fixed at their values on a prompt,
+the residual stream replayed in float64 from the model's own weights, and the exact decomposition
+of any linear read of it into its writers' contributions.
+
+One nnsight forward pass (eager attention, so the patterns are returned) records the patterns and
+the MLP inputs and outputs; the replay is checked against the model at every MLP input (and at the
+logits), so an architecture this module does not understand fails loudly instead of giving wrong
+numbers. ``stage`` numbers where the residual stream is read: attention of layer l reads stage 2l,
+its MLP 2l + 1 (2l with GPT-NeoX's parallel residual), the final norm 2 × n_layers; a writer is seen
+by every later stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..models import resolve
+
+REPLAY_TOLERANCE = 1e-3  # relative error allowed between the float64 replay and the model's float32 pass
+
+
+class CircuitError(ValueError):
+    """Attribution cannot run as asked (bad target, transcoders or architecture)."""
+
+
+# -- frozen norms and attention weights ---------------------------------------------------------------
+
+
+class _FrozenNorm:
+    """A pre-norm (RMSNorm or LayerNorm) with its scale frozen at its value on the prompt:
+    ``norm(x) = weight ⊙ C·x / scale + bias``, C the centering (LayerNorm) or the identity."""
+
+    def __init__(self, module: torch.nn.Module, x: Tensor) -> None:
+        name = type(module).__name__
+        if isinstance(module, torch.nn.LayerNorm):
+            self.centered, eps = True, module.eps
+        elif name.endswith("RMSNorm"):
+            self.centered = False
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        else:
+            raise CircuitError(f"circuits cannot freeze a {name}: it knows RMSNorm and LayerNorm.")
+        self.weight = _float64(module.weight)
+        self.bias = _param(module, "bias", len(self.weight))
+        self.scale = (self.center(x).pow(2).mean(-1) + eps).sqrt()  # [positions]
+
+    def center(self, x: Tensor) -> Tensor:
+        return x - x.mean(-1, keepdim=True) if self.centered else x
+
+    def linear(self, x: Tensor) -> Tensor:
+        """The part of ``norm(x)`` that is linear in ``x`` (no bias), rows = positions."""
+        return self.weight * self.center(x) / self.scale[:, None]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.linear(x) + self.bias
+
+    def pullback(self, w: Tensor) -> Tensor:
+        """The vector u with ``u · x = w · (weight ⊙ C·x)``; divide by ``scale[p]`` for position p."""
+        return self.center(self.weight * w)
+
+
+@dataclass
+class _OV:
+    """One attention layer's value and output weights per head (float64, GQA expanded)."""
+
+    W_V: Tensor  # [heads, d_head, d_model]: head h's values are W_V[h] @ x + b_V[h]
+    b_V: Tensor  # [heads, d_head]
+    W_O: Tensor  # [heads, d_head, d_model]: head h writes its mixed values v as v @ W_O[h]
+    b_O: Tensor  # [d_model]
+
+
+def _float64(tensor: Tensor) -> Tensor:
+    return tensor.detach().to("cpu", torch.float64)
+
+
+def _param(module: torch.nn.Module, name: str, size: int) -> Tensor:
+    value = getattr(module, name, None)
+    return _float64(value) if value is not None else torch.zeros(size, dtype=torch.float64)
+
+
+def _ov_llama(attn: torch.nn.Module, config: Any) -> _OV:
+    heads, d_head = config.num_attention_heads, attn.head_dim
+    groups = attn.num_key_value_groups
+    d = attn.o_proj.out_features
+    W_V = _float64(attn.v_proj.weight).view(heads // groups, d_head, d)
+    b_V = _param(attn.v_proj, "bias", (heads // groups) * d_head).view(heads // groups, d_head)
+    W_O = _float64(attn.o_proj.weight).T.reshape(heads, d_head, d)
+    return _OV(W_V.repeat_interleave(groups, 0), b_V.repeat_interleave(groups, 0), W_O,
+               _param(attn.o_proj, "bias", d))
+
+
+def _ov_gpt2(attn: torch.nn.Module, config: Any) -> _OV:
+    d, heads, d_head = attn.embed_dim, attn.num_heads, attn.head_dim
+    W_V = _float64(attn.c_attn.weight[:, 2 * d:]).T.reshape(heads, d_head, d)  # Conv1D computes x @ weight
+    b_V = _float64(attn.c_attn.bias[2 * d:]).view(heads, d_head)
+    W_O = _float64(attn.c_proj.weight).view(heads, d_head, d)
+    return _OV(W_V, b_V, W_O, _param(attn.c_proj, "bias", d))
+
+
+def _ov_neox(attn: torch.nn.Module, config: Any) -> _OV:
+    d, d_head = config.hidden_size, attn.head_size
+    heads = d // d_head
+    qkv = attn.query_key_value
+    W_V = _float64(qkv.weight).view(heads, 3, d_head, d)[:, 2]
+    b_V = _param(qkv, "bias", 3 * d).view(heads, 3, d_head)[:, 2]
+    W_O = _float64(attn.dense.weight).T.reshape(heads, d_head, d)
+    return _OV(W_V.contiguous(), b_V.contiguous(), W_O, _param(attn.dense, "bias", d))
+
+
+#: ``config.model_type`` -> how to read an attention layer's OV weights.
+ATTENTION_OV = {"llama": _ov_llama, "mistral": _ov_llama, "qwen2": _ov_llama, "qwen3": _ov_llama,
+                "gpt2": _ov_gpt2, "gpt_neox": _ov_neox}
+
+
+# -- the frozen forward pass ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Reader:
+    """A linear read of the residual stream: ``sigma × (w · resid[stage][position])``.
+
+    ``w`` depends on weights only; ``sigma`` (frozen norm scales, attention weights) on the input.
+    """
+
+    sigma: float
+    w: Tensor
+    stage: int
+    position: int
+
+
+@dataclass
+class _Layer:
+    """Frozen quantities of one block (float64)."""
+
+    pattern: Tensor  # [heads, positions, positions], causal
+    attn_norm: _FrozenNorm
+    ov: _OV
+    values: Tensor  # [heads, d_head, positions]: W_V · (linear part of the normed input)
+    value_bias: Tensor  # [heads, d_head]: b_V + W_V · norm bias
+    mlp_norm: _FrozenNorm
+    mlp_stage: int  # where the MLP reads the residual stream
+    mlp_out: Tensor  # [positions, d_model]
+    tc: Any = None  # the layer's transcoder, float64 copy
+    pre: Tensor | None = None  # [positions, n_latents] encoder pre-activations
+    latents: Tensor | None = None  # [positions, n_latents] activations
+    error: Tensor | None = None  # [positions, d_model] MLP output − transcoder output
+    skip: Tensor | None = None  # [positions, d_model] skip path's output (skip transcoders)
+
+
+class _Segment:
+    """A batch of contributions (``weight = invariant × dependent``, tensors), each described on demand
+    by ``describe(index)`` -> the source node's description."""
+
+    def __init__(self, weight: Tensor, invariant: Tensor, dependent: Tensor, describe: Any) -> None:
+        self.weight, self.invariant, self.dependent, self.describe = weight, invariant, dependent, describe
+
+
+class FrozenRun:
+    """A prompt's forward pass with attention patterns and norm scales frozen, replayed in float64.
+
+    Built by `attribute`; `CircuitGraph` keeps it to expand nodes later. ``stage`` numbers where
+    the residual stream is read: attention of layer l reads stage 2l, its MLP 2l + 1 (2l with
+    GPT-NeoX's parallel residual), the final norm 2 × n_layers; a writer is seen by later stages.
+    """
+
+    def __init__(self, lm: Any, transcoders: Mapping[int, Any], tokens: Tensor, last_layer: int,
+                 final: bool) -> None:
+        model_type = lm.config.model_type
+        if model_type not in ATTENTION_OV:
+            raise CircuitError(
+                f"circuits does not support {model_type!r} models yet (supported: "
+                f"{', '.join(sorted(ATTENTION_OV))}): it needs to know how to read their attention "
+                "weights; add an entry to tcwidgets.circuits.ATTENTION_OV.")
+        self.lm, self.tokens = lm, tokens
+        self.n_layers, self.final = lm.n_layers, final
+        parallel = bool(getattr(lm.config, "use_parallel_residual", False))
+        module, sites = lm._module, lm.sites
+        captured = _capture(lm, tokens, last_layer, final)
+
+        self.token_embedding = captured["embed"]
+        remainder = captured["resid"] - self.token_embedding
+        self.position_embedding = remainder if remainder.abs().max() > 0 else None
+        resid = captured["resid"] if self.position_embedding is not None else self.token_embedding
+        self.resid: dict[int, Tensor] = {}
+        self.layers: list[_Layer] = []
+        n = len(tokens)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        for layer in range(last_layer + 1):
+            block = resolve(module, sites.block(layer))
+            self.resid[2 * layer] = resid
+            attn_norm = _FrozenNorm(resolve(block, sites.pre_attention_norm), resid)
+            ov = ATTENTION_OV[model_type](resolve(block, sites.attention), lm.config)
+            pattern = captured["patterns"][layer] * causal
+            values = ov.W_V @ attn_norm.linear(resid).T  # [heads, d_head, positions]
+            value_bias = ov.b_V + ov.W_V @ attn_norm.bias
+            mixed = pattern @ (values.transpose(1, 2) + value_bias[:, None])  # [heads, positions, d_head]
+            attn_out = mixed.transpose(0, 1).flatten(1) @ ov.W_O.flatten(0, 1) + ov.b_O
+            mlp_stage = 2 * layer if parallel else 2 * layer + 1
+            mlp_resid = resid if parallel else resid + attn_out
+            self.resid[mlp_stage] = mlp_resid
+            mlp_norm = _FrozenNorm(resolve(block, sites.pre_mlp_norm), mlp_resid)
+            x = mlp_norm(mlp_resid)
+            _check_replay(lm, x, captured["mlp_in"][layer], f"the MLP input of layer {layer}")
+            frozen = _Layer(pattern, attn_norm, ov, values, value_bias, mlp_norm, mlp_stage, captured["mlp_out"][layer])
+            if layer in transcoders:
+                self._encode(frozen, transcoders[layer], x)
+            self.layers.append(frozen)
+            resid = resid + attn_out + frozen.mlp_out
+        if final:
+            self.resid[2 * self.n_layers] = resid
+            self.final_norm = _FrozenNorm(resolve(module, sites.final_norm), resid)
+            unembed = resolve(module, sites.unembed)
+            self.unembed_weight = unembed.weight.detach()
+            self.unembed_bias = getattr(unembed, "bias", None)
+            self.logits = captured["logits"]  # the model's own, to check the replay
+
+    @staticmethod
+    def _encode(frozen: _Layer, tc: Any, x: Tensor) -> None:
+        """The transcoder's latents and error term on the replayed MLP input (its own encode/decode)."""
+        tc = copy.deepcopy(tc).to("cpu", torch.float64).eval().requires_grad_(False)
+        with torch.no_grad():
+            frozen.pre = tc.pre_activations(x)
+            frozen.latents = tc.activate(frozen.pre)
+            frozen.error = frozen.mlp_out - tc.decode(frozen.latents, x)
+            if tc.config.kind == "skip":
+                frozen.skip = x * tc.config.input_scale @ tc.W_skip.T / tc.config.output_scale
+        frozen.tc = tc
+
+    # -- targets and nodes as readers -------------------------------------------------------------------
+
+    def latent_reader(self, layer: int, latent: int, position: int) -> tuple[_Reader, float]:
+        """The reader of a latent's pre-activation, and its constant part (b_enc + the norm bias's term)."""
+        frozen = self.layers[layer]
+        tc = frozen.tc
+        w_enc = tc.W_enc[latent].detach() * tc.config.input_scale
+        reader = _Reader(1 / float(frozen.mlp_norm.scale[position]), frozen.mlp_norm.pullback(w_enc),
+                         frozen.mlp_stage, position)
+        return reader, float(tc.b_enc[latent] + w_enc @ frozen.mlp_norm.bias)
+
+    def logit_direction(self, plus: list[int], minus: list[int]) -> tuple[Tensor, float]:
+        """The unembedding direction of mean(logits[plus]) − mean(logits[minus]), and its bias."""
+        rows = self.unembed_weight
+        direction = _float64(rows[plus]).mean(0) - (_float64(rows[minus]).mean(0) if minus else 0)
+        bias = 0.0
+        if self.unembed_bias is not None:
+            b = self.unembed_bias
+            bias = float(_float64(b[plus]).mean() - (_float64(b[minus]).mean() if minus else 0))
+        return direction, bias
+
+    def logit_reader(self, direction: Tensor, position: int) -> tuple[_Reader, float]:
+        norm = self.final_norm
+        reader = _Reader(1 / float(norm.scale[position]), norm.pullback(direction), 2 * self.n_layers, position)
+        return reader, float(direction @ norm.bias)
+
+    def head_reader(self, consumer: _Reader, layer: int, head: int, source: int) -> _Reader:
+        """What head ``head`` of ``layer`` reads at ``source`` on behalf of ``consumer``."""
+        frozen = self.layers[layer]
+        o = frozen.ov.W_O[head] @ consumer.w
+        sigma = consumer.sigma * float(frozen.pattern[head, consumer.position, source])
+        return _Reader(sigma / float(frozen.attn_norm.scale[source]),
+                       frozen.attn_norm.pullback(frozen.ov.W_V[head].T @ o), 2 * layer, source)
+
+    def skip_reader(self, consumer: _Reader, layer: int) -> tuple[_Reader, float]:
+        """What a skip path reads at the consumer's position, and the part its norm's bias adds."""
+        frozen = self.layers[layer]
+        c = frozen.tc.config
+        w = frozen.tc.W_skip.detach().T @ consumer.w * (c.input_scale / c.output_scale)
+        p = consumer.position
+        return (_Reader(consumer.sigma / float(frozen.mlp_norm.scale[p]), frozen.mlp_norm.pullback(w),
+                        frozen.mlp_stage, p), consumer.sigma * float(w @ frozen.mlp_norm.bias))
+
+    def check_logits(self, position: int) -> None:
+        """Check the replay against the model's logits at ``position`` (in the model's precision)."""
+        normed = self.final_norm(self.resid[2 * self.n_layers])[position]
+        weight = self.unembed_weight
+        logits = (weight @ normed.to(weight.device, weight.dtype)).cpu().double()
+        if self.unembed_bias is not None:
+            logits = logits + _float64(self.unembed_bias)
+        _check_replay(self.lm, logits, self.logits[position], f"the logits at position {position}")
+
+    def read(self, reader: _Reader) -> float:
+        """The reader's value on the replayed residual stream."""
+        return reader.sigma * float(reader.w @ self.resid[reader.stage][reader.position])
+
+    # -- decomposition ---------------------------------------------------------------------------------
+
+    def decompose(self, reader: _Reader) -> list[_Segment]:
+        """Every direct contribution to ``reader``'s value, grouped in segments; they sum to it."""
+        sigma, w, stage, p = reader.sigma, reader.w, reader.stage, reader.position
+        segments = [_leaf(reader, self.token_embedding[p], {"kind": "embedding", "position": p})]
+        if self.position_embedding is not None:
+            segments.append(_leaf(reader, self.position_embedding[p], {"kind": "position", "position": p}))
+        for layer, frozen in enumerate(self.layers):
+            if 2 * layer < stage:
+                o = frozen.ov.W_O @ w  # [heads, d_head]
+                invariant = (o[:, None] @ frozen.values[:, :, :p + 1])[:, 0]  # [heads, sources]
+                dependent = sigma * frozen.pattern[:, p, :p + 1]
+                segments.append(_Segment(
+                    (invariant * dependent).flatten(), invariant.flatten(), dependent.flatten(),
+                    lambda i, layer=layer: {"kind": "head", "layer": layer, "head": i // (p + 1),
+                                            "source_position": i % (p + 1), "position": p}))
+                bias = float(frozen.ov.b_O @ w + (frozen.pattern[:, p].sum(-1) * (o * frozen.value_bias).sum(-1)).sum())
+                segments.append(_Segment(torch.tensor([bias * sigma]), torch.tensor([bias]), torch.tensor([sigma]),
+                                         lambda i, layer=layer: {"kind": "bias", "layer": layer, "position": p,
+                                                                 "name": "attention"}))
+            if 2 * layer + 1 < stage:
+                segments += self._mlp_segments(reader, layer, frozen)
+        return segments
+
+    @staticmethod
+    def _mlp_segments(reader: _Reader, layer: int, frozen: _Layer) -> list[_Segment]:
+        """What one MLP writes: its latents, error, decoder bias and skip path; or itself, whole."""
+        p = reader.position
+        where = {"layer": layer, "position": p}
+        if frozen.tc is None:
+            return [_leaf(reader, frozen.mlp_out[p], {"kind": "mlp", **where})]
+        tc = frozen.tc
+        active = torch.nonzero(frozen.latents[p]).flatten()
+        invariant = tc.W_dec.detach()[active] @ reader.w / tc.config.output_scale
+        dependent = reader.sigma * frozen.latents[p, active]
+        segments = [
+            _Segment(invariant * dependent, invariant, dependent,
+                     lambda i: {"kind": "latent", "latent": int(active[i]), **where}),
+            _leaf(reader, frozen.error[p], {"kind": "error", **where}),
+            _leaf(reader, tc.b_dec.detach() / tc.config.output_scale, {"kind": "bias", "name": "decoder", **where}),
+        ]
+        if frozen.skip is not None:
+            segments.append(_leaf(reader, frozen.skip[p], {"kind": "skip", **where}))
+        return segments
+
+
+def _leaf(reader: _Reader, vector: Tensor, source: dict[str, Any]) -> _Segment:
+    """The contribution of one vector written to the residual stream (activation 1)."""
+    invariant = (vector @ reader.w)[None]
+    return _Segment(invariant * reader.sigma, invariant, torch.full_like(invariant, reader.sigma), lambda i: source)
+
+
+def _capture(lm: Any, tokens: Tensor, last_layer: int, final: bool) -> dict[str, Any]:
+    """One forward pass with eager attention: embeddings, the first block's input, each layer's
+    attention pattern and MLP input/output up to ``last_layer``, and the logits if ``final``."""
+    module, sites = lm._module, lm.sites
+    before = module.config._attn_implementation
+    if before != "eager":
+        module.set_attn_implementation("eager")
+    saved: dict[str, Any] = {"patterns": [], "mlp_in": [], "mlp_out": []}  # filled inside the trace
+    try:
+        with torch.no_grad(), lm.trace(tokens[None].to(lm.device), remote=False) as tracer:
+            saved["embed"] = resolve(lm, sites.embed).output.save()
+            saved["resid"] = resolve(lm, sites.block(0)).input.save()
+            for layer in range(last_layer + 1):
+                saved["patterns"].append(resolve(lm, f"{sites.block(layer)}.{sites.attention}").output[1].save())
+                mlp = lm.mlp(layer)
+                saved["mlp_in"].append(mlp.input.save())
+                saved["mlp_out"].append(mlp.output.save())
+            if final:
+                saved["logits"] = lm.output.logits.save()
+            else:
+                tracer.stop()
+    finally:
+        if before != "eager":
+            module.set_attn_implementation(before)
+    return {key: [_float64(t[0]) for t in value] if isinstance(value, list) else _float64(value[0])
+            for key, value in saved.items()}
+
+
+def _check_replay(lm: Any, replayed: Tensor, actual: Tensor, what: str) -> None:
+    error = float((replayed - actual).norm() / actual.norm().clamp_min(1e-12))
+    if not error < REPLAY_TOLERANCE:
+        raise CircuitError(
+            f"The frozen replay of {lm.name} does not reproduce {what} (relative error {error:.2g}): its "
+            f"{lm.config.model_type!r} blocks compute something circuits.py does not model (e.g. extra "
+            "norms or scalings), so attributions would be wrong.")
