@@ -11,7 +11,8 @@
 // Every string that came from the tokenizer is inserted as text (`h` appends strings as Text
 // nodes, and nothing here assigns innerHTML).
 
-const KINDS = [["scale", "×", "multiply by"], ["clamp", "=", "clamp to"], ["steer", "+", "steer by"]];
+const KINDS = [["scale", "×", "scale", "multiply by"], ["clamp", "=", "clamp", "clamp to"],
+  ["steer", "+", "steer", "steer by (adds this × its decoder row)"]];
 const IDENTITY = { scale: 1, steer: 0 };
 const DEBOUNCE_MS = 40;
 
@@ -81,6 +82,7 @@ function render({ model, el }) {
       if (Number.isFinite(n) && n >= 0 && n <= 64) change({ continuation: n });
       else continuation.value = model.get("continuation");
     } });
+  const where = h("span", { class: "tcw-where" });
   const rowsBox = h("div", { class: "tcw-rows", role: "group", "aria-label": "latent edits" });
   const addLayer = h("select", { class: "tcw-add-layer", "aria-label": "layer of the latent to add" });
   const addLatent = h("input", { class: "tcw-add-latent", type: "number", min: 0, step: 1, placeholder: "latent",
@@ -110,7 +112,10 @@ function render({ model, el }) {
     h("div", { class: "tcw-options" }, h("label", {}, "edit ", scope),
       h("label", {}, "continue for ", continuation, " tokens"), status),
     h("div", { class: "tcw-body" },
-      h("section", { class: "tcw-edits" }, h("h4", {}, "Latents"), rowsBox, addForm),
+      h("section", { class: "tcw-edits" }, h("h4", {}, "Latents ", where),
+        h("div", { class: "tcw-grid tcw-head", "aria-hidden": "true" }, h("span", {}, "layer #latent"),
+          h("span", { class: "tcw-act" }, "act"), h("span", {}, "edit"), h("span", {}), h("span", { class: "tcw-value" }, "value")),
+        rowsBox, addForm),
       h("section", { class: "tcw-output" },
         h("h4", {}, "Next token after the prompt ", h("span", { class: "tcw-legend" },
           h("span", { class: "tcw-key-before" }, "before"), " ", h("span", { class: "tcw-key-after" }, "after"))),
@@ -118,6 +123,11 @@ function render({ model, el }) {
         h("h4", {}, "Pinned tokens: log-probability"), pins, pinInput,
         continuations)));
   el.append(root);
+  // Keys typed into the widget's controls are theirs: JupyterLab's notebook would otherwise take the
+  // arrow keys (and prevent a slider's default) and command-mode letters. Escape and chords still reach it.
+  root.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" && !event.ctrlKey && !event.metaKey && !event.altKey) event.stopPropagation();
+  });
 
   // -- sending changes --------------------------------------------------------------------------------------
   function request() {
@@ -190,6 +200,7 @@ function render({ model, el }) {
       onclick: () => choose(i),
     }, shown(token))));
     root.dataset.version = String(context.version ?? "");
+    drawWhere();
     addLayer.replaceChildren(...(context.layers || []).map(([layer, n]) =>
       h("option", { value: String(layer) }, `${layer} (${n} latents)`)));
     addForm.hidden = !(context.layers || []).length;
@@ -209,7 +220,14 @@ function render({ model, el }) {
     choose(target);
   }
 
+  function drawWhere() {
+    const position = model.get("position");
+    const token = (model.get("_context").tokens || [])[position];
+    where.textContent = token === undefined ? "" : `at token ${position} (${JSON.stringify(token)})`;
+  }
+
   function drawPosition() {
+    drawWhere();
     const position = model.get("position");
     for (const button of tokens.children) {
       const current = Number(button.dataset.position) === position;
@@ -233,13 +251,13 @@ function render({ model, el }) {
         `L${row.layer} #${row.latent}`),
       act: h("span", { class: "tcw-act" }),
       kind: h("select", { class: "tcw-kind", "aria-label": `${name}: kind of edit` },
-        KINDS.map(([value, symbol, label]) => h("option", { value, title: label }, `${symbol} ${label}`))),
+        KINDS.map(([value, symbol, label, long]) => h("option", { value, title: long }, `${symbol} ${label}`))),
       slider: h("input", { class: "tcw-slider", type: "range" }),
       value: h("output", { class: "tcw-value" }),
       reset: h("button", { class: "tcw-reset", title: `reset ${name}`, "aria-label": `reset ${name}` }, "↺"),
       remove: h("button", { class: "tcw-remove", title: `remove ${name}`, "aria-label": `remove ${name}` }, "✕"),
     };
-    const el = h("div", { class: "tcw-row", dataset: { layer: String(row.layer), latent: String(row.latent) } },
+    const el = h("div", { class: "tcw-row tcw-grid", dataset: { layer: String(row.layer), latent: String(row.latent) } },
       parts.label, parts.act, parts.kind, parts.slider, parts.value, parts.reset, parts.remove);
     const item = { el, parts, row };
     const entry = (kind, value) => ({ layer: row.layer, latent: row.latent, kind, value });
@@ -274,7 +292,7 @@ function render({ model, el }) {
     Object.assign(parts.slider, { min, max, step });
     parts.slider.value = entry.value;
     parts.slider.setAttribute("aria-label", `layer ${item.row.layer} latent ${item.row.latent}: ` +
-      KINDS.find(([k]) => k === entry.kind)[2]);
+      KINDS.find(([k]) => k === entry.kind)[3]);
     parts.value.textContent = fmt(entry.value);
     const edited = IDENTITY[entry.kind] !== entry.value;
     item.el.classList.toggle("tcw-edited", edited);
@@ -294,7 +312,7 @@ function render({ model, el }) {
       item.parts.remove.hidden = row.active || !state.has(k);
       item.el.classList.toggle("tcw-active", row.active);
       item.el.classList.toggle("tcw-selected", selected[0] === row.layer && selected[1] === row.latent);
-      if (document.activeElement !== item.parts.slider || !pending.has(k)) {
+      if (document.activeElement !== item.parts.slider || !(pending.has(k) || sent.has(k))) {
         setSlider(item, state.get(k) || { layer: row.layer, latent: row.latent, kind: "scale", value: 1 });
       }
       return item.el;
@@ -389,14 +407,21 @@ function render({ model, el }) {
   const handlers = {
     "change:_context": () => { drawTokens(); drawResult(); },
     "change:position": drawPosition,
-    "change:sliders change:error": () => { sent = new Map(); drawRows(); },
+    "change:sliders": () => { // forget the sent changes that Python now shows
+      const confirmed = new Map(model.get("sliders").map((s) => [key(s.layer, s.latent), s]));
+      for (const [k, entry] of sent) {
+        const s = confirmed.get(k);
+        if (s && s.kind === entry.kind && s.value === entry.value) sent.delete(k);
+      }
+      drawRows();
+    },
+    "change:error": () => { sent = new Map(); drawError(); drawRows(); }, // a refused change
     "change:_rows change:selected": drawRows,
     "change:_result change:pinned": drawResult,
     "change:_status": () => {
       if (!model.get("_status")) latest = null; // Python is done with every request it received
       drawStatus();
     },
-    "change:error": drawError,
     "change:prompt change:scope change:continuation": drawInputs,
   };
   const each = (f) => Object.entries(handlers).forEach(([events, handler]) => events.split(" ").forEach((e) => f(e, handler)));
