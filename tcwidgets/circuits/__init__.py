@@ -20,11 +20,16 @@ Every edge reports its weight as ``invariant × dependent``: the input-invariant
 vector — a decoder row, an embedding, a bias — dotted with the reader's weights-only vector) and
 the input-dependent one (the source's activation × frozen norm scales × attention weights).
 
-One forward pass (nnsight, eager attention so the patterns are returned) records the patterns and
-the MLP inputs/outputs; the residual stream is then replayed in float64 from the modules' own
-weights and checked against the model, so an architecture this module does not understand fails
-loudly instead of giving wrong numbers. `attribute` expands the largest contributions recursively
-(top-k per node, depth and threshold limits) into a `CircuitGraph`.
+A latent node's value is its pre-activation. Its own encoder bias (plus its pre-MLP norm's bias,
+for LayerNorm) is one of its predecessors, a bias node, so the contributions into every node sum to
+its value; without that node they sum to the pre-activation minus those biases. An active latent's
+activation equals its pre-activation (ReLU, TopK, JumpReLU), so replacing a latent by its
+predecessors preserves the total of every path through it.
+
+Modules: `replay` (one forward pass, nnsight with eager attention so the patterns are returned;
+the residual stream replayed in float64 from the modules' own weights and checked against the
+model; the exact decomposition), `graph` (`CircuitGraph`: path search, paths, JSON and
+circuit-tracer exports), `attribution` (targets and `attribute`).
 """
 
 from .attribution import LatentTarget, LogitTarget, Target, attribute
