@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -444,17 +444,16 @@ class _Accumulator:
         rank = low[..., None] + slot * (high - low)[..., None] // np.maximum(take, 1)[..., None]
         valid = slot < take[..., None]
         rank = np.where(valid, rank, 0).reshape(n_latents, -1)
-        pick = lambda array: np.take_along_axis(array, rank, 1).reshape(n_latents, quantiles, per_quantile)  # noqa: E731
         bounds = np.full((n_latents, quantiles, 2), np.nan, dtype=np.float32)
         filled = high > low
         latent_ids = np.nonzero(filled)[0]
         bounds[filled, 0] = value[latent_ids, low[filled]]
         bounds[filled, 1] = value[latent_ids, high[filled] - 1]
+        shape = (n_latents, quantiles, per_quantile)
         return {
-            "sample_index": np.where(valid, pick(index), _EMPTY),
-            "sample_value": np.where(valid, pick(value), 0).astype(np.float32),
-            "sample_acts": np.take_along_axis(acts, rank[..., None], 1).reshape(
-                n_latents, quantiles, per_quantile, -1) * valid[..., None],
+            "sample_index": np.where(valid, np.take_along_axis(index, rank, 1).reshape(shape), _EMPTY),
+            "sample_value": np.where(valid, np.take_along_axis(value, rank, 1).reshape(shape), 0).astype(np.float32),
+            "sample_acts": np.take_along_axis(acts, rank[..., None], 1).reshape(*shape, -1) * valid[..., None],
             "quantile_bounds": bounds, "sample_size": n[:, 0].astype(np.int64),
         }
 
@@ -489,7 +488,8 @@ class _Reservoir:
 
         # winners among the kept and the new; a new winner takes the slot of a loser in its latent
         both = torch.cat([self.keys, candidates], 1)
-        won = torch.zeros_like(both, dtype=torch.bool).scatter_(1, both.topk(size, dim=1, largest=self.largest).indices, True)
+        best = both.topk(size, dim=1, largest=self.largest).indices
+        won = torch.zeros_like(both, dtype=torch.bool).scatter_(1, best, True)
         won &= torch.isfinite(both)
         free_latent, free_slot = (~won[:, :size]).nonzero(as_tuple=True)
         new_latent, new_rank = won[:, size:].nonzero(as_tuple=True)
@@ -545,23 +545,36 @@ def _extremes(rows: torch.Tensor, columns: torch.Tensor, n: int, *, lowest: bool
 
 
 @torch.no_grad()
-def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> dict[str, np.ndarray]:
-    """Logit effects of each decoder row and, for transcoders, the tokens whose embeddings most
-    excite each encoder row (see `analyze_features`)."""
+def logit_effects(lm: Any, transcoder: torch.nn.Module, k: int = 12,
+                  latents: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """The ``k`` tokens each latent (all, or ``latents``) most promotes and most suppresses directly.
+
+    The decoder row in model units, scaled by the final norm's weight, through the unembedding:
+    the direct effect on each logit of one unit of activation, ignoring later layers and the
+    final norm's data-dependent scale. Returns ``promoted_ids``, ``promoted_values``,
+    ``suppressed_ids``, ``suppressed_values``, each ``[n_latents, k]``, strongest first.
+    """
     module, sites = lm._module, lm.sites
-    unembed = resolve(module, sites.unembed).weight.detach().float()
-    n = min(n, unembed.shape[0])
-    config = transcoder.config
-    directions = transcoder.W_dec.detach().cpu().double() / config.output_scale
-    directions = (directions * _norm_weight(resolve(module, sites.final_norm)).cpu()).float()
-    promoted_ids, promoted, suppressed_ids, suppressed = _extremes(directions, unembed.cpu(), n, lowest=True)
-    views = {"promoted_ids": promoted_ids, "promoted_values": promoted,
-             "suppressed_ids": suppressed_ids, "suppressed_values": suppressed}
-    if config.kind != "sae":
+    unembed = resolve(module, sites.unembed).weight.detach().float().cpu()
+    decoder = transcoder.W_dec.detach().cpu().double()
+    if latents is not None:
+        decoder = decoder[list(latents)]
+    directions = decoder / transcoder.config.output_scale * _norm_weight(resolve(module, sites.final_norm)).cpu()
+    ids, values, low_ids, low_values = _extremes(directions.float(), unembed, min(k, unembed.shape[0]), lowest=True)
+    return {"promoted_ids": ids, "promoted_values": values, "suppressed_ids": low_ids, "suppressed_values": low_values}
+
+
+@torch.no_grad()
+def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> dict[str, np.ndarray]:
+    """`logit_effects` of every latent and, for transcoders, the tokens whose embeddings most
+    excite each encoder row (see `analyze_features`)."""
+    views = logit_effects(lm, transcoder, n)
+    if transcoder.config.kind != "sae":
+        module, sites = lm._module, lm.sites
         embed = resolve(module, sites.embed).weight.detach()
         norm = resolve(module, f"{sites.block(layer)}.{sites.pre_mlp_norm}")
-        inputs = (norm(embed) * config.input_scale).float().cpu()
-        ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, n, lowest=False)
+        inputs = (norm(embed) * transcoder.config.input_scale).float().cpu()
+        ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, min(n, len(inputs)), lowest=False)
         views.update(embedding_ids=ids, embedding_values=values)
     return views
 
@@ -616,6 +629,9 @@ def analyze_features(
         n_logits: tokens kept per logit-effect and embedding list.
         exclude_bos: ignore positions holding the BOS token (attention sinks, whose huge
             activations would otherwise top many latents).
+        batch_size: contexts per forward pass (or per read from a store).
+        seed: the random sample behind the quantile groups depends only on it.
+        progress: show a progress bar.
 
     Weights-only views, per latent:
 

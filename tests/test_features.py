@@ -10,7 +10,7 @@ import traitlets
 
 import tcwidgets as tcw
 from tcwidgets.features import (FeatureStats, FeatureStatsError, TranscoderMismatchError, analyze_features,
-                                transcoder_fingerprint)
+                                logit_effects, transcoder_fingerprint)
 from tcwidgets.transcoder import Transcoder, TranscoderConfig
 from tcwidgets.widgets import FeatureDashboard
 from tcwidgets.widgets.dashboard import latent_payload
@@ -149,6 +149,11 @@ def test_logit_effects_match_float64(case, lm):
             ids, values = zip(*pairs)
             np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(effects[latent, list(ids)].numpy(), values, rtol=1e-4, atol=1e-6)
+    some = logit_effects(lm, tc, n, latents=[3, 5])
+    for row, latent in enumerate((3, 5)):
+        ids, values = zip(*stats.latent(latent).promoted)
+        assert some["promoted_ids"][row].tolist() == list(ids)
+        np.testing.assert_allclose(some["promoted_values"][row], values, rtol=1e-5)
 
 
 def test_embedding_tokens_match_float64(case, lm):
@@ -159,7 +164,8 @@ def test_embedding_tokens_match_float64(case, lm):
     module = lm._module
     norm = module.model.layers[LAYER].post_attention_layernorm
     embed = module.model.embed_tokens.weight.detach().double()
-    normed = embed / torch.sqrt(embed.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.detach().double()
+    rms = torch.sqrt(embed.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    normed = embed / rms * norm.weight.detach().double()
     scores = normed * tc.config.input_scale @ tc.W_enc.detach().double().T  # [vocab, latents]
     for latent in range(0, N_LATENTS, 17):
         ids, values = zip(*stats.latent(latent).embedding)
@@ -227,7 +233,8 @@ def test_loading_is_lazy(case, tmp_path, monkeypatch):
     stats.save(tmp_path / "stats")
     reads = []
     original = FeatureStats._row
-    monkeypatch.setattr(FeatureStats, "_row", lambda self, name, index: reads.append(index) or original(self, name, index))
+    monkeypatch.setattr(FeatureStats, "_row",
+                        lambda self, name, index: reads.append(index) or original(self, name, index))
     loaded = FeatureStats.load(tmp_path / "stats")
     repr(loaded), loaded.n_latents
     assert reads == []

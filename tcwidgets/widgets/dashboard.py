@@ -146,4 +146,4 @@ class FeatureDashboard(anywidget.AnyWidget):
         density, maximum = self.stats.density[page], self.stats.max[page]
         rows = [[int(i), float(density[n]), _round(float(maximum[n])), hits[offset + n] if hits else None]
                 for n, i in enumerate(page)]
-        return {"rows": rows, "total": len(order), "offset": offset, "query": query.strip()}
+        return {"rows": rows, "total": len(order), "offset": offset, "limit": LIST_PAGE, "query": query.strip()}

@@ -260,7 +260,8 @@ class NotebookPage:
         self.cell(index).locator(".jp-InputPrompt").click()
         self.page.keyboard.press("Control+Enter")
         self.page.wait_for_function(
-            f"() => {{ const t = ({_PROMPTS})()[{index}]; return /\\[\\d+\\]/.test(t) && t !== {json.dumps(before)}; }}",
+            f"() => {{ const t = ({_PROMPTS})()[{index}];"
+            f" return /\\[\\d+\\]/.test(t) && t !== {json.dumps(before)}; }}",
             timeout=timeout * 1000)
         self.wait_idle(timeout)
         return self.output(index)

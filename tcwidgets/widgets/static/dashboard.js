@@ -4,7 +4,7 @@
 // and `error` are synced too. The latent list and the token search are custom messages:
 //   page -> Python  {type: "select", feature}                 ask to show a latent
 //   page -> Python  {type: "list", request, query, sort, descending, offset}
-//   Python -> page  {type: "list", request, rows, total, offset, query}
+//   Python -> page  {type: "list", request, rows, total, offset, limit, query}
 // Every string that came from a tokenizer or a corpus is inserted as text (`h` below appends
 // strings as Text nodes, and nothing here assigns innerHTML).
 
@@ -114,7 +114,7 @@ function latentView(p) {
 
 function render({ model, el }) {
   const view = Math.random().toString(36).slice(2);
-  let request = 0, latest = null, offset = 0, searchTimer = null;
+  let request = 0, latest = null, offset = 0, limit = 0, searchTimer = null;
 
   const number = h("input", { class: "tcw-number", type: "number", min: 0, "aria-label": "latent number",
     onchange: () => select(Number(number.value)),
@@ -134,8 +134,8 @@ function render({ model, el }) {
   order.dataset.descending = "true";
   const listTitle = h("div", { class: "tcw-list-title" });
   const list = h("ol", { class: "tcw-list" });
-  const pagePrev = h("button", { class: "tcw-page-prev", onclick: () => ask(offset - 50) }, "‹");
-  const pageNext = h("button", { class: "tcw-page-next", onclick: () => ask(offset + 50) }, "›");
+  const pagePrev = h("button", { class: "tcw-page-prev", onclick: () => ask(offset - limit) }, "‹");
+  const pageNext = h("button", { class: "tcw-page-next", onclick: () => ask(offset + limit) }, "›");
   const pageLabel = h("span", { class: "tcw-page-label" });
   const banner = h("div", { class: "tcw-error", role: "alert", hidden: true });
   const main = h("div", { class: "tcw-main" });
@@ -170,7 +170,7 @@ function render({ model, el }) {
   }
 
   function showList(msg) {
-    offset = msg.offset;
+    ({ offset, limit } = msg);
     listTitle.textContent = msg.query ? `“${msg.query}”: ${msg.total} latents` : `${msg.total} latents`;
     list.replaceChildren(...msg.rows.map(([latent, density, max, hits]) =>
       h("li", { dataset: { latent: String(latent) } },
