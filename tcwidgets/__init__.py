@@ -3,14 +3,18 @@
 from .activations import ActivationStore, LayerStats, StoreError, collect_activations
 from .corpus import load_corpus
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
+from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
+                       logit_effects, transcoder_fingerprint)
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
 from .training import Trainer, TrainingConfig, train_transcoder
 from .transcoder import Transcoder, TranscoderConfig
+from .widgets import FeatureDashboard
 
 __all__ = [
     "ARCHITECTURES", "ActivationStore", "LayerMetrics", "LayerStats", "Metrics", "Model", "Sites", "SplicedRun",
     "StoreError", "Trainer", "TrainingConfig", "Transcoder", "TranscoderConfig", "collect_activations",
-    "evaluate", "load_corpus", "load_model", "plot_frontier", "splice", "spliced_logits", "train_transcoder",
+    "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FeatureStatsError", "LatentStats",
+    "TranscoderMismatchError", "analyze_features", "logit_effects", "transcoder_fingerprint", "load_model", "plot_frontier", "splice", "spliced_logits", "train_transcoder",
 ]
 __version__ = "0.1.0"
