@@ -19,8 +19,9 @@ that of the smaller) through transcoders on 6 layers; then ablates (zeroes, erro
 latents with the largest positive attribution and, as a control, as many random active latents.
 
 Transcoders for the case study (and for ``timing`` unless ``--random-transcoders``) are trained once
-with `tcw.train_transcoder` on 100k tokens of the default corpus and cached in
-``/tmp/tcw-circuits/`` (``$TCW_CIRCUITS_CACHE``).
+with `tcw.train_transcoder` on the last six layers, on 100k tokens of the default corpus plus 20k
+tokens of sentences about year ranges (`year_sentences`; none uses the evaluation template), and
+cached in ``/tmp/tcw-circuits/`` (``$TCW_CIRCUITS_CACHE``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from tcwidgets.interventions import encode_prompt  # noqa: E402
 from tcwidgets.splicing import splice  # noqa: E402
 
 CACHE = Path(os.environ.get("TCW_CIRCUITS_CACHE", "/tmp/tcw-circuits"))
-LAYERS = [5, 11, 16, 20, 24, 28]
-N_LATENTS, K, EPOCHS, TRAIN_TOKENS = 4608, 32, 2, 100_000
+LAYERS = [24, 25, 26, 27, 28, 29]
+N_LATENTS, K, EPOCHS, BATCH = 3072, 32, 2, 256
+DOCS_TOKENS, YEAR_TOKENS = 100_000, 20_000
 PROMPT_20 = "The war in Europe lasted from the year 1732 to the year 17"
 TEMPLATE = "The war lasted from the year 17{:02d} to the year 17"
 
@@ -59,16 +61,46 @@ def transcoders(lm: tcw.Model, random_init: bool = False) -> dict[int, tcw.Trans
         return {layer: tcw.Transcoder(tcw.TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=N_LATENTS,
                                                            k=K, site={"model": lm.name, "layer": layer}))
                 for layer in LAYERS}
-    missing = [layer for layer in LAYERS if not (CACHE / f"tc-{layer}" / "config.json").is_file()]
+    folder = CACHE / "transcoders"
+    missing = [layer for layer in LAYERS if not (folder / f"layer-{layer}" / "config.json").is_file()]
     if missing:
-        tokens = tcw.load_corpus("python-docs", lm, context=128, n_tokens=TRAIN_TOKENS)
+        tokens = torch.cat([tcw.load_corpus("python-docs", lm, context=128, n_tokens=DOCS_TOKENS),
+                            tcw.load_corpus(year_sentences(), lm, context=128, n_tokens=YEAR_TOKENS)])
         store = tcw.collect_activations(lm, LAYERS, tokens, out=CACHE / "store", batch_size=16)
         for layer in missing:
             start = time.perf_counter()
-            tc = tcw.train_transcoder(store, layer, n_latents=N_LATENTS, k=K, epochs=EPOCHS, progress=False)
-            tc.save(CACHE / f"tc-{layer}")
+            tc = tcw.train_transcoder(store, layer, n_latents=N_LATENTS, k=K, epochs=EPOCHS, batch_size=BATCH,
+                                      progress=False)
+            tc.save(folder / f"layer-{layer}")
             print(f"trained layer {layer} in {time.perf_counter() - start:.0f} s", flush=True)
-    return {layer: tcw.Transcoder.load(CACHE / f"tc-{layer}") for layer in LAYERS}
+    return {layer: tcw.Transcoder.load(folder / f"layer-{layer}") for layer in LAYERS}
+
+
+def year_sentences(n_documents: int = 400, seed: int = 1) -> list[str]:
+    """Short documents of sentences about spans of years (lives, reigns, buildings, companies...),
+    so the transcoders see years in text; the evaluation template is not among them."""
+    rng = random.Random(seed)
+    names = ["Anna", "Johann", "Marie", "Pedro", "Elif", "Tomas", "Grace", "Ibrahim", "Lena", "Oscar"]
+    things = ["cathedral", "bridge", "library", "canal", "railway", "observatory", "harbour", "palace"]
+    templates = [
+        "{name} lived from {a} to {b}.", "The {thing} was built between {a} and {b}.",
+        "From {a} until {b}, the company was based in the old town.", "The dynasty ruled from {a} to {b}.",
+        "{name} served as mayor from {a} to {b}, and again in {c}.", "The treaty, signed in {a}, lasted until {b}.",
+        "The records cover the years {a} to {b}.", "The museum holds paintings dated {a} to {b}.",
+        "In {a} the firm was founded; it closed in {b}.", "Prices rose steadily from {a} through {b}.",
+        "The {thing} stayed open from {a} to {b}.", "{name} studied there between {a} and {b}.",
+        "The census of {a} counted more people than that of {c}.", "Between {a} and {b} the river flooded twice.",
+    ]
+    documents = []
+    for _ in range(n_documents):
+        sentences = []
+        for _ in range(rng.randint(3, 7)):
+            a = rng.randint(1000, 2020)
+            b = min(a + rng.randint(1, 60), 2024)
+            sentences.append(rng.choice(templates).format(name=rng.choice(names), thing=rng.choice(things),
+                                                          a=a, b=b, c=rng.randint(1000, 2024)))
+        documents.append(" ".join(sentences))
+    return documents
 
 
 # -- timing -------------------------------------------------------------------------------------------------------

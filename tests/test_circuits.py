@@ -312,6 +312,11 @@ def test_path_search_respects_its_limits(tiny):
     paths = graph.paths(5)
     assert paths and paths[0][1][-1] == graph.target_id
     assert [abs(a) for a, _ in paths] == sorted((abs(a) for a, _ in paths), reverse=True)
+    # fully expanded (a layer-0 latent: heads of layer 0 read only embeddings), the paths sum to the target
+    full = attribute(lm, transcoders, PROMPTS[0], LatentTarget(0, 5, -1), depth=2, top_k=None, threshold=0)
+    assert all(n.expanded for n in full.nodes.values() if n.expandable)
+    every = full.paths(limit=10**6, min_attribution=0)
+    assert sum(a for a, _ in every) == pytest.approx(full.target_value, abs=1e-9)
     graph = attribute(lm, transcoders, PROMPTS[0], LatentTarget(2, 7, -1), depth=1, top_k=10, threshold=0)
     frontier = [n.node_id for n in graph.nodes.values() if n.expandable and not n.expanded]
     assert frontier and not any(graph.nodes[n].expanded for n in frontier)

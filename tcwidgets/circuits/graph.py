@@ -135,11 +135,17 @@ class CircuitGraph:
         found += self._constants(node_id, constant)
         return sorted(found, key=lambda c: -abs(c.weight))
 
-    def paths(self, limit: int = 10) -> list[tuple[float, list[str]]]:
-        """The ``limit`` paths into the target with the largest attributions, as
-        ``(attribution, [node ids from source to target])``. A path's attribution is its first
-        edge's weight times the gain of each later edge (a latent passes on ``weight / value``
-        of its own value; heads and skip paths pass theirs on whole)."""
+    def paths(self, limit: int = 10, min_attribution: float | None = None) -> list[tuple[float, list[str]]]:
+        """The ``limit`` complete paths into the target (from a node with no predecessors in the graph)
+        with the largest attributions, as ``(attribution, [node ids from source to target])``.
+
+        A path's attribution is its first edge's weight times the gain of each later edge (a latent
+        passes on ``weight / value`` of its own value, heads and skip paths pass theirs on whole).
+        Partial paths whose attribution falls below ``min_attribution`` (default: the search
+        threshold × the target's total absolute direct contribution) are not followed.
+        """
+        if min_attribution is None:
+            min_attribution = self.settings.get("threshold", 0.0) * self.settings.get("scale", 1.0)
         found: list[tuple[float, list[str]]] = []
         incoming: dict[str, list[Edge]] = {}
         for edge in self.edges.values():
@@ -147,8 +153,13 @@ class CircuitGraph:
 
         def walk(node_id: str, gain: float, path: list[str]) -> None:
             for edge in incoming.get(node_id, []):
-                found.append((edge.weight * gain, [edge.source, *path]))
-                walk(edge.source, gain * self._gain(edge), [edge.source, *path])
+                attribution = edge.weight * gain
+                if abs(attribution) < min_attribution:
+                    continue
+                if edge.source in incoming:
+                    walk(edge.source, gain * self._gain(edge), [edge.source, *path])
+                else:
+                    found.append((attribution, [edge.source, *path]))
 
         walk(self.target_id, 1.0, [self.target_id])
         return sorted(found, key=lambda item: -abs(item[0]))[:limit]
@@ -394,7 +405,7 @@ class CircuitGraph:
             node_id = f"{node.layer}_{node.feature}_{node.ctx_idx}"
             return {**common, "node_id": node_id, "jsNodeId": node_id, "feature": node.feature,
                     "layer": str(node.layer), "feature_type": "cross layer transcoder",
-                    "activation": node.activation, "is_target_logit": node.node_id == self.target_id}
+                    "activation": node.activation}
         if node.kind in ("error", "mlp"):
             return {**common, "node_id": f"{node.layer}_-1_{node.ctx_idx}", "jsNodeId": f"{node.layer}_-1-{node.ctx_idx}",
                     "feature": -1, "layer": str(node.layer), "feature_type": "mlp reconstruction error",
