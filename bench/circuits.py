@@ -240,6 +240,57 @@ class Ablate:
         return edited
 
 
+def greater_target(t: int) -> LogitTarget:
+    """Mean logit of the tens digits larger than ``t`` minus that of the smaller ones."""
+    return LogitTarget([str(d) for d in range(t + 1, 10)], minus=[str(d) for d in range(t)])
+
+
+def mlp_sweep(lm: tcw.Model, tokens: torch.Tensor, tens: list[int], digits: list[int]) -> list[float]:
+    """The metric (mean over prompts) with each layer's MLP zero-ablated."""
+    return [statistics.mean(metrics(splice(lm, {}, tokens, zero_ablate=[layer], batch_size=32, progress=False).logits,
+                                    tens, digits)[0]) for layer in range(lm.n_layers)]
+
+
+def quality(lm: tcw.Model, tcs: dict, tokens: torch.Tensor) -> dict[int, dict[str, float]]:
+    """Per transcoder: FVU on held-out corpus text and relative error at the prompts' last position
+    (BOS positions left out: their huge activations would dominate)."""
+    docs = tcw.load_corpus("python-docs", lm, context=64, n_tokens=64 * 16, split="test")
+    found = {}
+    with torch.no_grad():
+        runs = {name: splice(lm, {}, t, save_mlp=sorted(tcs), progress=False) for name, t in
+                (("docs", docs), ("prompts", tokens))}
+        for layer, tc in tcs.items():
+            x, y = (v[:, 1:] for v in runs["docs"].mlp[layer])
+            fvu = float(((y - tc(x).output) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum())
+            x, y = (v[:, -1] for v in runs["prompts"].mlp[layer])
+            error = float(((y - tc(x).output) ** 2).sum() / (y ** 2).sum())
+            found[layer] = {"fvu_docs": fvu, "relative_error_prompts_last": error}
+    return found
+
+
+def describe(lm: tcw.Model, graph, limit: int = 8) -> dict:
+    """The example graph's strongest latents (with logit effects) and heads, for the write-up."""
+    def token(node):
+        return graph.token_strings[node.ctx_idx]
+
+    latents = sorted((n for n in graph.nodes.values() if n.kind == "latent"), key=lambda n: -abs(n.attribution))
+    heads = sorted((n for n in graph.nodes.values() if n.kind == "head"), key=lambda n: -abs(n.attribution))
+    by_kind: dict[str, float] = {}
+    for c in graph.contributions(graph.target_id):
+        by_kind[c.source["kind"]] = by_kind.get(c.source["kind"], 0.0) + c.weight
+    return {
+        "target_value": graph.target_value, "direct_by_kind": by_kind,
+        "nodes": len(graph.nodes), "edges": len(graph.edges),
+        "paths": [(a, [graph.nodes[n].label + f" @{graph.nodes[n].ctx_idx}" for n in path])
+                  for a, path in graph.paths(12)],
+        "latents": [{"node": n.node_id, "token": token(n), "attribution": n.attribution, "activation": n.activation,
+                     "promotes": [lm.tokenizer.decode([i]) for i, _ in graph.logit_effects(n.node_id, 6)["promoted"]]}
+                    for n in latents[:limit]],
+        "heads": [{"node": n.label, "from": graph.token_strings[n.source_ctx_idx], "to": token(n),
+                   "attribution": n.attribution} for n in heads[:limit]],
+    }
+
+
 def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random: int, results: dict) -> None:
     digits = digit_ids(lm)
     rng = random.Random(0)
@@ -249,21 +300,26 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
     clean = splice(lm, tcs, tokens, mode="error", save_latents=True, progress=False)
     probs, diffs = metrics(clean.logits, tens, digits)
     study: dict = {"years": [1700 + y for y in years], "template": TEMPLATE, "layers": sorted(tcs),
-                   "prob_diff": probs, "logit_diff": diffs}
+                   "prob_diff": probs, "logit_diff": diffs, "mlp_zero_ablation": mlp_sweep(lm, tokens, tens, digits),
+                   "quality": quality(lm, tcs, tokens)}
+    example = attribute(lm, tcs, TEMPLATE.format(32), greater_target(3), depth=4, top_k=6, threshold=0.005)
+    study["example_1732"] = describe(lm, example)
+    study["example_graph"] = example.to_json()
 
-    per_prompt, top_paths = [], None
+    per_prompt = []
     for i, (year, t) in enumerate(zip(years, tens, strict=True)):
-        target = LogitTarget([str(d) for d in range(t + 1, 10)], minus=[str(d) for d in range(t)])
         start = time.perf_counter()
-        graph = attribute(lm, tcs, TEMPLATE.format(year), target, depth=4, top_k=6, threshold=0.005)
+        graph = attribute(lm, tcs, TEMPLATE.format(year), greater_target(t), depth=4, top_k=6, threshold=0.005)
         seconds = time.perf_counter() - start
-        latents = sorted((n for n in graph.nodes.values() if n.kind == "latent"), key=lambda n: -n.attribution)
-        chosen = [(n.layer, n.feature, n.ctx_idx) for n in latents[:n_ablate] if n.attribution > 0]
-        active = [(layer, int(j), p) for layer in tcs for p, j in torch.nonzero(clean.latents[layer][i]).tolist()]
+        latents = sorted((n for n in graph.nodes.values() if n.kind == "latent" and n.attribution > 0),
+                         key=lambda n: -n.attribution)[:n_ablate]
+        chosen = [(n.layer, n.feature, n.ctx_idx) for n in latents]
+        active = [(layer, int(j), p) for layer in tcs for p, j in torch.nonzero(clean.latents[layer][i]).tolist()
+                  if p > 0]  # random active latents, BOS left out
         random_sets = [rng.sample(active, len(chosen)) for _ in range(n_random)]
         row = {"year": 1700 + year, "graph_nodes": len(graph.nodes), "attribute_s": seconds,
                "target_value": graph.target_value, "ablated": chosen,
-               "predicted_drop": sum(n.attribution for n in latents[:len(chosen)])}
+               "predicted_logit_change": -sum(n.attribution for n in latents)}
         for name, sets in (("top", [chosen]), ("random", random_sets)):
             changes_p, changes_l = [], []
             for triples in sets:
@@ -274,18 +330,16 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
             row[f"{name}_prob_change"] = statistics.mean(changes_p)
             row[f"{name}_logit_change"] = statistics.mean(changes_l)
         per_prompt.append(row)
-        if year == 32:
-            top_paths = [(a, [graph.nodes[n].label for n in path]) for a, path in graph.paths(12)]
-            study["example_graph"] = graph.to_json()
-        print(f"17{year:02d}: metric {probs[i]:+.3f}, ablate top {row['top_prob_change']:+.3f}, "
+        print(f"17{year:02d}: metric {probs[i]:+.3f}, ablate {len(chosen)} top {row['top_prob_change']:+.3f}, "
               f"random {row['random_prob_change']:+.3f} ({seconds:.1f} s)", flush=True)
     study["per_prompt"] = per_prompt
-    study["top_paths_1732"] = top_paths
     summary = {key: statistics.mean(r[key] for r in per_prompt) for key in
                ("top_prob_change", "random_prob_change", "top_logit_change", "random_logit_change",
-                "predicted_drop", "attribute_s")}
+                "predicted_logit_change", "attribute_s")}
     summary.update(metric_mean=statistics.mean(probs), metric_min=min(probs), logit_diff_mean=statistics.mean(diffs),
-                   positive=sum(p > 0 for p in probs), n_prompts=len(probs), n_ablated=n_ablate, n_random=n_random)
+                   positive=sum(p > 0 for p in probs), n_prompts=len(probs), n_random=n_random,
+                   n_ablated_mean=statistics.mean(len(r["ablated"]) for r in per_prompt),
+                   top_beats_random=sum(r["top_prob_change"] < r["random_prob_change"] for r in per_prompt))
     study["summary"] = summary
     results["case_study"] = study
 
@@ -311,7 +365,7 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=1))
     shown = {k: v for k, v in results.items() if k != "case_study"}
     if "case_study" in results:
-        shown["case_study"] = {k: results["case_study"][k] for k in ("summary", "top_paths_1732", "prob_diff")}
+        shown["case_study"] = {k: v for k, v in results["case_study"].items() if k != "example_graph"}
     print(json.dumps(shown, indent=1))
     print(f"full results: {path}")
 
