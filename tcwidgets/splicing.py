@@ -98,6 +98,7 @@ def splice(
     batch_size: int = 8,
     progress: bool = True,
     remote: bool | str | None = None,
+    past_key_values: Any = None,
 ) -> SplicedRun:
     """Run ``lm`` on ``tokens`` with transcoders spliced in and chosen MLPs zero-ablated.
 
@@ -116,6 +117,8 @@ def splice(
         progress: show a progress bar when there is more than one batch.
         remote: run on NDIF (``True``) or through its request path in-process (``"local"``);
             defaults to the model's own setting.
+        past_key_values: the model's key/value cache (a transformers ``Cache``) of tokens that come
+            before ``tokens``, which then continue them (one batch only; the cache grows by them).
     """
     transcoders = check_transcoders(lm, transcoders)
     tokens = lm.check_tokens(tokens)
@@ -131,6 +134,8 @@ def splice(
         raise ValueError(f"Layers {both} are both zero-ablated and spliced: choose one per layer.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive.")
+    if past_key_values is not None and len(tokens) > batch_size:
+        raise ValueError(f"past_key_values continues one batch: pass batch_size >= {len(tokens)}.")
     remote = lm.remote if remote is None else remote
 
     batches = range(0, len(tokens), batch_size)
@@ -138,7 +143,7 @@ def splice(
     with torch.no_grad():
         for start in tqdm(batches, desc="splicing", unit="batch", disable=not progress or len(batches) < 2):
             logits, latents, mlp = _trace(lm, tokens[start:start + batch_size].to(lm.device), transcoders,
-                                          mode, zero, edit, save_latents, save_mlp, remote)
+                                          mode, zero, edit, save_latents, save_mlp, remote, past_key_values)
             parts.append(SplicedRun(logits.cpu(), _to_cpu(latents), _to_cpu(mlp)))
     return SplicedRun(
         torch.cat([part.logits for part in parts]),
@@ -171,10 +176,11 @@ def _to_cpu(values: dict) -> dict:
 
 def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mode, zero: list[int],
            edit: LatentEdit | None, save_latents: bool, save_mlp: list[int],
-           remote: bool | str) -> tuple[torch.Tensor, dict, dict]:
+           remote: bool | str, past_key_values: Any) -> tuple[torch.Tensor, dict, dict]:
     """One forward pass of a batch; layers in ascending order (nnsight needs execution order)."""
     layers = sorted(set(transcoders) | set(zero) | set(save_mlp))
-    with lm.trace(tokens, remote=remote):
+    cache = {} if past_key_values is None else {"past_key_values": past_key_values, "use_cache": True}
+    with lm.trace(tokens, remote=remote, **cache):
         latents, mlp = nnsight.save({}), nnsight.save({})
         for layer in layers:
             envoy = lm.mlp(layer)
