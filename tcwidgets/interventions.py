@@ -13,22 +13,27 @@ difference:
 Activations, clamp values and steering amounts are in the transcoder's latent units (those of
 ``tc(x).latents``). With ``replace=True`` the error terms are dropped: each MLP is replaced by its
 (edited) reconstruction, which measures how much the transcoders alone carry.
+
+Edits that start at token position p > 0 cannot change what comes before p, so a local run reuses
+the clean model's key/value cache of the prompt (kept for the last prompt seen) and reruns only
+positions p and after: moving a slider on the last token of a prompt costs one token's forward pass.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import operator
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .corpus import bos_id
-from .splicing import check_tokens, check_transcoders, splice
+from .splicing import check_transcoders, splice
 
 EDIT_KINDS = ("scale", "clamp", "steer")
 # nnsight cannot trace one model from two threads at once: runs (a widget's worker thread, a
@@ -113,7 +118,7 @@ def encode_prompt(lm: Any, prompt: str | torch.Tensor) -> torch.Tensor:
     one), then the text. A tensor of token ids is used as given.
     """
     if isinstance(prompt, torch.Tensor):
-        return check_tokens(lm, prompt)
+        return lm.check_tokens(prompt)
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or a tensor of token ids, not {type(prompt).__name__}.")
     if not prompt.strip():
@@ -162,6 +167,29 @@ def check_positions(positions: int | Sequence[int] | None, length: int) -> list[
                              f"(or -{length} to -1 from the end).")
         resolved.add(position % length)
     return sorted(resolved)
+
+
+class _CleanRun(NamedTuple):
+    """The clean model's logits and key/value cache on one prompt."""
+
+    model: Any
+    tokens: torch.Tensor  # [n, length], CPU
+    logits: torch.Tensor  # [n, length, vocab], CPU
+    cache: Any  # a transformers Cache of the `length` tokens, on the model's device
+
+
+_CLEAN: list[_CleanRun] = []  # the last prompt's clean run, reused while that prompt is edited
+
+
+def _clean_run(lm: Any, tokens: torch.Tensor) -> _CleanRun:
+    """The clean run of ``tokens`` (local), computed once per prompt."""
+    if _CLEAN and _CLEAN[0].model is lm and torch.equal(_CLEAN[0].tokens, tokens):
+        return _CLEAN[0]
+    with torch.no_grad(), lm.trace(tokens.to(lm.device), remote=False, use_cache=True):
+        logits = lm.output.logits.save()
+        cache = lm.output.past_key_values.save()
+    _CLEAN[:] = [_CleanRun(lm, tokens, logits.cpu(), cache)]
+    return _CLEAN[0]
 
 
 class LatentEditor:
@@ -241,18 +269,36 @@ def run_with_edits(
     edited_layers = {edit.layer for edit in edits}
     spliced = {layer: tc for layer, tc in transcoders.items()
                if replace or save_latents or layer in edited_layers}
-    editor = LatentEditor(edits, positions) if edits else None
+    remote = lm.remote if remote is None else remote
+    local = not (replace or save_latents or remote)  # local error-term runs can reuse the clean run,
+    start = positions[0] if local and positions is not None else 0  # which holds all before `start`
 
     def forward(ids: torch.Tensor, latents: bool) -> Any:
+        editor = LatentEditor(edits, positions) if edits else None
         return splice(lm, spliced, ids, mode="replace" if replace else "error", edit=editor, save_latents=latents,
                       batch_size=len(ids), progress=False, remote=remote)
 
+    def first_forward() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The logits over the prompt (and latents), reusing the clean run where edits change nothing."""
+        if local and not edits:
+            return _clean_run(lm, tokens).logits, {}
+        if not start:
+            run = forward(tokens, save_latents)
+            return run.logits, run.latents
+        clean = _clean_run(lm, tokens)
+        cache = copy.deepcopy(clean.cache)
+        cache.crop(start - length)  # keep the first `start` tokens
+        editor = LatentEditor(edits, [position - start for position in positions])
+        rest = splice(lm, spliced, tokens[:, start:], mode="error", edit=editor, batch_size=len(tokens),
+                      progress=False, remote=False, past_key_values=cache)
+        return torch.cat([clean.logits[:, :start], rest.logits], dim=1), {}
+
     total = max(generate, 1)
     with _RUNNING:
-        run = forward(tokens, save_latents)
+        logits, latents = first_forward()
         if on_step is not None:
             on_step(1, total)
-        generated, last = tokens, run.logits[:, -1]
+        generated, last = tokens, logits[:, -1]
         for step in range(1, generate + 1):
             if sample:
                 new = torch.multinomial(torch.softmax(last.double(), -1), 1)
@@ -263,4 +309,4 @@ def run_with_edits(
                 last = forward(generated, False).logits[:, -1]
                 if on_step is not None:
                     on_step(step + 1, total)
-    return EditResult(run.logits, generated, length, run.latents if save_latents else {})
+    return EditResult(logits, generated, length, latents)

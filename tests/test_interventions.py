@@ -165,6 +165,25 @@ def test_positions_restrict_the_edit(lm, tcs, tokens):
     assert close(single[:, :-1], clean[:, :-1]) and not close(single[:, -1], clean[:, -1])
 
 
+def test_an_edit_from_position_p_reruns_only_positions_from_p(lm, tcs, tokens):
+    """The clean run of the prompt is kept: later edits at the last token run one token's forward pass."""
+    lengths = []
+    hook = resolve(lm._module, lm.sites.mlp_path(0)).register_forward_hook(
+        lambda module, args, output: lengths.append(args[0].shape[1]))
+    try:
+        run_with_edits(lm, tcs, PROMPT, [Edit(6, 3, scale=0.0)], positions=[-1])
+        lengths.clear()
+        got = run_with_edits(lm, tcs, PROMPT, [Edit(6, 4, steer=9.0)], positions=[-1]).logits
+        assert lengths == [1]
+        lengths.clear()
+        run_with_edits(lm, tcs, PROMPT, [Edit(6, 4, steer=9.0)], positions=[3, -1])
+        assert lengths == [tokens.shape[1] - 3]
+    finally:
+        hook.remove()
+    expected = reference(lm, tokens, {6: set_latent(tcs[6], 4, lambda a: a + 9.0, positions=[tokens.shape[1] - 1])})
+    assert close(got, expected)
+
+
 def test_replace_mode_equals_the_reconstruction(lm, tcs, tokens):
     expected = reference(lm, tokens, {layer: lambda x, y, tc=tc: tc(x).output for layer, tc in tcs.items()})
     assert close(run_with_edits(lm, tcs, PROMPT, replace=True).logits, expected)
