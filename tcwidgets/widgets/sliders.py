@@ -16,8 +16,9 @@ Model work runs in one worker thread per widget, and the newest state wins: a ch
 flag, the worker computes the state as it is when it starts, and drops a result that a newer
 change has superseded (a generation stops at its next step). ``_result["request"]`` names the page
 request it answers, so a page also ignores answers older than its latest request. The clean run of
-the prompt (its logits and every transcoder's latents) is cached: a slider change costs one forward
-pass with the edits (none when no slider edits anything), a position change none.
+the prompt (its logits and every transcoder's latents) is cached, and so is its key/value cache (by
+`run_with_edits`): a slider change reruns the tokens from the edited position on (none when no
+slider edits anything), a position change runs nothing.
 """
 
 from __future__ import annotations
@@ -339,9 +340,15 @@ class AblationSliders(anywidget.AnyWidget):
             prompt, self._need_prompt, self._need_run, self._cancelled = self._need_prompt, False, False, False
             self._working = threading.get_ident()
         try:
-            if prompt or self._prompt is None:
+            loaded = prompt or self._prompt is None
+            if loaded:
                 self._load_prompt()
             self._run()
+            if loaded and not (self.lm.remote if self.remote is None else self.remote):
+                self._idle()  # the page is up to date; what follows only prepares the next edits
+                # an unedited local run keeps the prompt's key/value cache: the edits to come then
+                # rerun only the tokens from the edited position on (see interventions)
+                run_with_edits(self.lm, self.transcoders, self._prompt.tokens, on_step=self._check)
             failure = ""
         except _Superseded:
             failure = self._run_error
@@ -350,8 +357,12 @@ class AblationSliders(anywidget.AnyWidget):
         if failure != self._run_error:
             self._run_error = failure
             self._show_error()
+        self._working = None
+        self._idle()
+
+    def _idle(self) -> None:
+        """Clear the busy status unless more work is waiting."""
         with self._wanted:
-            self._working = None
             if not (self._need_prompt or self._need_run):
                 self._status = ""
 

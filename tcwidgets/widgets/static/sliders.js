@@ -330,6 +330,7 @@ function render({ model, el }) {
     else if (latest !== null) return; // a newer request of this view is on its way
     const version = model.get("_context").version;
     root.dataset.request = String(result.request ?? "");
+    root.dataset.modelMs = String(result.model_ms ?? "");
     bars.classList.toggle("tcw-stale", result.version !== version);
     const top = result.top || [];
     const most = Math.max(1e-9, ...top.map((t) => Math.max(t.before, t.after)));

@@ -1,0 +1,149 @@
+"""Benchmark AblationSliders: latency from a slider change to updated bars, on the default model (CPU).
+
+For prompts of 16 and 64 tokens and a 4608-latent TopK transcoder on layer 6 (random init: timing
+does not depend on training), measures
+
+- model: `run_with_edits` with one edit (a latent scaled at the last token), in this process, next
+  to a plain forward pass of the un-wrapped module (what nnsight and splicing add);
+- key→bars: in JupyterLab + Chromium, from a key press on a slider (ArrowLeft/ArrowRight, between
+  two edits that both change something) to the new bars painted (the frame after the DOM update),
+  with the model time of that very run as the widget reports it (``data-model-ms``); the widget
+  overhead is the difference (debounce, comm messages, JSON, the worker thread, drawing).
+
+    python bench/ablation.py [--changes 20] [--out bench/results/ablation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import tcwidgets as tcw  # noqa: E402
+from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
+from tcwidgets.interventions import Edit, encode_prompt, run_with_edits  # noqa: E402
+from tcwidgets.transcoder import Transcoder, TranscoderConfig  # noqa: E402
+
+LAYER, N_LATENTS, K = 6, 4608, 32
+LENGTHS = (16, 64)
+
+OBSERVE = """() => {
+  window.__drawn = [];
+  const root = document.querySelector('.tcw-sliders');
+  root.addEventListener('keydown', () => { window.__pressed = performance.now(); }, true);
+  new MutationObserver(() => {
+    const changed = performance.now();
+    requestAnimationFrame(() => window.__drawn.push({ request: root.dataset.request, model: Number(root.dataset.modelMs),
+      changed: changed - window.__pressed, painted: performance.now() - window.__pressed }));
+  }).observe(root, { attributes: true, attributeFilter: ['data-request'] });
+}"""
+SETTLED = """() => { const r = document.querySelector('.tcw-sliders');
+  return r && r.getAttribute('aria-busy') === 'false' && r.querySelectorAll('.tcw-bar-row').length > 0; }"""
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(values, 50)), 1), "p90": round(float(np.percentile(values, 90)), 1),
+            "min": round(float(np.min(values)), 1), "n": len(values)}
+
+
+def prompt_of(lm: tcw.Model, length: int) -> str:
+    """Text that `encode_prompt` turns into exactly ``length`` tokens (BOS included)."""
+    text = " ".join(tcw.corpus.python_docs()[:3])
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in range(length - 4, length + 4):
+        candidate = lm.tokenizer.decode(ids[:n]).strip()
+        if encode_prompt(lm, candidate).shape[1] == length:
+            return candidate
+    raise RuntimeError(f"no prompt of {length} tokens found")
+
+
+def model_times(lm: tcw.Model, tc: Transcoder, prompt: str, repeats: int) -> dict:
+    tokens = encode_prompt(lm, prompt)
+    latents = run_with_edits(lm, {LAYER: tc}, tokens, save_latents=True).latents[LAYER]
+    top = int(latents[0, -1].argmax())
+    edits = [Edit(LAYER, top, scale=0.0)]
+    timings: dict[str, list[float]] = {"plain_forward_ms": [], "run_with_edits_ms": []}
+    for _ in range(repeats + 1):  # the first of each is a warm-up
+        start = time.perf_counter()
+        with torch.no_grad():
+            lm._module(tokens)
+        timings["plain_forward_ms"].append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        run_with_edits(lm, {LAYER: tc}, tokens, edits, positions=[-1])
+        timings["run_with_edits_ms"].append(1000 * (time.perf_counter() - start))
+    return {name: percentiles(values[1:]) for name, values in timings.items()}
+
+
+def widget_times(notebook: NotebookPage, prompt: str, length: int, changes: int) -> dict:
+    page = notebook.page
+    box = page.locator(".tcw-sliders .tcw-prompt")
+    box.fill(prompt)
+    box.press("Enter")
+    page.locator(f".tcw-sliders .tcw-tok[data-position='{length - 1}'][aria-pressed='true']").wait_for()
+    page.wait_for_function(SETTLED)
+    slider = page.locator(".tcw-sliders .tcw-row").first.locator(".tcw-slider")
+    slider.focus()
+    for _ in range(20):  # 1.0 -> 0.0: from here on every value edits something
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function(SETTLED)
+    page.evaluate("window.__drawn = []")
+    for n in range(changes):
+        page.keyboard.press("ArrowRight" if n % 2 == 0 else "ArrowLeft")  # 0.05, 0.0, 0.05, ...
+        page.wait_for_function(f"() => window.__drawn.length > {n}")
+        page.wait_for_function(SETTLED)
+        page.wait_for_timeout(150)
+    drawn = page.evaluate("window.__drawn")
+    painted = [d["painted"] for d in drawn]
+    model = [d["model"] for d in drawn]
+    return {"key_to_bars_ms": percentiles(painted), "model_ms": percentiles(model),
+            "overhead_ms": percentiles([p - m for p, m in zip(painted, model)])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation"))
+    parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = tcw.load_model()
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=N_LATENTS, k=K,
+                                     site={"model": lm.name, "layer": LAYER})).eval().requires_grad_(False)
+    tc.save(out / "tc")
+    prompts = {length: prompt_of(lm, length) for length in LENGTHS}
+    results: dict = {"device": "cpu", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                     "load_average_before": os.getloadavg()[0], "n_latents": N_LATENTS, "k": K}
+    for length, prompt in prompts.items():
+        results[f"{length}_tokens"] = model_times(lm, tc, prompt, args.repeats)
+
+    write_notebook(out / "bench.ipynb", [
+        "import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
+        "from tcwidgets.widgets.sliders import AblationSliders\n"
+        f"w = AblationSliders(tcw.load_model(), {{{LAYER}: Transcoder.load('tc')}}, prompt={prompts[16]!r})\nw"])
+    with JupyterLab(out, env={"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}) as lab, \
+            chromium() as browser:
+        notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}), "bench.ipynb").open()
+        notebook.run_all()
+        notebook.page.wait_for_function(SETTLED)
+        notebook.page.evaluate(OBSERVE)
+        for length, prompt in prompts.items():
+            results[f"{length}_tokens"]["widget"] = widget_times(notebook, prompt, length, args.changes)
+        notebook.close()
+    results["load_average_after"] = os.getloadavg()[0]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
