@@ -26,6 +26,15 @@ PROMPTS = ["The war lasted from the year 1732 to the year 17", "def add(a, b):\n
 TINY_GPT2 = dict(vocab_size=49152, n_embd=64, n_layer=3, n_head=4, n_positions=64)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tests run many small (float64) operations, which extra threads only slow down on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_transcoder(lm, layer: int, *, kind: str = "transcoder", activation: str = "topk",
                       n_latents: int = 128, seed: int = 0) -> Transcoder:
     """A random transcoder with non-trivial scales and biases (and skip weights)."""
