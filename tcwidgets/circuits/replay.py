@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..interventions import _RUNNING
 from ..models import resolve
 
 REPLAY_TOLERANCE = 1e-3  # relative error allowed between the float64 replay and the model's float32 pass
@@ -342,30 +343,41 @@ def _leaf(reader: _Reader, vector: Tensor, source: dict[str, Any]) -> _Segment:
 
 def _capture(lm: Any, tokens: Tensor, last_layer: int, final: bool) -> dict[str, Any]:
     """One forward pass with eager attention: embeddings, the first block's input, each layer's
-    attention pattern and MLP input/output up to ``last_layer``, and the logits if ``final``."""
-    module, sites = lm._module, lm.sites
-    before = module.config._attn_implementation
-    if before != "eager":
-        module.set_attn_implementation("eager")
+    attention pattern and MLP input/output up to ``last_layer``, and the logits if ``final``.
+
+    Holds the lock that `run_with_edits` holds (a widget's worker thread may be tracing the same
+    model), since it also switches the model to eager attention for the pass.
+    """
+    module = lm._module
     saved: dict[str, Any] = {"patterns": [], "mlp_in": [], "mlp_out": []}  # filled inside the trace
-    try:
-        with torch.no_grad(), lm.trace(tokens[None].to(lm.device), remote=False) as tracer:
-            saved["embed"] = resolve(lm, sites.embed).output.save()
-            saved["resid"] = resolve(lm, sites.block(0)).input.save()
-            for layer in range(last_layer + 1):
-                saved["patterns"].append(resolve(lm, f"{sites.block(layer)}.{sites.attention}").output[1].save())
-                mlp = lm.mlp(layer)
-                saved["mlp_in"].append(mlp.input.save())
-                saved["mlp_out"].append(mlp.output.save())
-            if final:
-                saved["logits"] = lm.output.logits.save()
-            else:
-                tracer.stop()
-    finally:
+    with _RUNNING:
+        before = module.config._attn_implementation
         if before != "eager":
-            module.set_attn_implementation(before)
+            module.set_attn_implementation("eager")
+        try:
+            _trace(lm, tokens, last_layer, final, saved)
+        finally:
+            if before != "eager":
+                module.set_attn_implementation(before)
     return {key: [_float64(t[0]) for t in value] if isinstance(value, list) else _float64(value[0])
             for key, value in saved.items()}
+
+
+def _trace(lm: Any, tokens: Tensor, last_layer: int, final: bool, saved: dict[str, Any]) -> None:
+    """The nnsight trace of `_capture`: saves into ``saved`` (names assigned in a trace body stay there)."""
+    sites = lm.sites
+    with torch.no_grad(), lm.trace(tokens[None].to(lm.device), remote=False) as tracer:
+        saved["embed"] = resolve(lm, sites.embed).output.save()
+        saved["resid"] = resolve(lm, sites.block(0)).input.save()
+        for layer in range(last_layer + 1):
+            saved["patterns"].append(resolve(lm, f"{sites.block(layer)}.{sites.attention}").output[1].save())
+            mlp = lm.mlp(layer)
+            saved["mlp_in"].append(mlp.input.save())
+            saved["mlp_out"].append(mlp.output.save())
+        if final:
+            saved["logits"] = lm.output.logits.save()
+        else:
+            tracer.stop()
 
 
 def _check_replay(lm: Any, replayed: Tensor, actual: Tensor, what: str) -> None:
