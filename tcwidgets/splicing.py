@@ -19,6 +19,7 @@ A transcoder (``config.kind`` ``"transcoder"`` or ``"skip"``) reads the MLP's in
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -69,7 +70,7 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
         if site.get("model") not in (None, lm.name):
             warnings.warn(f"The layer-{layer} transcoder was trained on {site['model']!r}, not {lm.name!r}; "
                           "its sizes match, so it is used anyway.", stacklevel=2)
-        bad = [name for name, value in tc.named_parameters() if not torch.isfinite(value).all()]
+        bad = _non_finite(tc)
         if bad:
             raise ValueError(f"The layer-{layer} transcoder has NaN or infinite values in {', '.join(bad)}: "
                              "its training diverged. Retrain it (e.g. with a lower learning rate) or load an "
@@ -79,6 +80,22 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
                           "on the whole batch; call tc.eval() to use its inference threshold.", stacklevel=2)
         checked[layer] = tc
     return checked
+
+
+_FINITE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transcoder -> parameter versions found finite
+
+
+def _non_finite(tc: Any) -> list[str]:
+    """Names of ``tc``'s parameters with NaN or infinite values; parameters found finite are not
+    scanned again until they change (a fresh tensor or an in-place update bumps its version)."""
+    parameters = list(tc.named_parameters())
+    versions = tuple((id(value), value._version) for _, value in parameters)
+    if _FINITE.get(tc) == versions:
+        return []
+    bad = [name for name, value in parameters if not torch.isfinite(value).all()]
+    if not bad:
+        _FINITE[tc] = versions
+    return bad
 
 
 def check_tokens(lm: Any, tokens: torch.Tensor) -> torch.Tensor:  # TODO(lead): callers move to lm.check_tokens
