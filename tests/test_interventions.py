@@ -272,6 +272,16 @@ def test_edit_is_frozen_and_normalised():
         edit.latent = 4
 
 
+def test_a_transcoder_that_turns_nan_is_refused(lm):
+    """Transcoders are checked for NaN once per change of their weights, not once per run."""
+    tc = make_tc(lm, 6)
+    run_with_edits(lm, {6: tc}, PROMPT, [Edit(6, 0, scale=0.0)])
+    with torch.no_grad():
+        tc.W_enc[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values in W_enc"):
+        run_with_edits(lm, {6: tc}, PROMPT, [Edit(6, 0, scale=0.0)])
+
+
 def test_bad_input_errors(lm, tcs):
     with pytest.raises(ValueError, match=r"Latent 128 is out of range: the layer-6 transcoder has 128 latents"):
         run_with_edits(lm, tcs, PROMPT, [Edit(6, 128, scale=0.0)])
