@@ -1,17 +1,25 @@
 """AblationSliders in a real JupyterLab and Chromium: notebooks are run through the UI, sliders are
 moved with the keyboard, and the numbers drawn are compared with `run_with_edits` run in a later
-cell. Select with ``pytest -m browser``; screenshots go to test-artifacts/."""
+cell (``pytest -m browser``; screenshots go to test-artifacts/). Then its Python side driven by the
+page's messages without a browser: newest state wins, cancel, bad input, remote, linking."""
 
 import json
 import re
+import threading
+import time
 
 import pytest
 import torch
+import traitlets
 
+import tcwidgets.widgets.sliders as sliders_module
+from tcwidgets.features import analyze_features
+from tcwidgets.interventions import Edit, run_with_edits
 from tcwidgets.transcoder import Transcoder, TranscoderConfig
+from tcwidgets.widgets.dashboard import FeatureDashboard
+from tcwidgets.widgets.sliders import AblationSliders
 
 pytest_plugins = ["browser.harness"]
-pytestmark = pytest.mark.browser
 
 PROMPT = "The capital of France is"
 HOSTILE = 'x <img src=x onerror="window.__pwned=1"> y'
@@ -32,15 +40,24 @@ SETTLED = """() => { const r = document.querySelector('.tcw-sliders');
   return r && r.getAttribute('aria-busy') === 'false' && r.querySelectorAll('.tcw-bar-row').length > 0; }"""
 
 
+def make_tc(lm, layer, n_latents=256):
+    torch.manual_seed(layer)
+    tc = Transcoder(TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=n_latents, k=16,
+                                     site={"model": lm.name, "layer": layer}))
+    with torch.no_grad():
+        tc.b_enc.normal_(0, 0.5)
+    return tc.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="module")
-def transcoders(lm, lab_root):
-    """Two small random-init transcoders (layers 3 and 6), saved where the notebooks run."""
-    for layer in (3, 6):
-        torch.manual_seed(layer)
-        tc = Transcoder(TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=256, k=16,
-                                         site={"model": lm.name, "layer": layer}))
-        with torch.no_grad():
-            tc.b_enc.normal_(0, 0.5)
+def tcs(lm):
+    return {3: make_tc(lm, 3), 6: make_tc(lm, 6)}
+
+
+@pytest.fixture(scope="module")
+def transcoders(tcs, lab_root):
+    """The two small random-init transcoders (layers 3 and 6), saved where the notebooks run."""
+    for layer, tc in tcs.items():
         tc.save(lab_root / f"tc{layer}")
 
 
@@ -81,6 +98,7 @@ def matches(drawn, computed, which):
         assert abs(shown[which] - computed[token]) <= 0.0051, (token, shown, computed[token])
 
 
+@pytest.mark.browser
 def test_moving_a_slider_updates_the_bars_as_the_api_computes(open_notebook, transcoders):
     notebook = open_notebook([SETUP.format(prompt=PROMPT)])
     notebook.run_all()
@@ -131,6 +149,7 @@ print("PINS", json.dumps([[f"{{b[i]:.3f}}", f"{{a[i]:.3f}}"] for i in ids]))""")
     assert all(b == a for b, a in bars(root).values())
 
 
+@pytest.mark.browser
 def test_errors_are_shown_in_the_widget_which_keeps_working(open_notebook, transcoders):
     notebook = open_notebook([SETUP.format(prompt=PROMPT)])
     notebook.run_all()
@@ -188,6 +207,7 @@ def luminance(css_color):
     return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
 
 
+@pytest.mark.browser
 def test_follows_the_jupyterlab_theme(open_notebook, transcoders):
     notebook = open_notebook([SETUP.format(prompt=PROMPT)])
     notebook.run_all()
@@ -204,3 +224,148 @@ def test_follows_the_jupyterlab_theme(open_notebook, transcoders):
     notebook.screenshot("sliders-dark", root)
     notebook.menu("Settings", "Theme", "JupyterLab Light")  # the setting persists for the session's server
     notebook.page.locator("body[data-jp-theme-light='true']").wait_for(state="attached")
+
+
+# -- the Python side, driven by the page's messages (no browser) ----------------------------------------------
+
+def send(widget, **content):
+    widget._on_message(None, content, [])
+
+
+def settled(widget, timeout=300):
+    deadline = time.monotonic() + timeout
+    time.sleep(0.05)
+    while widget._status or widget._working is not None:
+        assert time.monotonic() < deadline, "the widget did not settle"
+        time.sleep(0.05)
+
+
+def next_token_probs(result, ids):
+    p = torch.softmax(result.logits[0, -1].double(), -1)
+    return {i: float(p[i]) for i in ids}
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Count the widget's model runs (edited ones: with edits)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(bool(args[3] if len(args) > 3 else kwargs.get("edits")))
+        return run_with_edits(*args, **kwargs)
+    monkeypatch.setattr(sliders_module, "run_with_edits", counted)
+    return calls
+
+
+def test_newest_state_wins_and_matches_the_api(lm, tcs, runs):
+    w = AblationSliders(lm, tcs, PROMPT, pinned=[" Paris"])
+    try:
+        row = w._rows[0]
+        runs.clear()
+        for n, value in enumerate([0.9, 0.5, 2.0, -1.0, 3.5, 0.0]):  # a burst of slider moves
+            send(w, type="set", request=f"v:{n}", values={"sliders": [
+                {"layer": row["layer"], "latent": row["latent"], "kind": "scale", "value": value}]})
+        settled(w)
+        assert w._result["request"] == "v:5" and w.edits == [Edit(row["layer"], row["latent"], scale=0.0)]
+        assert runs.count(True) < 6, "superseded requests must not each run the model"
+        top = {t["id"]: t for t in w._result["top"]}
+        expected = next_token_probs(run_with_edits(lm, tcs, PROMPT, w.edits, positions=w.edit_positions), top)
+        assert all(abs(top[i]["after"] - p) < 1e-6 for i, p in expected.items())
+        clean = next_token_probs(run_with_edits(lm, tcs, PROMPT), top)
+        assert all(abs(top[i]["before"] - p) < 1e-6 for i, p in clean.items())
+
+        send(w, type="set", request="v:6", values={"scope": "all"})
+        settled(w)
+        assert w.edit_positions is None
+        expected = next_token_probs(run_with_edits(lm, tcs, PROMPT, w.edits), top)
+        assert all(abs(t["after"] - expected[t["id"]]) < 1e-6 for t in w._result["top"] if t["id"] in expected)
+        send(w, type="set", request="v:7", values={"position": 2})  # a position change reruns nothing new
+        settled(w)
+        assert w._rows and w._rows[0]["act"] == max(r["act"] for r in w._rows if r["active"])
+    finally:
+        w.close()
+
+
+def test_continuation_and_cancel(lm, tcs):
+    w = AblationSliders(lm, tcs, PROMPT, features=[Edit(6, 5, steer=40.0)], continuation=3)
+    try:
+        expected = run_with_edits(lm, tcs, PROMPT, [Edit(6, 5, steer=40.0)], positions=[-1], generate=3)
+        clean = run_with_edits(lm, tcs, PROMPT, generate=3)
+        assert w._result["continuation"] == {"before": lm.tokenizer.decode(clean.continuation[0]),
+                                             "after": lm.tokenizer.decode(expected.continuation[0])}
+        statuses = []
+        w.observe(lambda change: statuses.append(change["new"]), "_status")
+        send(w, type="set", request="c:1", values={"continuation": 40})
+        deadline = time.monotonic() + 300
+        while not any(s.startswith("generating") for s in statuses):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        send(w, type="cancel")
+        assert w._status == ""
+        settled(w)
+        assert w._result["continuation"] is None, "a cancelled continuation is not shown"
+        assert statuses[-1] == "" and not any(s == "generating 40/40" for s in statuses)
+    finally:
+        w.close()
+
+
+def test_bad_input_is_shown_in_the_widget_which_keeps_working(lm, tcs):
+    w = AblationSliders(lm, {**tcs, lm.n_layers: make_tc(lm, lm.n_layers)}, PROMPT, features=[(6, 999), (6, 4)])
+    try:
+        assert f"Transcoder for layer {lm.n_layers} left out" in w.error and f"{lm.n_layers} layers" in w.error
+        assert "Feature (6, 999) left out: Latent 999 is out of range: the layer-6 transcoder has 256" in w.error
+        assert [(s["layer"], s["latent"]) for s in w.sliders] == [(6, 4)] and w._result["top"]
+        problems = w.error
+
+        send(w, type="set", request="b:1", values={"prompt": "word " * (lm.max_context + 1)})
+        settled(w)
+        assert f"reads at most {lm.max_context}: shorten it" in w.error and w._context == {} and w._result == {}
+        send(w, type="set", request="b:2", values={"prompt": ""})
+        settled(w)
+        assert "The prompt is empty" in w.error
+        send(w, type="set", request="b:3", values={"prompt": "Hello there"})
+        settled(w)
+        assert w.error == problems and w._context["tokens"][1:] == ["Hello", " there"]
+        assert w._result["request"] == "b:3" and w._result["top"]
+
+        send(w, type="add", request="b:4", layer=5, latent=1)
+        assert "Layer 5 has no transcoder here (transcoders are given for layers: 3, 6)" in w.error
+        send(w, type="add", request="b:5", layer=6, latent="x")
+        assert "give its layer and its number" in w.error
+        send(w, type="set", request="b:6", values={"position": 99, "continuation": 1000, "bogus": 1})
+        assert "Position 99 is outside the prompt's 3 tokens" in w.error and "generate 0 to 64" in w.error
+        assert "cannot set 'bogus'" in w.error
+        with pytest.raises(traitlets.TraitError, match="Latent 256 is out of range"):
+            w.selected = (6, 256)
+        send(w, type="add", request="b:7", layer=6, latent=9)
+        settled(w)
+        assert w.error == problems and w.selected == (6, 9) and (6, 9) in {(r["layer"], r["latent"]) for r in w._rows}
+    finally:
+        w.close()
+
+
+def test_remote_local_gives_the_same_bars(lm, tcs):
+    edits = [Edit(6, 7, steer=30.0)]
+    local = AblationSliders(lm, tcs, PROMPT, features=edits)
+    remote = AblationSliders(lm, tcs, PROMPT, features=edits, remote="local")
+    try:
+        assert remote._context["remote"] and not local._context["remote"]
+        for a, b in zip(local._result["top"], remote._result["top"], strict=True):
+            assert a["id"] == b["id"] and abs(a["after"] - b["after"]) < 1e-5 and abs(a["before"] - b["before"]) < 1e-5
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_a_feature_dashboard_follows_the_selected_latent(lm, tcs):
+    tokens = torch.cat([run_with_edits(lm, tcs, PROMPT).tokens] * 2)
+    dash = FeatureDashboard(analyze_features(lm, tcs[6], tokens, top_k=2, progress=False))
+    w = AblationSliders(lm, tcs, PROMPT)
+    try:  # the docstring's example
+        w.observe(lambda change: change.new[0] == 6 and setattr(dash, "feature", change.new[1]), "selected")
+        send(w, type="select", layer=6, latent=12)
+        assert w.selected == (6, 12) and dash.feature == 12
+        send(w, type="select", layer=3, latent=40)
+        assert w.selected == (3, 40) and dash.feature == 12
+    finally:
+        w.close()

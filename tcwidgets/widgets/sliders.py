@@ -143,6 +143,7 @@ class AblationSliders(anywidget.AnyWidget):
             except (ValueError, TypeError) as error:
                 problems.append(f"Feature {feature!r} left out: {error}")
         self._problems += problems
+        self._show_error()
         with self.hold_trait_notifications():
             self.sliders, self.pinned, self.scope, self.continuation = sliders, list(pinned), scope, continuation
         self.prompt = prompt
