@@ -23,7 +23,6 @@ slider edits anything), a position change runs nothing.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -34,7 +33,7 @@ import anywidget
 import torch
 import traitlets
 
-from ..interventions import EDIT_KINDS, Edit, check_edits, encode_prompt, run_with_edits
+from ..interventions import EDIT_KINDS, Edit, check_edits, check_positions, encode_prompt, run_with_edits
 from ..splicing import check_transcoders
 
 STATIC = Path(__file__).parent / "static"
@@ -90,13 +89,13 @@ class AblationSliders(anywidget.AnyWidget):
         remote: run on NDIF (``True``) or through its request path (``"local"``); default: the
             model's setting.
 
-    ``sliders.edits`` and ``sliders.edit_positions`` reproduce the page in code:
-    ``tcw.run_with_edits(lm, tcs, sliders.prompt, sliders.edits, positions=sliders.edit_positions)``.
-    ``selected`` is the ``(layer, latent)`` last clicked or edited; a `FeatureDashboard` of the
-    layer-6 transcoder follows it with::
+    With ``w = AblationSliders(...)``, ``w.edits`` and ``w.edit_positions`` reproduce the page in
+    code: ``tcw.run_with_edits(lm, tcs, w.prompt, w.edits, positions=w.edit_positions)``.
+    ``w.selected`` is the ``(layer, latent)`` last clicked, focused or added; a `FeatureDashboard`
+    of the layer-6 transcoder follows it with::
 
         dash = tcw.FeatureDashboard(stats6)
-        sliders.observe(lambda change: change.new[0] == 6 and setattr(dash, "feature", change.new[1]), "selected")
+        w.observe(lambda change: change.new[0] == 6 and setattr(dash, "feature", change.new[1]), "selected")
     """
 
     _esm = STATIC / "sliders.js"
@@ -186,10 +185,9 @@ class AblationSliders(anywidget.AnyWidget):
         entries, seen = [], set()
         for entry in proposal["value"]:
             try:
-                kind, value = entry["kind"], float(entry["value"])
-                if kind not in EDIT_KINDS or not math.isfinite(value):
-                    raise ValueError(f"A slider needs a kind among {EDIT_KINDS} and a finite value, got {entry}.")
-                checked = self._entry(Edit(entry["layer"], entry["latent"], **{kind: value}))
+                if entry["kind"] not in EDIT_KINDS:
+                    raise ValueError(f"its kind must be one of {EDIT_KINDS}.")
+                checked = self._entry(Edit(entry["layer"], entry["latent"], **{entry["kind"]: entry["value"]}))
             except (KeyError, TypeError, ValueError) as error:
                 raise self._invalid(f"Bad slider {entry!r}: {error}") from None
             key = (checked["layer"], checked["latent"])
@@ -202,17 +200,19 @@ class AblationSliders(anywidget.AnyWidget):
     @traitlets.validate("position")
     def _check_position(self, proposal: dict) -> int:
         length = self._length()
-        if length and not -length <= proposal["value"] < length:
-            raise self._invalid(f"Position {proposal['value']} is outside the prompt's {length} tokens: "
-                                f"use 0 to {length - 1}.")
-        return proposal["value"] % length if length else proposal["value"]
+        if not length:  # no prompt yet: checked when it comes
+            return proposal["value"]
+        try:
+            return check_positions(proposal["value"], length)[0]
+        except ValueError as error:
+            raise self._invalid(str(error)) from None
 
     @traitlets.validate("selected")
     def _check_selected(self, proposal: dict) -> tuple[int, int]:
         layer, latent = proposal["value"]
         if (layer, latent) != (-1, -1):
             try:
-                check_edits(self.transcoders, [Edit(layer, latent, scale=1.0)])
+                self._entry((layer, latent))
             except ValueError as error:
                 raise self._invalid(str(error)) from None
         return layer, latent
