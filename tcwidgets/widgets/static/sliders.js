@@ -63,7 +63,7 @@ function render({ model, el }) {
   let cancelled = false;
   const pending = new Map(); // slider changes not sent yet: key -> entry
   let sent = new Map(); // slider changes sent, until Python's `sliders` shows them
-  const rowEls = new Map(); // key -> {el, parts}
+  const rowEls = new Map(); // key -> {el, parts, row}: rows are updated in place, not redrawn
 
   const promptBox = h("textarea", { class: "tcw-prompt", rows: 2, "aria-label": "prompt",
     placeholder: "Type a prompt, then Enter", onkeydown: (e) => {
@@ -75,13 +75,9 @@ function render({ model, el }) {
   const scope = h("select", { class: "tcw-scope", "aria-label": "where the edits apply",
     onchange: () => change({ scope: scope.value }) },
   h("option", { value: "token" }, "at the chosen token"), h("option", { value: "all" }, "at every token"));
-  const continuation = h("input", { class: "tcw-continuation", type: "number", min: 0, max: 64, step: 1,
+  const continuation = h("input", { class: "tcw-continuation", type: "number", min: 0, step: 1,
     "aria-label": "tokens to generate before vs after (0: off)",
-    onchange: () => {
-      const n = Math.round(Number(continuation.value));
-      if (Number.isFinite(n) && n >= 0 && n <= 64) change({ continuation: n });
-      else continuation.value = model.get("continuation");
-    } });
+    onchange: () => change({ continuation: Math.round(Number(continuation.value)) || 0 }) });
   const where = h("span", { class: "tcw-where" });
   const rowsBox = h("div", { class: "tcw-rows", role: "group", "aria-label": "latent edits" });
   const addLayer = h("select", { class: "tcw-add-layer", "aria-label": "layer of the latent to add" });
@@ -416,7 +412,7 @@ function render({ model, el }) {
       }
       drawRows();
     },
-    "change:error": () => { sent = new Map(); drawError(); drawRows(); }, // a refused change
+    "change:error": () => { sent = new Map(); drawError(); drawRows(); drawInputs(); }, // maybe a refused change
     "change:_rows change:selected": drawRows,
     "change:_result change:pinned": drawResult,
     "change:_status": () => {
