@@ -294,7 +294,8 @@ class ActivationStore:
                 for kind in ("input", "output"):
                     if not torch.isfinite(shard.rows(f"{layer}.{kind}", None, torch.float32)).all():
                         raise StoreError(f"Shard starting at token {shard.start} has non-finite {kind} "
-                                         f"values at layer {layer}.")
+                                         f"values at layer {layer}: the store is corrupted or the model "
+                                         "overflowed. Collect it again (in float32 if it was half precision).")
 
 
 # -- collection ----------------------------------------------------------------------------------

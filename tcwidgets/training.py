@@ -33,11 +33,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .evaluation import ReconstructionStats
 from .transcoder import (
     Transcoder,
     TranscoderConfig,
     TranscoderFileError,
-    atomic_write,
     read_safetensors,
     step as heaviside,
 )
@@ -109,12 +109,12 @@ class TrainingConfig:
 
 
 def default_lr(n_latents: int) -> float:
-    """Adam's peak learning rate for a width: 8e-4 / sqrt(n_latents / 16384).
+    """Adam's peak learning rate for a width: 8e-4 / sqrt(n_latents / 16384), at most 2e-3.
 
     The 1/sqrt(width) scaling is Gao et al.'s (2024) and sparsify's; the constant is four times
     sparsify's 2e-4, measured best for runs of a few hundred steps (docs/training.md).
     """
-    return 8e-4 / math.sqrt(n_latents / 2**14)
+    return min(8e-4 / math.sqrt(n_latents / 2**14), 2e-3)  # narrow ones diverge above ~2e-3
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -134,36 +134,48 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
     """Data-driven initialisation from a sample of training pairs (model units).
 
-    Each latent starts as one random training token: its decoder row is that token's centred
-    (scaled) target, normalised; its encoder row is that token's centred (scaled) input, normalised
-    and rescaled so pre-activations have unit variance, with ``b_enc`` centring them. ``b_dec`` is
-    the target mean. A skip transcoder's ``W_skip`` starts at zero.
+    Each latent starts as one training token, the tokens chosen spread over the input directions
+    (k-means++ seeding): its decoder row is that token's centred (scaled) target, normalised; its
+    encoder row is that token's centred (scaled) input direction, scaled so pre-activations have
+    unit variance over the sample; its bias puts its pre-activation above zero on a share
+    k / n_latents of the sample, so every latent starts firing equally often, with small
+    activations. ``b_dec`` is the target mean; a skip transcoder's ``W_skip`` starts at zero.
+    (Alternatives and their measurements: docs/training.md.)
     """
     c = tc.config
     xs, ys = x * c.input_scale, y * c.output_scale
     x_mean, y_mean = xs.mean(0), ys.mean(0)
-    pick = _distinct_rows(xs, c.n_latents, generator)
-    enc = _unit_rows(xs[pick] - x_mean)
-    dec = _unit_rows(ys[pick] - y_mean)
-    scale = ((xs - x_mean) @ enc.t()).std()
-    tc.W_enc.copy_(enc / scale)
-    tc.b_enc.copy_(-tc.W_enc @ x_mean)
-    tc.W_dec.copy_(dec)
+    directions = _unit_rows(xs - x_mean)
+    pick = _spread_rows(directions, c.n_latents, generator)
+    sample = xs[:4096]
+    enc = directions[pick]
+    enc /= (sample @ enc.t()).std()
+    share = max(1, round((c.k or 1) / c.n_latents * len(sample)))
+    tc.W_enc.copy_(enc)
+    tc.b_enc.copy_(-(sample @ enc.t()).topk(share, dim=0).values[-1])
+    tc.W_dec.copy_(_unit_rows(ys[pick] - y_mean))
     tc.b_dec.copy_(y_mean)
     if c.kind == "skip":
         tc.W_skip.zero_()
 
 
-def _distinct_rows(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """Indices of ``n`` random rows of ``x``, distinct in value as far as possible (repeated rows,
-    such as every context's first token, would give latents that start identical)."""
-    _, inverse = torch.unique(x, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), len(x), dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(x)), "amin")
-    order = first[torch.randperm(len(first), generator=generator)]
-    if n <= len(order):
-        return order[:n]
-    return torch.cat([order, order[torch.randint(len(order), (n - len(order),), generator=generator)]])
+def _spread_rows(x: Tensor, n: int, generator: torch.Generator, rounds: int = 64) -> Tensor:
+    """Indices of ``n`` rows of ``x`` (unit vectors) spread over its directions: k-means++ seeding
+    by cosine distance, drawing ``n / rounds`` rows per round. (Near-duplicate seeds would start
+    latents that compete for the same tokens until one of them dies.)"""
+    per_round = math.ceil(n / rounds)
+    distance = torch.ones(len(x))  # 1 - the largest cosine with a chosen row
+    chosen = []
+    for start in range(0, n, per_round):
+        m = min(per_round, n - start)
+        weights = distance.clamp_min(0)
+        if int((weights > 0).sum()) < m:  # every distinct direction is taken: repeat rows
+            weights = torch.ones(len(x))
+        pick = torch.multinomial(weights, m, replacement=False, generator=generator)
+        chosen.append(pick)
+        distance = torch.minimum(distance, 1 - (x @ x[pick].t()).max(1).values)
+        distance[pick] = 0
+    return torch.cat(chosen)
 
 
 def _unit_rows(m: Tensor) -> Tensor:
@@ -277,6 +289,9 @@ class Trainer:
         ))
         n = min(store.n_tokens, max(16384, 4 * c.n_latents))
         x, y = next(store.batches(layer, n, seed=c.seed + 1))
+        finite = math.isfinite(stats.in_norm) and math.isfinite(stats.out_norm)
+        if not (finite and torch.isfinite(x).all() and torch.isfinite(y).all()):
+            store.verify()  # names the shard, layer and side holding NaN or infinite values
         initialize(tc, y if sae else x, y, torch.Generator().manual_seed(c.seed))
         return tc
 
@@ -549,35 +564,18 @@ def _bf16_pays(device: torch.device) -> bool:
 @torch.no_grad()
 def reconstruction_metrics(tc: Transcoder, store: Any, layer: int | None = None,
                            batch_size: int = 4096) -> dict[str, float]:
-    """FVU, MSE, L0 and dead fraction of ``tc`` on a store's activations (all tokens, in order).
-
-    FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² in model units (float64 sums); dead fraction = share of latents
-    that are zero on every token. ``layer`` defaults to the transcoder's site layer.
-    """
+    """FVU, MSE, L0 and dead fraction of ``tc`` on all of a store's activations (definitions in
+    `tcwidgets.evaluation`). ``layer`` defaults to the transcoder's site layer."""
     layer = tc.config.site.get("layer") if layer is None else layer
+    stats = ReconstructionStats(tc.n_latents)
     was_training = tc.training
     tc.eval()
-    device = tc.device
-    sq_err = 0.0
-    y_sum = torch.zeros(tc.d_out, dtype=torch.float64)
-    y_sq = 0.0
-    active = 0
-    fired = torch.zeros(tc.n_latents, dtype=torch.bool, device=device)
     for x, y in store.batches(layer, batch_size, shuffle=False, drop_last=False):
-        x, y = x.to(device), y.to(device)
-        latents, out = tc(y if tc.config.kind == "sae" else x)
-        y64 = y.double()
-        sq_err += float((y64 - out.double()).square().sum())
-        y_sum += y64.sum(0).cpu()
-        y_sq += float(y64.square().sum())
-        nonzero = latents != 0
-        active += int(nonzero.sum())
-        fired |= nonzero.any(0)
+        x, y = x.to(tc.device), y.to(tc.device)
+        latents, output = tc(y if tc.config.kind == "sae" else x)
+        stats.add(latents, output, y)
     tc.train(was_training)
-    n = store.n_tokens
-    variance = y_sq - float(y_sum.square().sum()) / n
-    return {"fvu": sq_err / variance, "mse": sq_err / (n * tc.d_out), "l0": active / n,
-            "dead_fraction": 1.0 - float(fired.float().mean())}
+    return stats.metrics()
 
 
 def train_transcoder(

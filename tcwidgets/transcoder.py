@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .activations import atomic_write
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -548,21 +549,8 @@ class Transcoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# File helpers (shared with training checkpoints)
+# Reading weights (shared with training checkpoints)
 # --------------------------------------------------------------------------------------------
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``target``, then move it into place,
-    so an interrupted write never leaves a file that looks complete."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_safetensors(path: Path, device: str | torch.device | None, *, fix: str) -> dict[str, Tensor]:

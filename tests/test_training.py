@@ -5,7 +5,6 @@ Small stores (layers 0 and 1, a few thousand tokens) and small widths keep this 
 """
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -98,14 +97,14 @@ def test_auxk_loss_equals_a_dense_computation(store):
     loss = trainer._auxk(x, encoding.pre, error, variance)
 
     # reference: each token's k_aux largest dead pre-activations (ReLU) decode the error, in float64
-    k_aux = trainer.k_aux
+    k_aux = min(trainer.k_aux, len(dead))
     pre = (x.double() * tc.config.input_scale) @ tc.W_enc.detach().double().T + tc.b_enc.detach().double()
     masked = torch.full_like(pre, -math.inf)
     masked[:, dead] = pre[:, dead]
     top = masked.topk(k_aux, dim=1)
     z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
     fit = z @ tc.W_dec.detach().double() / tc.config.output_scale
-    scale = min(1.0, len(dead) / k_aux)
+    scale = min(1.0, len(dead) / trainer.k_aux)
     expected = scale * (fit - error.double()).square().sum() / variance.double()
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
 
@@ -195,7 +194,7 @@ def test_a_nan_batch_names_the_batch_and_layer(store, tmp_path):
     tensors["1.input"][100, 7] = math.nan
     save_file(tensors, shard)
     broken = ActivationStore.open(tmp_path / "acts")
-    with pytest.raises(ValueError, match=r"batch \d+ of layer 1 has NaN or infinite MLP inputs"):
+    with pytest.raises(ValueError, match=r"starting at token 0 has non-finite input values at layer 1"):
         train_transcoder(broken, 1, progress=False, **SMALL)
 
 

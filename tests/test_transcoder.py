@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tcwidgets.transcoder import (
@@ -16,7 +15,6 @@ from tcwidgets.transcoder import (
     Transcoder,
     TranscoderConfig,
     TranscoderFileError,
-    atomic_write,
     jumprelu,
     step,
 )
@@ -301,16 +299,9 @@ def test_missing_or_invalid_config(tmp_path):
         Transcoder.load(tmp_path)
 
 
-def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-
-    def fail(tmp):
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, fail)
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+def test_save_replaces_files_atomically_and_leaves_no_temporary_files(tmp_path):
+    make().save(tmp_path)
+    second = make()
+    second.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "weights.safetensors"]
+    assert torch.equal(Transcoder.load(tmp_path).W_enc, second.W_enc)
