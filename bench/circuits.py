@@ -302,14 +302,14 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
     study: dict = {"years": [1700 + y for y in years], "template": TEMPLATE, "layers": sorted(tcs),
                    "prob_diff": probs, "logit_diff": diffs, "mlp_zero_ablation": mlp_sweep(lm, tokens, tens, digits),
                    "quality": quality(lm, tcs, tokens)}
-    example = attribute(lm, tcs, TEMPLATE.format(32), greater_target(3), depth=4, top_k=6, threshold=0.005)
+    example = attribute(lm, tcs, TEMPLATE.format(32), greater_target(3), depth=3, top_k=12, threshold=0.01)
     study["example_1732"] = describe(lm, example)
     study["example_graph"] = example.to_json()
 
     per_prompt = []
     for i, (year, t) in enumerate(zip(years, tens, strict=True)):
         start = time.perf_counter()
-        graph = attribute(lm, tcs, TEMPLATE.format(year), greater_target(t), depth=4, top_k=6, threshold=0.005)
+        graph = attribute(lm, tcs, TEMPLATE.format(year), greater_target(t), depth=3, top_k=12, threshold=0.01)
         seconds = time.perf_counter() - start
         latents = sorted((n for n in graph.nodes.values() if n.kind == "latent" and n.attribution > 0),
                          key=lambda n: -n.attribution)[:n_ablate]

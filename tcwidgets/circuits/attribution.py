@@ -99,7 +99,7 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
         depth: levels of predecessors to expand from the target.
         top_k: predecessors kept per expanded node (``None``: all above the threshold).
         threshold: keep a predecessor only if its path attribution is at least this fraction of
-            the target's total absolute direct contribution.
+            the target's largest direct contribution (in absolute value).
 
     The graph is exact under frozen attention and norms: the contributions into any node sum to
     its value (see `CircuitGraph.contributions`).
@@ -149,11 +149,11 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
         run.check_logits(position)
         graph.nodes[graph.target_id] = node
         graph._readers[graph.target_id] = (reader, constant + bias)
-    total = sum(abs(c.weight) for c in graph.contributions(graph.target_id))
-    graph.settings = {"depth": depth, "top_k": top_k, "threshold": threshold, "scale": total or 1.0}
+    scale = max(abs(c.weight) for c in graph.contributions(graph.target_id)) or 1.0
+    graph.settings = {"depth": depth, "top_k": top_k, "threshold": threshold, "scale": scale}
     graph.nodes[graph.target_id].attribution = graph.target_value
     if depth:
-        graph._grow([graph.target_id], _Search(depth, top_k, threshold, total or 1.0))
+        graph._grow([graph.target_id], _Search(depth, top_k, threshold, scale))
     return graph
 
 

@@ -76,7 +76,7 @@ class Edge:
 
 @dataclass
 class _Search:
-    """Path-search settings; ``scale`` is the target's total absolute direct contribution."""
+    """Path-search settings; ``scale`` is the target's largest direct contribution (absolute)."""
 
     depth: int
     top_k: int | None
@@ -142,7 +142,7 @@ class CircuitGraph:
         A path's attribution is its first edge's weight times the gain of each later edge (a latent
         passes on ``weight / value`` of its own value, heads and skip paths pass theirs on whole).
         Partial paths whose attribution falls below ``min_attribution`` (default: the search
-        threshold × the target's total absolute direct contribution) are not followed.
+        threshold × the target's largest direct contribution) are not followed.
         """
         if min_attribution is None:
             min_attribution = self.settings.get("threshold", 0.0) * self.settings.get("scale", 1.0)
@@ -189,7 +189,7 @@ class CircuitGraph:
                depth: int = 1) -> list[str]:
         """Add the largest direct contributions to ``node_id`` (and recursively to theirs, ``depth``
         levels), keeping per node the ``top_k`` whose path attribution is at least ``threshold`` ×
-        the target's total absolute direct contribution (defaults: the `attribute` settings).
+        the target's largest direct contribution (defaults: the `attribute` settings).
         Returns the ids of the nodes added."""
         if node_id not in self.nodes:
             raise KeyError(f"No node {node_id!r} in this graph.")
