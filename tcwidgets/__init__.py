@@ -2,16 +2,20 @@
 
 from .activations import ActivationStore, LayerStats, StoreError, collect_activations
 from .corpus import load_corpus
+from .circuits import CircuitError, CircuitGraph, LatentTarget, LogitTarget, attribute
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
 from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
                        logit_effects, transcoder_fingerprint)
+from .interventions import Edit, EditResult, run_with_edits
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
 from .training import Trainer, TrainingConfig, train_transcoder
 from .transcoder import Transcoder, TranscoderConfig
-from .widgets import FeatureDashboard
+from .widgets import AblationSliders, CircuitView, FeatureDashboard
 
 __all__ = [
+    "AblationSliders", "CircuitError", "CircuitGraph", "CircuitView", "Edit", "EditResult", "LatentTarget",
+    "LogitTarget", "attribute", "run_with_edits",
     "ARCHITECTURES", "ActivationStore", "LayerMetrics", "LayerStats", "Metrics", "Model", "Sites", "SplicedRun",
     "StoreError", "Trainer", "TrainingConfig", "Transcoder", "TranscoderConfig", "collect_activations",
     "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FeatureStatsError", "LatentStats",

@@ -98,10 +98,6 @@ def _non_finite(tc: Any) -> list[str]:
     return bad
 
 
-def check_tokens(lm: Any, tokens: torch.Tensor) -> torch.Tensor:  # TODO(lead): callers move to lm.check_tokens
-    return lm.check_tokens(tokens)
-
-
 def splice(
     lm: Any,
     transcoders: Mapping[int, Any] | Any,
