@@ -3,14 +3,17 @@
 For prompts of 16 and 64 tokens and a 4608-latent TopK transcoder on layer 6 (random init: timing
 does not depend on training), measures
 
-- model: `run_with_edits` with one edit (a latent scaled at the last token), in this process, next
-  to a plain forward pass of the un-wrapped module (what nnsight and splicing add);
+- model: `run_with_edits` with one edit (a latent zeroed at the last token), in this process, which
+  reruns only the last token on the prompt's kept key/value cache; next to the same edit rerunning
+  every position (`splice` on the whole prompt) and a plain forward pass of the un-wrapped module;
 - key→bars: in JupyterLab + Chromium, from a key press on a slider (ArrowLeft/ArrowRight, between
   two edits that both change something) to the new bars painted (the frame after the DOM update),
   with the model time of that very run as the widget reports it (``data-model-ms``); the widget
   overhead is the difference (debounce, comm messages, JSON, the worker thread, drawing).
 
-    python bench/ablation.py [--changes 20] [--out bench/results/ablation]
+    python bench/ablation.py [--changes 20] [--threads N] [--out bench/results/ablation]
+
+``--threads`` sets torch's CPU threads here and in the notebook's kernel (default: torch's choice).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
 from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
-from tcwidgets.interventions import Edit, encode_prompt, run_with_edits  # noqa: E402
+from tcwidgets.interventions import Edit, LatentEditor, encode_prompt, run_with_edits  # noqa: E402
+from tcwidgets.splicing import splice  # noqa: E402
 from tcwidgets.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
 LAYER, N_LATENTS, K = 6, 4608, 32
@@ -42,8 +46,9 @@ OBSERVE = """() => {
   root.addEventListener('keydown', () => { window.__pressed = performance.now(); }, true);
   new MutationObserver(() => {
     const changed = performance.now();
-    requestAnimationFrame(() => window.__drawn.push({ request: root.dataset.request, model: Number(root.dataset.modelMs),
-      changed: changed - window.__pressed, painted: performance.now() - window.__pressed }));
+    requestAnimationFrame(() => window.__drawn.push({ request: root.dataset.request,
+      model: Number(root.dataset.modelMs), changed: changed - window.__pressed,
+      painted: performance.now() - window.__pressed }));
   }).observe(root, { attributes: true, attributeFilter: ['data-request'] });
 }"""
 SETTLED = """() => { const r = document.querySelector('.tcw-sliders');
@@ -71,15 +76,19 @@ def model_times(lm: tcw.Model, tc: Transcoder, prompt: str, repeats: int) -> dic
     latents = run_with_edits(lm, {LAYER: tc}, tokens, save_latents=True).latents[LAYER]
     top = int(latents[0, -1].argmax())
     edits = [Edit(LAYER, top, scale=0.0)]
-    timings: dict[str, list[float]] = {"plain_forward_ms": [], "run_with_edits_ms": []}
-    for _ in range(repeats + 1):  # the first of each is a warm-up
-        start = time.perf_counter()
-        with torch.no_grad():
-            lm._module(tokens)
-        timings["plain_forward_ms"].append(1000 * (time.perf_counter() - start))
-        start = time.perf_counter()
-        run_with_edits(lm, {LAYER: tc}, tokens, edits, positions=[-1])
-        timings["run_with_edits_ms"].append(1000 * (time.perf_counter() - start))
+    steps = {
+        "plain_forward_ms": lambda: lm._module(tokens),
+        "rerun_all_positions_ms": lambda: splice(lm, {LAYER: tc}, tokens, mode="error", progress=False,
+                                                 edit=LatentEditor(edits, [tokens.shape[1] - 1])),
+        "run_with_edits_ms": lambda: run_with_edits(lm, {LAYER: tc}, tokens, edits, positions=[-1]),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in steps}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # interleaved; the first round is a warm-up
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                timings[name].append(1000 * (time.perf_counter() - start))
     return {name: percentiles(values[1:]) for name, values in timings.items()}
 
 
@@ -113,7 +122,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation"))
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    env = {"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = tcw.load_model()
@@ -131,7 +145,7 @@ def main() -> None:
         "import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
         "from tcwidgets.widgets.sliders import AblationSliders\n"
         f"w = AblationSliders(tcw.load_model(), {{{LAYER}: Transcoder.load('tc')}}, prompt={prompts[16]!r})\nw"])
-    with JupyterLab(out, env={"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}) as lab, \
+    with JupyterLab(out, env=env) as lab, \
             chromium() as browser:
         notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}), "bench.ipynb").open()
         notebook.run_all()

@@ -5,7 +5,6 @@ page's messages without a browser: newest state wins, cancel, bad input, remote,
 
 import json
 import re
-import threading
 import time
 
 import pytest
@@ -133,8 +132,9 @@ def test_moving_a_slider_updates_the_bars_as_the_api_computes(open_notebook, tra
     assert value > 0
     steered = bars(root)
     matches(steered, api(notebook, f"[Edit({layer}, {latent}, steer={value})]", steered), 1)
-    pins = root.locator(".tcw-pin").evaluate_all("""pins => pins.map(p => [p.querySelector('.tcw-pin-token').textContent,
-        p.querySelector('.tcw-pin-before').textContent, p.querySelector('.tcw-pin-after').textContent])""")
+    pins = root.locator(".tcw-pin").evaluate_all("""pins => pins.map(p => [
+        p.querySelector('.tcw-pin-token').textContent, p.querySelector('.tcw-pin-before').textContent,
+        p.querySelector('.tcw-pin-after').textContent])""")
     assert [p[0] for p in pins] == [" Paris", " London"]
     out = run(notebook, f"""lp = lambda r: torch.log_softmax(r.logits[0, -1].double(), -1)
 a = lp(run_with_edits(lm, tcs, {PROMPT!r}, [Edit({layer}, {latent}, steer={value})], positions=[-1]))

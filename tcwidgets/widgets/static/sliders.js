@@ -110,7 +110,8 @@ function render({ model, el }) {
     h("div", { class: "tcw-body" },
       h("section", { class: "tcw-edits" }, h("h4", {}, "Latents ", where),
         h("div", { class: "tcw-grid tcw-head", "aria-hidden": "true" }, h("span", {}, "layer #latent"),
-          h("span", { class: "tcw-act" }, "act"), h("span", {}, "edit"), h("span", {}), h("span", { class: "tcw-value" }, "value")),
+          h("span", { class: "tcw-act" }, "act"), h("span", {}, "edit"), h("span", {}),
+          h("span", { class: "tcw-value" }, "value")),
         rowsBox, addForm),
       h("section", { class: "tcw-output" },
         h("h4", {}, "Next token after the prompt ", h("span", { class: "tcw-legend" },
@@ -385,7 +386,8 @@ function render({ model, el }) {
     } else if (cancelled) {
       statusText.textContent = "cancelled: showing the last finished run";
     } else {
-      statusText.textContent = result.edits ? `${result.edits} edit${result.edits > 1 ? "s" : ""}, model ${Math.round(result.model_ms)} ms` : "no edits";
+      const edits = result.edits ? `${result.edits} edit${result.edits > 1 ? "s" : ""}` : "no edits";
+      statusText.textContent = result.edits ? `${edits}, model ${Math.round(result.model_ms)} ms` : edits;
     }
   }
 
