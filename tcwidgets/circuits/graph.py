@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..models import resolve
-from .replay import CircuitError, FrozenRun, _float64, _Reader
+from ..features import logit_effects
+from .replay import CircuitError, FrozenRun, _Reader
 
 FORMAT = "tcwidgets.circuit"
 VERSION = 1
@@ -165,23 +165,17 @@ class CircuitGraph:
         return sorted(found, key=lambda item: -abs(item[0]))[:limit]
 
     def logit_effects(self, node_id: str, k: int = 5) -> dict[str, list[tuple[int, float]]]:
-        """The ``k`` tokens a latent most promotes and most suppresses directly: its decoder row (model
-        units) times the final norm's weight, through the unembedding (later layers and the final
-        norm's scale ignored), as ``{"promoted": [(token id, value)], "suppressed": [...]}``."""
+        """The ``k`` tokens a latent most promotes and most suppresses directly (`features.logit_effects`:
+        its decoder row through the final norm's weight and the unembedding), as
+        ``{"promoted": [(token id, value), ...], "suppressed": [...]}``."""
         node = self.nodes.get(node_id)
         if node is None or node.kind != "latent":
             raise CircuitError(f"{node_id!r} is not a latent of this graph: only latents have logit effects.")
         if self._run is None:
             raise CircuitError("This graph was read back from JSON: it has no model to compute logit effects with.")
-        lm = self._run.lm
-        tc = self._run.layers[node.layer].tc
-        direction = tc.W_dec[node.feature] / tc.config.output_scale
-        direction = direction * _float64(resolve(lm._module, lm.sites.final_norm).weight)
-        unembed = resolve(lm._module, lm.sites.unembed).weight.detach()
-        scores = (unembed @ direction.to(unembed.device, unembed.dtype)).cpu()
-        top, bottom = scores.topk(k), scores.topk(k, largest=False)
-        return {"promoted": list(zip(top.indices.tolist(), top.values.tolist())),
-                "suppressed": list(zip(bottom.indices.tolist(), bottom.values.tolist()))}
+        effects = logit_effects(self._run.lm, self._run.layers[node.layer].tc, k, latents=[node.feature])
+        return {kind: list(zip(effects[f"{kind}_ids"][0].tolist(), effects[f"{kind}_values"][0].tolist()))
+                for kind in ("promoted", "suppressed")}
 
     # -- growing ---------------------------------------------------------------------------------------
 
