@@ -88,7 +88,7 @@ function prepare(g) {
 function layout(p, width) {
   const tokens = p.g.tokens.length;
   const colWidth = Math.max(44, (width - MARGIN.left - MARGIN.right) / Math.max(tokens, 1));
-  const rowGap = Math.max(20, Math.min(44, 720 / Math.max(p.levels.length, 1)));
+  const rowGap = Math.max(16, Math.min(40, 560 / Math.max(p.levels.length, 1)));
   const plotWidth = MARGIN.left + MARGIN.right + colWidth * tokens;
   const plotHeight = MARGIN.top + MARGIN.bottom + rowGap * Math.max(p.levels.length - 1, 0) + 2 * MAX_RADIUS;
   const x = new Float64Array(p.n), y = new Float64Array(p.n), r = new Float64Array(p.n);
