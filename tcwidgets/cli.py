@@ -82,6 +82,13 @@ def evaluate(args: argparse.Namespace) -> None:
             json.dump(metrics.to_dict(), file, indent=1)
 
 
+def tutorials(args: argparse.Namespace) -> int:
+    """Copy the teaching notebooks into a folder (keeping any already there) and open JupyterLab."""
+    from .tutorials.launch import open_tutorials
+
+    return open_tutorials(args.folder, args.lab_args, open_lab=not args.copy_only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcwidgets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=32, help="active latents per token (TopK, BatchTopK)")
     p.add_argument("--kind", default="transcoder", choices=["transcoder", "skip", "sae"])
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=None, help="tokens per step (default: by run length)")
     p.add_argument("--lr", type=float, default=None, help="default: scaled with the width")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here")
     p.add_argument("--eval-acts", default=None, help="held-out store for FVU during training")
@@ -116,18 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.set_defaults(run=evaluate)
+
+    p = commands.add_parser(
+        "tutorials", help="copy the teaching notebooks into a folder and open JupyterLab on them",
+        description="Copy the teaching notebooks into FOLDER (a notebook already there is never overwritten) "
+                    "and open JupyterLab on them. Other options go to JupyterLab, e.g. --no-browser --port=8889.")
+    p.add_argument("folder", nargs="?", default="tcwidgets-tutorials", help="working folder (default: %(default)s)")
+    p.add_argument("--copy-only", action="store_true", help="copy the notebooks, do not start JupyterLab")
+    p.set_defaults(run=tutorials)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tcwidgets`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "tutorials":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.lab_args = unknown
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, KeyError, IndexError, FileNotFoundError) as error:
         print(f"tcwidgets {args.command}: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Run a tutorial notebook end to end, as CI and the run-time table do.
+
+``python -m tcwidgets.tutorials.runner [--fast] [--learner] NOTEBOOK...`` executes each notebook in a
+fresh kernel in an empty temporary folder, with the solutions filled in (unless ``--learner``)
+and checks in strict mode, and prints its run time and the kernel's peak resident memory.
+
+Notebook conventions it relies on: an exercise is a code cell tagged ``exercise``; its solution is
+the first Python code block of the next markdown cell tagged ``solution`` (a ``<details>`` block,
+hidden until clicked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+
+
+@dataclass
+class NotebookRun:
+    """How a notebook run went: wall time, the kernel's peak RSS, and the error if one stopped it."""
+
+    name: str
+    seconds: float
+    peak_rss_gb: float
+    error: str | None = None
+
+
+def tags(cell: Any) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def solution_code(cell: Any) -> str:
+    """The first Python code block of a markdown solution cell."""
+    match = _CODE_BLOCK.search(cell.source)
+    if match is None:
+        raise ValueError(f"solution cell has no ```python code block:\n{cell.source[:200]}")
+    return match.group(1)
+
+
+def fill_in_solutions(notebook: Any) -> int:
+    """Replace every exercise cell's source with its solution; returns how many were filled."""
+    cells = notebook.cells
+    filled = 0
+    for i, cell in enumerate(cells):
+        if cell.cell_type != "code" or "exercise" not in tags(cell):
+            continue
+        solution = next((c for c in cells[i + 1:] if c.cell_type == "markdown" and "solution" in tags(c)), None)
+        if solution is None:
+            raise ValueError(f"exercise cell {i} has no markdown cell tagged 'solution' after it")
+        cell.source = solution_code(solution)
+        filled += 1
+    return filled
+
+
+def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True, timeout: int = 1200,
+                 cache: str | Path | None = None) -> NotebookRun:
+    """Execute the notebook at ``path`` in a fresh kernel (in an empty temporary folder).
+
+    ``fast`` sets ``TCWIDGETS_TUTORIAL_FAST=1``; ``solutions`` fills in the exercises and makes
+    failed checks raise. ``cache`` sets ``TCWIDGETS_CACHE`` for the kernel. The error (a cell's
+    traceback) is returned in the result, not raised."""
+    import nbformat
+    import psutil
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    path = Path(path)
+    notebook = nbformat.read(path, as_version=4)
+    if solutions:
+        fill_in_solutions(notebook)
+    env = {"TCWIDGETS_TUTORIAL_FAST": "1" if fast else "0", "TCWIDGETS_TUTORIAL_STRICT": "1" if solutions else "0",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "MPLBACKEND": "Agg"}
+    if cache is not None:
+        env["TCWIDGETS_CACHE"] = str(cache)
+    saved = {name: os.environ.get(name) for name in env}
+    work = Path(tempfile.mkdtemp(prefix=f"tcw-{path.stem}-"))
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:  # the kernel is a child process of this one: sample its memory
+        me = psutil.Process()
+        while not stop.wait(0.2):
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak[0] = max(peak[0], total)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    error = None
+    start = time.perf_counter()
+    try:
+        os.environ.update(env)
+        watcher.start()
+        client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(work)}})
+        client.execute()
+    except CellExecutionError as failure:
+        error = str(failure)
+    finally:
+        stop.set()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(work, ignore_errors=True)
+    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--fast", action="store_true", help="the fast setting (CI)")
+    parser.add_argument("--learner", action="store_true", help="run the exercises as shipped (unanswered)")
+    args = parser.parse_args(argv)
+    print("| notebook | run time | peak RSS |\n|---|---|---|")
+    failed = 0
+    for path in args.notebooks:
+        run = run_notebook(path, fast=args.fast, solutions=not args.learner)
+        status = "" if run.error is None else " **failed**"
+        print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB |{status}", flush=True)
+        if run.error:
+            failed += 1
+            print(run.error[-3000:], file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
