@@ -45,7 +45,12 @@ def collect(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    """Train transcoders on an activation store and save them."""
+    """Train transcoders on an activation store and save them.
+
+    Under torchrun (``torchrun --nproc_per_node=N -m tcwidgets.cli train ...``) the layers are
+    shared out: rank r trains ``layers[r::N]`` on ``cuda:LOCAL_RANK`` (or the CPU), and no gradients
+    are exchanged, since each layer's transcoder is trained on its own."""
+    import os
     from pathlib import Path
 
     from .activations import ActivationStore
@@ -53,15 +58,27 @@ def train(args: argparse.Namespace) -> None:
 
     store = ActivationStore.open(args.acts)
     layers = args.layers or store.layers
+    out = Path(args.out)
+    folders = {layer: out if len(layers) == 1 else out / f"layer-{layer}" for layer in layers}
+    device = args.device
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch
+
+        layers = layers[rank::world]
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        print(f"rank {rank} of {world}: layers {layers or 'none (more ranks than layers)'}")
+        if not layers:
+            return
     eval_store = ActivationStore.open(args.eval_acts) if args.eval_acts else None
     trained = train_transcoder(store, layers, n_latents=args.latents, activation=args.activation, k=args.k,
                                kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               checkpoint_dir=args.checkpoint_dir, seed=args.seed, eval_store=eval_store)
-    trained = trained if isinstance(trained, dict) else {layers[0]: trained}
+                               checkpoint_dir=args.checkpoint_dir, seed=args.seed, eval_store=eval_store,
+                               device=device)
     for layer, tc in trained.items():
-        out = Path(args.out) if len(trained) == 1 else Path(args.out) / f"layer-{layer}"
-        tc.save(out)
-        print(f"layer {layer}: {tc.n_latents} latents ({tc.config.kind}, {tc.config.activation}) saved to {out}")
+        tc.save(folders[layer])
+        print(f"layer {layer}: {tc.n_latents} latents ({tc.config.kind}, {tc.config.activation}) saved to {folders[layer]}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -115,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here")
     p.add_argument("--eval-acts", default=None, help="held-out store for FVU during training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present)")
     p.set_defaults(run=train)
 
     p = commands.add_parser("evaluate", help="splice transcoders into the model and measure them")

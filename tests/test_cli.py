@@ -51,3 +51,21 @@ def test_train_then_evaluate_from_the_command_line(tmp_path, lm):
     expected = tcw.evaluate(lm, {3: tc}, held_out, progress=False)
     assert str(round(expected[3].fvu, 4)) in done.stdout
     assert tcw.Metrics.from_dict(metrics)[3].ce_spliced == pytest.approx(expected[3].ce_spliced, rel=1e-5)
+
+
+def test_torchrun_shares_the_layers_out_between_ranks(tmp_path, lm):
+    """Under torchrun each rank trains its own layers; every layer ends up trained once, as alone."""
+    tokens = tcw.load_corpus("python-docs", lm, context=32, n_tokens=16 * 32)
+    store = tcw.collect_activations(lm, [2, 5], tokens, out=tmp_path / "acts", progress=False)
+    options = ["--latents", "128", "--k", "8", "--batch-size", "128"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "tcwidgets.cli",
+                           "train", "--acts", str(tmp_path / "acts"), "--out", str(tmp_path / "tc"), *options],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "rank 0 of 2: layers [2]" in done.stdout and "rank 1 of 2: layers [5]" in done.stdout
+    for layer in (2, 5):
+        tc = tcw.Transcoder.load(tmp_path / "tc" / f"layer-{layer}")
+        alone = tcw.train_transcoder(store, layer, n_latents=128, k=8, batch_size=128, progress=False)
+        assert tc.config.site["layer"] == layer
+        for name, tensor in alone.state_dict().items():
+            torch.testing.assert_close(tc.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
