@@ -182,13 +182,37 @@ def _spread_rows(x: Tensor, n: int, generator: torch.Generator, rounds: int = 64
     per_round = math.ceil(n / rounds)
     first = torch.randint(len(x), (1,), generator=generator)
     distance = 1 - (x @ x[first].t()).max(1).values  # to the nearest taken row
-    chosen = []
-    for start in range(0, n, per_round):
-        pick = distance.topk(min(per_round, n - start)).indices
+    chosen, taken = [], 0
+    while taken < n:
+        need = min(per_round, n - taken)
+        candidates = distance.topk(min(len(x), 4 * need)).indices
+        pick = _distinct(x[candidates], distance[candidates], need)
+        if len(pick) == 0:  # all rows taken, or only duplicates left: repeat random rows
+            rest = torch.randperm(len(x), generator=generator)[: n - taken]
+            chosen.append(rest)
+            break
+        pick = candidates[pick]
         chosen.append(pick)
+        taken += len(pick)
         distance = torch.minimum(distance, 1 - (x @ x[pick].t()).max(1).values)
         distance[pick] = -1
-    return torch.cat(chosen)
+    return torch.cat(chosen)[:n]
+
+
+def _distinct(rows: Tensor, distance: Tensor, need: int) -> Tensor:
+    """Up to ``need`` of ``rows`` (ordered by decreasing ``distance``), skipping any that is nearer
+    to an accepted one than half its own distance to the rows taken in earlier rounds: the farthest
+    rows of a round can be copies of each other (every sequence's first token has the same
+    activations), and copies start latents that compete until all but one die."""
+    sims = rows @ rows.t()
+    accepted: list[int] = []
+    for i in range(len(rows)):
+        if distance[i] < 1e-6 or len(accepted) == need:
+            break
+        if accepted and 1 - float(sims[i, accepted].max()) < 0.5 * float(distance[i]):
+            continue
+        accepted.append(i)
+    return torch.tensor(accepted, dtype=torch.long)
 
 
 def _unit_rows(m: Tensor) -> Tensor:

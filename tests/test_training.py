@@ -53,7 +53,7 @@ def test_topk_transcoder_learns_and_keeps_its_latents_alive(store, test_store):
     linear_fvu = float((yt - linear).square().sum() / (yt - yt.mean(0)).square().sum())
     assert metrics["fvu"] < linear_fvu
     assert metrics["l0"] == pytest.approx(16, abs=3)
-    assert metrics["dead_fraction"] < 0.05
+    assert metrics["dead_fraction"] < 0.01
     assert records[-1]["fvu"] < 0.5 * records[0]["fvu"]
     assert set(records[0]) >= {"step", "tokens", "loss", "fvu", "l0", "dead_fraction", "lr", "auxk"}
     assert tc.config.site == {"model": "smollm2-135m", "layer": 1, **store.sites(1)}
@@ -112,6 +112,23 @@ def test_auxk_loss_equals_a_dense_computation(store):
     alive[dead] = False
     assert tc.W_dec.grad[alive].abs().max() == 0 and tc.W_dec.grad[dead].abs().max() > 0
     assert tc.W_enc.grad[alive].abs().max() == 0
+
+
+def test_initial_latents_are_spread_and_never_copies():
+    """Farthest-point seeding skips copies: every sequence's first token has the same activations,
+    and latents started on copies compete until all but one die (3.5% dead on the reference run)."""
+    from tcwidgets.training import _spread_rows, _unit_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = _unit_rows(torch.randn(2000, 16, generator=g))
+    rows[:300] = rows[0]  # 300 copies of one row, all farthest from the first pick
+    rows[300:400] = _unit_rows(-rows[0] + 1e-4 * torch.randn(100, 16, generator=g))  # near-copies
+    pick = _spread_rows(rows, 256, torch.Generator().manual_seed(1))
+    assert len(pick) == 256 and len(pick.unique()) == 256
+    chosen = rows[pick]
+    cosines = chosen @ chosen.t() - 2 * torch.eye(256)
+    assert cosines.max() < 0.99
+    assert len(_spread_rows(rows[:50], 80, g)) == 80  # fewer rows than latents: repeats
 
 
 def test_history_callback_and_plot(store):
@@ -221,8 +238,9 @@ def test_a_layer_or_model_the_store_lacks_is_refused(store):
 def test_reference_configuration_quality(lm, tmp_path_factory):
     """Layer 6 of the default model, 100k training tokens, 4608 latents, TopK k=32, 2 epochs.
 
-    The issue's target is held-out FVU <= 0.30 with < 1% dead latents. Measured: FVU 0.274 with
-    3.5% dead, so the dead-latent bound here guards the current state (< 5%); 1% is still open.
+    The issue's target: held-out FVU <= 0.30 with under 1% dead latents (never firing on the
+    held-out store). Measured (one or two minutes on 2 CPU threads): FVU 0.227, 0.26% dead on the
+    held-out store, none dead over the last quarter epoch of training (docs/training.md).
     """
     root = tmp_path_factory.mktemp("reference")
     stores = {}
@@ -235,4 +253,4 @@ def test_reference_configuration_quality(lm, tmp_path_factory):
     metrics = reconstruction_metrics(tc, stores["test"])
     print(f"\nreference configuration: {metrics}, {seconds:.0f} s")
     assert metrics["fvu"] <= 0.30
-    assert metrics["dead_fraction"] < 0.05
+    assert metrics["dead_fraction"] < 0.01
