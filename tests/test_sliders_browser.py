@@ -193,8 +193,13 @@ def test_errors_are_shown_in_the_widget_which_keeps_working(open_notebook, trans
     root.locator(".tcw-tok[data-position='1'][aria-pressed='true']").wait_for()
     assert banner.is_hidden()
     added.locator(".tcw-kind").select_option("steer")
+    settle(notebook)
+    unsteered = bars(root)
     added.locator(".tcw-slider").focus()
     notebook.page.keyboard.press("End")
+    deadline = time.monotonic() + 60  # the request leaves after a debounce: wait for its bars, then settle
+    while bars(root) == unsteered and time.monotonic() < deadline:
+        time.sleep(0.05)
     settle(notebook)
     value = float(added.locator(".tcw-value").text_content())
     after = bars(root)

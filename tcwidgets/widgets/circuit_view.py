@@ -20,7 +20,6 @@ logit effects (from the feature statistics when given, else from the weights) an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import anywidget
@@ -28,8 +27,8 @@ import traitlets
 
 from ..circuits import CircuitError, CircuitGraph
 from ..features import FeatureStats
+from .assets import css, esm
 
-STATIC = Path(__file__).parent / "static"
 N_EDGES = 6  # strongest incoming and outgoing edges listed in a summary
 N_LOGITS = 5  # tokens per logit-effect list
 
@@ -87,8 +86,8 @@ class CircuitView(anywidget.AnyWidget):
     `FeatureDashboard` of one layer's transcoder.
     """
 
-    _esm = STATIC / "circuit_view.js"
-    _css = STATIC / "circuit_view.css"
+    _esm = esm("circuit_view")
+    _css = css("circuit_view")
 
     threshold = traitlets.Float(0.0).tag(sync=True)
     selected = traitlets.Unicode("").tag(sync=True)

@@ -10,7 +10,6 @@ or observe ``feature`` see exactly what the page shows.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import anywidget
@@ -19,8 +18,8 @@ import torch
 import traitlets
 
 from ..features import SORT_KEYS, Example, FeatureStats, FeatureStatsError
+from .assets import css, esm
 
-STATIC = Path(__file__).parent / "static"
 LIST_PAGE = 50  # rows per page of the latent list
 
 
@@ -72,8 +71,8 @@ class FeatureDashboard(anywidget.AnyWidget):
     (←/→, j/k) change ``dash.feature``, and ``dash.observe(fn, "feature")`` sees both.
     """
 
-    _esm = STATIC / "dashboard.js"
-    _css = STATIC / "dashboard.css"
+    _esm = esm("dashboard")
+    _css = css("dashboard")
 
     feature = traitlets.Int(0).tag(sync=True)
     n_latents = traitlets.Int(0, read_only=True).tag(sync=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import anywidget
@@ -35,8 +34,8 @@ import traitlets
 
 from ..interventions import EDIT_KINDS, Edit, check_edits, check_positions, encode_prompt, run_with_edits
 from ..splicing import check_transcoders
+from .assets import css, esm
 
-STATIC = Path(__file__).parent / "static"
 IDENTITY = {"scale": 1.0, "steer": 0.0}  # slider values that change nothing (a clamp always does)
 MAX_CONTINUATION = 64
 
@@ -98,8 +97,8 @@ class AblationSliders(anywidget.AnyWidget):
         w.observe(lambda change: change.new[0] == 6 and setattr(dash, "feature", change.new[1]), "selected")
     """
 
-    _esm = STATIC / "sliders.js"
-    _css = STATIC / "sliders.css"
+    _esm = esm("sliders")
+    _css = css("sliders")
 
     prompt = traitlets.Unicode("").tag(sync=True)
     position = traitlets.Int(0).tag(sync=True)
@@ -277,14 +276,16 @@ class AblationSliders(anywidget.AnyWidget):
 
     def _on_message(self, _: Any, content: dict, buffers: list) -> None:
         kind = content.get("type")
-        if kind == "set":
-            self._request = str(content.get("request", ""))
-            self._apply(content.get("values") or {})
-            self._schedule()  # every request is answered, changed or not
-        elif kind == "add":
-            self._request = str(content.get("request", ""))
-            self._add(content.get("layer"), content.get("latent"))
-            self._schedule()
+        if kind in ("set", "add"):
+            # The state first, then the request it answers, under the worker's lock: a run labelled
+            # with a request has read that request's state (or a newer one), never an older one.
+            with self._wanted:
+                if kind == "set":
+                    self._apply(content.get("values") or {})
+                else:
+                    self._add(content.get("layer"), content.get("latent"))
+                self._request = str(content.get("request", ""))
+                self._schedule()  # every request is answered, changed or not
         elif kind == "select":
             self._apply({"selected": (content.get("layer"), content.get("latent"))})
         elif kind == "cancel":
@@ -339,12 +340,12 @@ class AblationSliders(anywidget.AnyWidget):
         """Compute the current state: the prompt's clean run if it changed, then the edited run."""
         with self._wanted:
             prompt, self._need_prompt, self._need_run, self._cancelled = self._need_prompt, False, False, False
-            self._working = threading.get_ident()
+            request, self._working = self._request, threading.get_ident()
         try:
             loaded = prompt or self._prompt is None
             if loaded:
                 self._load_prompt()
-            self._run()
+            self._run(request)
             if loaded and not (self.lm.remote if self.remote is None else self.remote):
                 self._idle()  # the page is up to date; what follows only prepares the next edits
                 # an unedited local run keeps the prompt's key/value cache: the edits to come then
@@ -426,9 +427,10 @@ class AblationSliders(anywidget.AnyWidget):
                  "max": _round(prompt.latents[layer][:, latent].max()), "active": (layer, latent) in top}
                 for layer, latent in top + others]
 
-    def _run(self) -> None:
-        """The edited run: bars and pinned tokens first, then the continuations if asked for."""
-        prompt, request, edits, positions = self._prompt, self._request, self.edits, self.edit_positions
+    def _run(self, request: str) -> None:
+        """The edited run answering page ``request``: bars and pinned tokens first, then the
+        continuations if asked for."""
+        prompt, edits, positions = self._prompt, self.edits, self.edit_positions
         model_ms = 0.0
         after = prompt.log_probs
         if edits:

@@ -11,7 +11,6 @@
 // and click). Every string from a tokenizer is inserted as text: `h` appends Text nodes, and
 // nothing here assigns innerHTML.
 
-const SVG_NS = "http://www.w3.org/2000/svg";
 const MARGIN = { left: 72, right: 16, top: 14, bottom: 8 };
 const MAX_RADIUS = 11;
 const MIN_RADIUS = 2.5;
@@ -19,31 +18,8 @@ const KIND_NAMES = { logit: "logit", latent: "transcoder latent", head: "attenti
   embedding: "token embedding", position: "position embedding", error: "transcoder error",
   mlp: "MLP (no transcoder)", bias: "bias" };
 
-/** An element with properties, listeners (`on<event>`) and children; strings become Text nodes. */
-function h(tag, props = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null) continue;
-    if (key === "class") el.className = value;
-    else if (key === "dataset") Object.assign(el.dataset, value);
-    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
-    else if (key in el) el[key] = value;
-    else el.setAttribute(key, value);
-  }
-  el.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false)
-    .map((c) => (c instanceof Node ? c : String(c))));
-  return el;
-}
-
-function svg(tag, attrs = {}) {
-  const el = document.createElementNS(SVG_NS, tag);
-  for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
-  return el;
-}
-
-const fmt = (v) => (v === null || v === undefined ? "–" : Number(Number(v).toPrecision(3)).toString());
-/** Make invisible characters visible; the text stays text. */
-const shown = (token) => String(token).replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍").replace(/ /g, "·") || "∅";
+/** Make invisible characters, spaces too, visible; the text stays text. */
+const dotted = (token) => shown(String(token).replace(/ /g, "·"));
 /** Slider position (0..1000) <-> threshold (0..1): quadratic, so small thresholds get most of the range. */
 const toThreshold = (v) => (v / 1000) ** 2;
 const toSlider = (t) => Math.round(1000 * Math.sqrt(Math.max(0, Math.min(1, t))));
@@ -211,7 +187,7 @@ function render({ model, el }) {
     tokensRow.replaceChildren(...prepared.g.tokens.map((token, position) => h("span", {
       class: "tcw-cv-token", title: `position ${position}: ${JSON.stringify(token)}`,
       style: `left:${(MARGIN.left + placed.colWidth * (position + 0.5)).toFixed(1)}px;` +
-        (tilt ? "" : `width:${placed.colWidth.toFixed(0)}px`) }, shown(token))));
+        (tilt ? "" : `width:${placed.colWidth.toFixed(0)}px`) }, dotted(token))));
     draw();
   }
 
@@ -334,7 +310,7 @@ function render({ model, el }) {
     if (!pairs || !pairs.length) return null;
     return h("div", { class: `tcw-cv-logits ${cls}` }, h("span", { class: "tcw-cv-muted" }, title),
       ...pairs.map(([token, value]) => h("span", { class: "tcw-cv-chip", title: JSON.stringify(token) },
-        shown(token), h("small", {}, ` ${fmt(value)}`))));
+        dotted(token), h("small", {}, ` ${fmt(value)}`))));
   }
 
   function snippet(example) {
@@ -343,7 +319,7 @@ function render({ model, el }) {
     return h("div", { class: "tcw-cv-example" }, h("span", { class: "tcw-cv-muted" }, "top example "),
       ...example.tokens.map((token, i) => {
         const span = h("span", { class: "tcw-tok" + (i === example.center ? " tcw-center" : ""),
-          title: `${JSON.stringify(token)}  ${fmt(example.acts[i])}` }, shown(token));
+          title: `${JSON.stringify(token)}  ${fmt(example.acts[i])}` }, dotted(token));
         if (example.acts[i] > 0) span.style.setProperty("--a", Math.min(example.acts[i] / max, 1).toFixed(3));
         return span;
       }));
@@ -366,7 +342,7 @@ function render({ model, el }) {
     return [
       h("div", { class: "tcw-cv-title" }, h("strong", {}, g.nodes.label[i]), " ",
         h("span", { class: "tcw-cv-muted" }, `${KIND_NAMES[kind] || kind} · position ${g.nodes.position[i]} `),
-        h("span", { class: "tcw-tok", title: JSON.stringify(token) }, shown(token))),
+        h("span", { class: "tcw-tok", title: JSON.stringify(token) }, dotted(token))),
       h("div", { class: "tcw-cv-muted" }, `attribution to the target ${fmt(g.nodes.attribution[i])}` +
         (s && s.value !== null ? ` · value ${fmt(s.value)}` : "") +
         (s && s.activation !== null ? ` · activation ${fmt(s.activation)}` : "")),

@@ -5,39 +5,12 @@
 //   page -> Python  {type: "select", feature}                 ask to show a latent
 //   page -> Python  {type: "list", request, query, sort, descending, offset}
 //   Python -> page  {type: "list", request, rows, total, offset, limit, query}
-// Every string that came from a tokenizer or a corpus is inserted as text (`h` below appends
+// Every string that came from a tokenizer or a corpus is inserted as text (`h` in common.js appends
 // strings as Text nodes, and nothing here assigns innerHTML).
 
-const SVG_NS = "http://www.w3.org/2000/svg";
 const SORTS = [["density", "density"], ["max", "max activation"], ["mean_active", "mean activation"], ["index", "number"]];
 
-/** An element with properties, listeners (`on<event>`) and children; strings become Text nodes. */
-function h(tag, props = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null) continue;
-    if (key === "class") el.className = value;
-    else if (key === "dataset") Object.assign(el.dataset, value);
-    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
-    else if (key in el) el[key] = value;
-    else el.setAttribute(key, value);
-  }
-  el.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false)
-    .map((c) => (c instanceof Node ? c : String(c))));
-  return el;
-}
-
-function svg(tag, attrs = {}, text) {
-  const el = document.createElementNS(SVG_NS, tag);
-  for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
-  if (text !== undefined) el.textContent = text;
-  return el;
-}
-
-const fmt = (v) => (v === null || v === undefined ? "–" : Number(v.toPrecision(3)).toString());
 const percent = (d) => `${Number((100 * d).toPrecision(3))}%`;
-/** Make invisible characters visible; the text stays text. */
-const shown = (token) => token.replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍") || "∅";
 
 /** One example: tokens shaded by activation relative to the latent's maximum. */
 function example(ex, max) {

@@ -16,27 +16,8 @@ const KINDS = [["scale", "×", "scale", "multiply by"], ["clamp", "=", "clamp", 
 const IDENTITY = { scale: 1, steer: 0 };
 const DEBOUNCE_MS = 40;
 
-/** An element with properties, listeners (`on<event>`) and children; strings become Text nodes. */
-function h(tag, props = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null) continue;
-    if (key === "class") el.className = value;
-    else if (key === "dataset") Object.assign(el.dataset, value);
-    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
-    else if (key in el) el[key] = value;
-    else el.setAttribute(key, value);
-  }
-  el.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false)
-    .map((c) => (c instanceof Node ? c : String(c))));
-  return el;
-}
-
-const fmt = (v) => (v === null || v === undefined ? "–" : Number(Number(v).toPrecision(3)).toString());
 const percent = (p) => `${(100 * p).toFixed(2)}%`;
 const signed = (v) => `${v >= 0 ? "+" : "−"}${Math.abs(v).toFixed(3)}`;
-/** Make invisible characters visible; the text stays text. */
-const shown = (token) => token.replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍") || "∅";
 const key = (layer, latent) => `${layer}:${latent}`;
 
 /** The slider range of one kind, scaled by the latent's typical activation `ref`. */
