@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def copy_tutorials(folder: str | Path) -> list[tuple[str, str]]:
 
 def open_tutorials(folder: str | Path, lab_args: Sequence[str] = (), *, open_lab: bool = True) -> int:
     """Copy the tutorials into ``folder`` and run JupyterLab there (until it is stopped with
-    Ctrl-C); ``lab_args`` go to JupyterLab (``--no-browser``, ``--port=8888``...). Returns its exit status."""
+    Ctrl-C); ``lab_args`` go to JupyterLab (``--no-browser``, ``--port=8888``...). On POSIX,
+    JupyterLab replaces this process; elsewhere its exit status is returned."""
     folder = Path(folder).resolve()
     report = copy_tutorials(folder)
     copied = [name for name, what in report if what == "copied"]
@@ -56,6 +58,11 @@ def open_tutorials(folder: str | Path, lab_args: Sequence[str] = (), *, open_lab
     command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder}", *lab_args]
     if first and not any(arg.startswith("--LabApp.default_url") for arg in lab_args):
         command.append(f"--LabApp.default_url=/lab/tree/{first}")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root; JupyterLab refuses without this
+        command.append("--allow-root")
+    sys.stdout.flush()
+    if os.name == "posix":  # JupyterLab takes this process over, so Ctrl-C and signals reach it directly
+        os.execv(sys.executable, command)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
