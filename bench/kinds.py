@@ -1,8 +1,9 @@
 """Transcoder vs skip transcoder vs SAE on the same layer and data, at matched L0.
 
     python bench/kinds.py [--layer 6] [--latents 4608] [--k 32] [--epochs 2] [--out runs/kinds]
+                          [--train STORE --test STORE]
 
-Collects (or reuses) layer activations for 100k training tokens of the default corpus and the
+Collects (or, with --train/--test, opens) layer activations for 100k training tokens of the default corpus and the
 held-out split, trains the three kinds with TopK at the same k (so the same L0), and evaluates each
 spliced into the model on held-out text. Prints a Markdown table (FVU, L0, dead fraction, CE with
 the layer spliced in, CE recovered, KL) and writes it, with the metrics, to ``--out``.
@@ -32,20 +33,26 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/kinds"))
+    parser.add_argument("--train", type=Path, help="an activation store of the training split to use")
+    parser.add_argument("--test", type=Path, help="an activation store of the held-out split to use")
     args = parser.parse_args()
 
     lm = tcw.load_model()
-    train = store_for(lm, args.layer, "train", 100_000, args.out)
-    test = store_for(lm, args.layer, "test", None, args.out)
+    if args.train and args.test:
+        train, test = tcw.ActivationStore.open(args.train), tcw.ActivationStore.open(args.test)
+    else:
+        train = store_for(lm, args.layer, "train", 100_000, args.out)
+        test = store_for(lm, args.layer, "test", None, args.out)
     held_out = test.tokens
     rows, results = [], {}
     for kind in KINDS:
         start = time.perf_counter()
         tc = tcw.train_transcoder(train, args.layer, kind=kind, n_latents=args.latents, k=args.k,
-                                  epochs=args.epochs, checkpoint_dir=args.out / f"checkpoints-{kind}")
+                                  epochs=args.epochs, progress=False)
         seconds = time.perf_counter() - start
         tc.save(args.out / kind)
-        metrics = tcw.evaluate(lm, {args.layer: tc}, held_out, label=kind)[args.layer]
+        metrics = tcw.evaluate(lm, {args.layer: tc}, held_out, label=kind, progress=False)[args.layer]
+        print(kind, metrics.to_dict(), f"{seconds:.0f} s", flush=True)
         results[kind] = dict(metrics.to_dict(), train_seconds=seconds)
         rows.append(f"| {kind} | {metrics.fvu:.3f} | {metrics.l0:.1f} | {metrics.dead_fraction:.1%} | "
                     f"{metrics.ce_spliced:.4f} | {metrics.ce_recovered:.1%} | {metrics.kl:.4f} | {seconds:.0f} s |")

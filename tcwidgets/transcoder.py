@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -266,16 +267,22 @@ class _GatheredLinear(torch.autograd.Function):
         n_latents, n_tokens = weight.shape[0], x.shape[0]
         grad = grad.to(weight.dtype)
         grad_x = grad_weight = grad_bias = None
-        # sparse [n_latents, n_tokens] matrix of the upstream gradient
-        g = torch.sparse_coo_tensor(
-            torch.stack([cols, rows]), grad, (n_latents, n_tokens), check_invariants=False
-        )
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.sparse.mm(g, x.to(weight.dtype))
+            # [n_latents, n_tokens] CSR matrix of the upstream gradient (entries sorted by latent):
+            # its product with x is 2x faster on CPU than the COO one
+            order = torch.argsort(cols, stable=True)
+            crow = torch._convert_indices_from_coo_to_csr(cols[order], n_latents)
+            with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                g = torch.sparse_csr_tensor(crow, rows[order], grad[order], (n_latents, n_tokens))
+                grad_weight = g @ x.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = torch.zeros(n_latents, dtype=weight.dtype, device=weight.device).index_add_(0, cols, grad)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(g.t(), weight).to(x.dtype)
+            g = torch.sparse_coo_tensor(
+                torch.stack([rows, cols]), grad, (n_tokens, n_latents), check_invariants=False
+            )
+            grad_x = torch.sparse.mm(g, weight).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
@@ -495,8 +502,8 @@ class Transcoder(nn.Module):
         """Remove the component of each decoder row's gradient parallel to the row (which would
         only change the row's norm, undone by `normalize_decoder`)."""
         if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+            self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     # ---- files ------------------------------------------------------------------------------------
 
