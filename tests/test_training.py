@@ -53,7 +53,11 @@ def test_topk_transcoder_learns_and_keeps_its_latents_alive(store, test_store):
     linear_fvu = float((yt - linear).square().sum() / (yt - yt.mean(0)).square().sum())
     assert metrics["fvu"] < linear_fvu
     assert metrics["l0"] == pytest.approx(16, abs=3)
-    assert metrics["dead_fraction"] < 0.01
+    # a few percent: the windows are short here (512 training tokens, 1024 held-out tokens, about
+    # 16 and 32 activations per latent on average), so a rare latent is silent in one by chance;
+    # the slow reference test holds the real bound (< 1% on 11k held-out tokens)
+    assert records[-1]["dead_fraction"] < 0.05
+    assert metrics["dead_fraction"] < 0.05
     assert records[-1]["fvu"] < 0.5 * records[0]["fvu"]
     assert set(records[0]) >= {"step", "tokens", "loss", "fvu", "l0", "dead_fraction", "lr", "auxk"}
     assert tc.config.site == {"model": "smollm2-135m", "layer": 1, **store.sites(1)}
