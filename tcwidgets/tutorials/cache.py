@@ -66,14 +66,15 @@ def transcoders(lm: Any, layers: int | Sequence[int] = 6, *, n_tokens: int | Non
 
 
 def features(lm: Any, transcoder: Transcoder, *, n_tokens: int | None = None) -> FeatureStats:
-    """`analyze_features` of ``transcoder`` over ``n_tokens`` of the default corpus (default 100k,
-    20k in the fast setting), cached by the transcoder's fingerprint."""
+    """`analyze_features` of ``transcoder`` over ``n_tokens`` training tokens of the default corpus
+    (default 100k, 20k in the fast setting), cached by the transcoder's fingerprint. They are read
+    from the cached activations of its layer (collected if missing), so the model is not run again."""
     n_tokens = n_tokens or pick(100_000, fast=20_000)
     folder = tutorial_cache() / "features" / f"{transcoder_fingerprint(transcoder)[:16]}-{n_tokens}-tokens"
     if (folder / "stats.json").is_file():
         return FeatureStats.load(folder)
-    tokens = load_corpus("python-docs", lm, n_tokens=n_tokens, split="all")
-    analyze_features(lm, transcoder, tokens).save(folder)
+    store = activations(lm, transcoder.config.site["layer"], n_tokens=n_tokens)
+    analyze_features(lm, transcoder, store).save(folder)
     return FeatureStats.load(folder)
 
 
