@@ -231,12 +231,17 @@ class ReconstructionStats:
 
 def _losses(logits: torch.Tensor, targets: torch.Tensor,
             clean_log_probs: torch.Tensor | None) -> tuple[float, float, torch.Tensor]:
-    """Summed next-token cross-entropy and KL(clean || these) over positions, and the log-probs."""
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    ce = float(-log_probs.gather(-1, targets[..., None]).sum())
-    kl = 0.0 if clean_log_probs is None else float(
-        F.kl_div(log_probs, clean_log_probs, log_target=True, reduction="sum"))
-    return ce, kl, log_probs
+    """Summed next-token cross-entropy and KL(clean || these) over positions, and the log-probs.
+
+    One context at a time, so only one ``[context, vocab]`` temporary exists besides the inputs."""
+    ce, kl, log_probs = 0.0, 0.0, []
+    for i in range(len(logits)):
+        row = torch.log_softmax(logits[i, :-1].float(), dim=-1)
+        ce -= float(row.gather(-1, targets[i, :, None]).sum())
+        if clean_log_probs is not None:
+            kl += float(F.kl_div(row, clean_log_probs[i], log_target=True, reduction="sum"))
+        log_probs.append(row)
+    return ce, kl, torch.stack(log_probs)
 
 
 def evaluate(
