@@ -243,8 +243,8 @@ def test_reference_configuration_quality(lm, tmp_path_factory):
     """Layer 6 of the default model, 100k training tokens, 4608 latents, TopK k=32, 2 epochs.
 
     The issue's target: held-out FVU <= 0.30 with under 1% dead latents (never firing on the
-    held-out store). Measured (one or two minutes on 2 CPU threads): FVU 0.227, 0.26% dead on the
-    held-out store, none dead over the last quarter epoch of training (docs/training.md).
+    held-out store). Measured (88 s of training, one thread): FVU 0.227, 0.13% dead on the
+    held-out store (docs/training.md).
     """
     root = tmp_path_factory.mktemp("reference")
     stores = {}
