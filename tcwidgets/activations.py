@@ -335,7 +335,7 @@ def _resume_or_start(root: Path, request: dict, tokens: torch.Tensor) -> dict:
     return manifest
 
 
-def _trace_batch(lm: Any, batch: torch.Tensor, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def trace_mlp(lm: Any, batch: torch.Tensor, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One forward pass that saves every requested layer's MLP input and output, then stops."""
     saved = []
     with lm.trace(batch) as tracer:
@@ -423,7 +423,7 @@ def collect_activations(
             parts: dict[str, list[torch.Tensor]] = {f"{l}.{k}": [] for l in layers for k in ("input", "output")}
             for b in range(0, len(chunk), batch_size):
                 batch = chunk[b:b + batch_size].to(lm.device)
-                for layer, (x, y) in zip(layers, _trace_batch(lm, batch, layers)):
+                for layer, (x, y) in zip(layers, trace_mlp(lm, batch, layers)):
                     parts[f"{layer}.input"].append(x.reshape(-1, x.shape[-1]).to("cpu", store_dtype))
                     parts[f"{layer}.output"].append(y.reshape(-1, y.shape[-1]).to("cpu", store_dtype))
                 bar.update(batch.numel())

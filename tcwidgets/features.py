@@ -34,11 +34,11 @@ import torch
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .activations import (ActivationStore, StoreError, _trace_batch, atomic_write, read_safetensors_header,
+from .activations import (ActivationStore, StoreError, atomic_write, read_safetensors_header, trace_mlp,
                           write_json)
 from .corpus import bos_id
 from .models import resolve
-from .splicing import _transcoder_input, check_transcoders
+from .splicing import check_transcoders, transcoder_input
 
 FORMAT = "tcwidgets.features"
 VERSION = 1
@@ -680,10 +680,10 @@ def analyze_features(
                           leave=False):
             batch = tokens[start:start + batch_size]
             if store is None:
-                mlp_input, mlp_output = _trace_batch(lm, batch, [layer])[0]
+                mlp_input, mlp_output = trace_mlp(lm, batch, [layer])[0]
             else:
                 mlp_input, mlp_output = (values.view(*batch.shape, -1) for values in next(stored))
-            site = _transcoder_input(transcoder, mlp_input, mlp_output)
+            site = transcoder_input(transcoder, mlp_input, mlp_output)
             latents = transcoder.encode(site).float().cpu()  # [batch, context, n_latents]
             latents *= include[start:start + batch_size, :, None]
             state.add(latents, start * context)

@@ -25,7 +25,6 @@ import copy
 import math
 import numbers
 import operator
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,12 +32,10 @@ from typing import Any, NamedTuple
 import torch
 
 from .corpus import bos_id
+from .models import RUN_LOCK
 from .splicing import check_transcoders, splice
 
 EDIT_KINDS = ("scale", "clamp", "steer")
-# nnsight cannot trace one model from two threads at once: runs (a widget's worker thread, a
-# notebook cell) take turns.
-_RUNNING = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -294,7 +291,7 @@ def run_with_edits(
         return torch.cat([clean.logits[:, :start], rest.logits], dim=1), {}
 
     total = max(generate, 1)
-    with _RUNNING:
+    with RUN_LOCK:
         logits, latents = first_forward()
         if on_step is not None:
             on_step(1, total)

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ import torch
 from nnsight import TransformersModel
 
 DEFAULT_MODEL = "smollm2-135m"
+
+RUN_LOCK = threading.RLock()
+"""Held while a model runs from code that threads may share (a widget's worker thread, a notebook
+cell, the circuits replay): nnsight cannot trace one model from two threads at once, so they take turns."""
 
 _EMBEDDED = {
     # alias -> (pip package, GGUF file inside it, cache folder name)

@@ -165,21 +165,10 @@ def splice(
     )
 
 
-def spliced_logits(
-    lm: Any,
-    transcoders: Mapping[int, Any] | Any,
-    tokens: torch.Tensor,
-    *,
-    mode: Mode = "replace",
-    zero_ablate: Sequence[int] = (),
-    edit: LatentEdit | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    remote: bool | str | None = None,
-) -> torch.Tensor:
-    """The logits ``[n_contexts, context, vocab]`` of `splice` (same arguments)."""
-    return splice(lm, transcoders, tokens, mode=mode, zero_ablate=zero_ablate, edit=edit,
-                  batch_size=batch_size, progress=progress, remote=remote).logits
+def spliced_logits(lm: Any, transcoders: Mapping[int, Any] | Any, tokens: torch.Tensor,
+                   **options: Any) -> torch.Tensor:
+    """The logits ``[n_contexts, context, vocab]`` of ``splice(lm, transcoders, tokens, **options)``."""
+    return splice(lm, transcoders, tokens, **options).logits
 
 
 def _to_cpu(values: dict) -> dict:
@@ -217,11 +206,11 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
 def run_transcoder(tc: Any, mlp_input: torch.Tensor | None,
                    mlp_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(latents, reconstruction)`` at one site; the reconstruction in the MLP output's dtype."""
-    latents, reconstruction = tc(_transcoder_input(tc, mlp_input, mlp_output))
+    latents, reconstruction = tc(transcoder_input(tc, mlp_input, mlp_output))
     return latents, reconstruction.to(mlp_output.dtype)
 
 
-def _transcoder_input(tc: Any, mlp_input: torch.Tensor | None, mlp_output: torch.Tensor) -> torch.Tensor:
+def transcoder_input(tc: Any, mlp_input: torch.Tensor | None, mlp_output: torch.Tensor) -> torch.Tensor:
     """What ``tc`` reads (an SAE the MLP output, a transcoder its input), on its device and in its dtype.
 
     Moves ``tc`` to the activations' device when they differ (e.g. a CPU transcoder and a GPU model).
@@ -239,7 +228,7 @@ def _spliced_output(tc: Any, layer: int, x: torch.Tensor | None, y: torch.Tensor
     reconstruction)``, i.e. the edited reconstruction plus the unedited error term ``y − ŷ``;
     unedited, exactly ``y``.
     """
-    source = _transcoder_input(tc, x, y)
+    source = transcoder_input(tc, x, y)
     latents, reconstruction = tc(source)
     output = reconstruction
     if edit is not None:

@@ -89,7 +89,7 @@ def test_unshuffled_batches_are_in_corpus_order(store):
 
 
 def test_interrupted_collection_resumes_without_duplicates(lm, tokens, store, tmp_path, small_shards, monkeypatch):
-    real, calls = activations._trace_batch, []
+    real, calls = activations.trace_mlp, []
 
     def interrupted_after_five(*args):
         calls.append(1)
@@ -97,7 +97,7 @@ def test_interrupted_collection_resumes_without_duplicates(lm, tokens, store, tm
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(activations, "_trace_batch", interrupted_after_five)
+    monkeypatch.setattr(activations, "trace_mlp", interrupted_after_five)
     with pytest.raises(KeyboardInterrupt):
         tcw.collect_activations(lm, [1, 3], tokens, out=tmp_path, batch_size=2, progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -107,7 +107,7 @@ def test_interrupted_collection_resumes_without_duplicates(lm, tokens, store, tm
         tcw.ActivationStore.open(tmp_path)
 
     calls.clear()
-    monkeypatch.setattr(activations, "_trace_batch", lambda *args: (calls.append(1), real(*args))[1])
+    monkeypatch.setattr(activations, "trace_mlp", lambda *args: (calls.append(1), real(*args))[1])
     resumed = tcw.collect_activations(lm, [1, 3], tokens, out=tmp_path, batch_size=2, progress=False)
     assert len(calls) == 8, "only the four missing shards (two batches each) are traced again"
     assert [s["start"] for s in resumed.manifest["shards"]] == [0, 128, 256, 384, 512, 640]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..interventions import _RUNNING
+from ..models import RUN_LOCK
 from ..models import resolve
 
 REPLAY_TOLERANCE = 1e-3  # relative error allowed between the float64 replay and the model's float32 pass
@@ -350,7 +350,7 @@ def _capture(lm: Any, tokens: Tensor, last_layer: int, final: bool) -> dict[str,
     """
     module = lm._module
     saved: dict[str, Any] = {"patterns": [], "mlp_in": [], "mlp_out": []}  # filled inside the trace
-    with _RUNNING:
+    with RUN_LOCK:
         before = module.config._attn_implementation
         if before != "eager":
             module.set_attn_implementation("eager")

@@ -53,24 +53,24 @@ def _unanswered(answer: Any) -> bool:
 
 
 def check(name: str, passed: bool, *, success: str = "right.", hint: str = "not yet.",
-          answer: Any = True) -> bool:
+          answer: Any = True) -> None:
     """Report whether an exercise is right: ``passed`` is the test, ``hint`` what to try if not.
 
     ``answer`` is what the learner produced; ``...`` or ``None`` reads as "not attempted yet".
-    Returns ``passed``; in strict mode a failure raises `ExerciseFailed`."""
+    In strict mode a failure raises `ExerciseFailed`. (Nothing is returned, so a check cell shows
+    only its verdict.)"""
     if _unanswered(answer):
         _report("todo", name, "not attempted yet: replace the ... in the exercise cell and run it again.")
         if _strict():
             raise ExerciseFailed(f"{name}: not attempted")
-        return False
+        return
     _report("right" if passed else "wrong", name, success if passed else hint)
     if not passed and _strict():
         raise ExerciseFailed(f"{name}: {hint}")
-    return bool(passed)
 
 
 def check_close(name: str, answer: Any, expected: Any, *, rtol: float = 1e-4, atol: float = 1e-6,
-                hint: str = "") -> bool:
+                hint: str = "") -> None:
     """Check that ``answer`` equals ``expected`` (numbers, arrays or tensors) within tolerances,
     shapes included; the report shows where they differ."""
     if _unanswered(answer):

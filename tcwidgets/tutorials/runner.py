@@ -28,11 +28,18 @@ _CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
 
 @dataclass
 class NotebookRun:
-    """How a notebook run went: wall time, the kernel's peak RSS, and the error if one stopped it."""
+    """How a notebook run went: wall time, the kernel's (and its children's) peak resident memory,
+    and the error if one stopped it.
+
+    ``peak_rss_gb`` counts every resident page, including the file-backed pages of memory-mapped
+    activation stores, which the kernel can drop and re-read at any time; ``peak_anon_gb`` leaves
+    those out (RSS minus shared and file-backed pages): the memory a run cannot give back, which is
+    what a memory limit such as Binder's 2 GB has to hold."""
 
     name: str
     seconds: float
     peak_rss_gb: float
+    peak_anon_gb: float
     error: str | None = None
 
 
@@ -85,19 +92,21 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
         env["TCWIDGETS_CACHE"] = str(cache)
     saved = {name: os.environ.get(name) for name in env}
     work = Path(tempfile.mkdtemp(prefix=f"tcw-{path.stem}-"))
-    peak = [0]
+    peak = [0, 0]  # RSS, anonymous
     stop = threading.Event()
 
     def watch() -> None:  # the kernel is a child process of this one: sample its memory
         me = psutil.Process()
         while not stop.wait(0.2):
-            total = 0
+            rss = anon = 0
             for child in me.children(recursive=True):
                 try:
-                    total += child.memory_info().rss
+                    memory = child.memory_info()
                 except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
+                    continue
+                rss += memory.rss
+                anon += memory.rss - getattr(memory, "shared", 0)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
 
     watcher = threading.Thread(target=watch, daemon=True)
     error = None
@@ -118,7 +127,7 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
             else:
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
-    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, error)
+    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="the fast setting (CI)")
     parser.add_argument("--learner", action="store_true", help="run the exercises as shipped (unanswered)")
     args = parser.parse_args(argv)
-    print("| notebook | run time | peak RSS |\n|---|---|---|")
+    print("| notebook | run time | peak RSS | peak RSS without file-backed pages |\n|---|---|---|---|")
     failed = 0
     for path in args.notebooks:
         run = run_notebook(path, fast=args.fast, solutions=not args.learner)
         status = "" if run.error is None else " **failed**"
-        print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB |{status}", flush=True)
+        print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB |{status}",
+              flush=True)
         if run.error:
             failed += 1
             print(run.error[-3000:], file=sys.stderr)
