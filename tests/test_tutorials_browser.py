@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
-from browser.harness import JupyterLab, NotebookPage, chromium
+from browser.harness import JupyterLab, NotebookPage
 from tcwidgets.models import cache_dir
 
+pytest_plugins = ["browser.harness"]
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def test_quickstart_runs_through_the_ui_and_shows_its_dashboard(tmp_path, lm):
+def test_quickstart_runs_through_the_ui_and_shows_its_dashboard(tmp_path, lm, browser):
+    """(The session's one Chromium, shared with the other browser tests.)"""
     work = tmp_path / "tutorials"
     done = subprocess.run([sys.executable, "-m", "tcwidgets.cli", "tutorials", str(work), "--copy-only"],
                           capture_output=True, text=True, timeout=60)
@@ -22,7 +24,7 @@ def test_quickstart_runs_through_the_ui_and_shows_its_dashboard(tmp_path, lm):
     cache.mkdir()
     (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
     env = {"TCWIDGETS_TUTORIAL_FAST": "1", "TCWIDGETS_CACHE": str(cache), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    with JupyterLab(work, env=env) as lab, chromium() as browser:
+    with JupyterLab(work, env=env) as lab:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         notebook = NotebookPage(lab, page, "01-quickstart.ipynb").open()
         try:
