@@ -2,24 +2,24 @@
 
 A store on disk is a folder::
 
-    manifest.json            model, layers, sites, token count, dtype, per-layer mean and norm
+    manifest.json            model (name and weights' fingerprint), layers, sites, token count and
+                             hash, dtype, per-layer mean and norm, each file's checksum
     tokens.safetensors       the token contexts the activations belong to
     shard-00000.safetensors  "<layer>.input" / "<layer>.output" rows [n, d_model], in corpus order,
     ...                      plus float64 partial sums for the statistics
 
 Every file is written to a temporary name and renamed, and the manifest lists only finished
-shards, so an interrupted collection resumes where it stopped, without duplicates. Reading maps
-shards into memory (``numpy.memmap``), so a store larger than RAM trains fine.
+shards, so an interrupted collection resumes where it stopped, without duplicates; a lock on the
+folder keeps two processes from collecting into it at once. Reading maps shards into memory
+(``numpy.memmap``), so a store larger than RAM trains fine; each shard is checked against its
+checksum when first read (`tcwidgets.files`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .files import FileFormatError, MappedTensors, inside, load_tensors, lock, read_manifest, save_tensors, write_manifest
+from .models import fingerprint
+
 FORMAT = "tcwidgets.activations"
-VERSION = 1
+VERSION = 2  # 2: checksums of every file, the model's fingerprint, a sealed manifest
 SHARD_BYTES = 64 * 2**20  # activations held in memory before a shard is written
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+OUTLIER_RATIO = 1e4
+"""A row whose norm exceeds this many times the median row norm of its layer is bad data (real
+activations stay within a few hundred: the attention-sink tokens')."""
+_RECOLLECT = "Delete the store folder and run collect_activations again with the same arguments to re-collect it."
 
 
-class StoreError(ValueError):
+class StoreError(FileFormatError):
     """An activation store is incomplete, corrupted, or does not match the request."""
 
 
@@ -59,64 +64,38 @@ class LayerStats:
     out_norm: float
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(temporary_path)``, then rename the result to ``path``."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically."""
-    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=1)))
-
-
 def _sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header: (header dict, byte offset of the data). Raises `StoreError`."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(file.read(length))
-        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-        if 8 + length + end != size:
-            raise ValueError(f"file has {size} bytes, its header describes {8 + length + end}")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
-        raise StoreError(f"{path} is truncated or corrupted ({error}). Delete it and run "
-                         "collect_activations again with the same arguments to re-collect it.") from error
-    return header, 8 + length
-
-
 class _Shard:
-    """One shard's tensors: memory-mapped from a file, or held in memory."""
+    """One shard's tensors: memory-mapped from a file (checked against its checksum on first read),
+    or held in memory."""
 
     def __init__(self, start: int, n_tokens: int, tensors: dict[str, torch.Tensor] | None = None,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, sha256: str | None = None) -> None:
         self.start, self.n_tokens, self.path = start, n_tokens, path
-        self._tensors = tensors
-        self._maps: dict[str, np.ndarray] = {}
+        self._tensors: Any = tensors if tensors is not None else MappedTensors(
+            path, sha256=sha256, fix=_RECOLLECT, error=StoreError)
+
+    @property
+    def name(self) -> str:
+        """How errors name the shard: its file, or its first token for a store in memory."""
+        return str(self.path) if self.path else f"the shard starting at token {self.start}"
 
     def array(self, name: str) -> np.ndarray | torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[name]
-        if name not in self._maps:
-            header, offset = read_safetensors_header(self.path)
-            entry = header[name]
-            begin, _ = entry["data_offsets"]
-            self._maps[name] = np.memmap(self.path, dtype=_NUMPY[entry["dtype"]], mode="r",
-                                         offset=offset + begin, shape=tuple(entry["shape"]))
-        return self._maps[name]
+        return self._tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, read from the header only."""
+        if isinstance(self._tensors, MappedTensors):
+            return self._tensors.shape(name)
+        return tuple(self._tensors[name].shape)
+
+    def verify(self) -> None:
+        """Check the shard's file against its checksum (nothing to do in memory)."""
+        if isinstance(self._tensors, MappedTensors):
+            self._tensors.verify()
 
     def rows(self, name: str, index: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` (all when ``None``) of one tensor, as ``torch`` values of ``dtype``."""
@@ -146,33 +125,24 @@ class ActivationStore:
     @classmethod
     def open(cls, path: str | os.PathLike, *, model: str | None = None,
              layers: Sequence[int] | None = None) -> ActivationStore:
-        """Open a store folder; optionally check that it holds ``model`` and ``layers``."""
+        """Open a store folder; optionally check that it holds ``model`` and ``layers``.
+
+        Reads the manifest and the shards' headers; checks the manifest's counts and shapes against
+        the shards. Each shard is checked against its checksum when first read (`verify` checks all).
+        """
         root = Path(path)
         manifest_path = root / "manifest.json"
         if not manifest_path.is_file():
             raise StoreError(f"{root} is not an activation store (no manifest.json). "
                              "Create one with tcwidgets.collect_activations(..., out=...).")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise StoreError(f"{manifest_path} is corrupted ({error}).") from error
-        if manifest.get("format") != FORMAT:
-            raise StoreError(f"{manifest_path} is not a tcwidgets activation manifest.")
-        if manifest.get("version", 0) > VERSION:
-            raise StoreError(f"{root} was written by a newer tcwidgets (store version {manifest['version']}); "
-                             "upgrade tcwidgets to read it.")
+        manifest = _read_manifest(root)
         if not manifest["complete"]:
             raise StoreError(f"{root} is incomplete ({len(manifest['shards'])} of {manifest['n_shards']} shards): "
                              "its collection was interrupted. Run collect_activations again with the same "
                              "arguments and out= to resume it.")
-        shards = []
-        for entry in manifest["shards"]:
-            file = root / entry["file"]
-            if not file.is_file():
-                raise StoreError(f"{file} is missing. Run collect_activations again with the same arguments "
-                                 "to re-collect it.")
-            read_safetensors_header(file)  # a truncated or corrupted shard fails here, not deep in torch
-            shards.append(_Shard(entry["start"], entry["n_tokens"], path=file))
+        shards = [_Shard(entry["start"], entry["n_tokens"], path=inside(root, entry["file"], error=StoreError),
+                         sha256=entry.get("sha256")) for entry in manifest["shards"]]
+        _check_counts(root, manifest, shards)
         store = cls(manifest, shards, root)
         store.check(model=model, layers=layers)
         return store
@@ -216,10 +186,15 @@ class ActivationStore:
     def tokens(self) -> torch.Tensor:
         """The token contexts ``[n_contexts, context]`` whose activations are stored."""
         if self._tokens is None:
-            from safetensors.torch import load_file
-
-            self._tokens = load_file(self.root / "tokens.safetensors")["tokens"].long()
+            self._tokens = _read_tokens(self.root, self.manifest)
         return self._tokens
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the stored activations are of: the model (name and weights' `fingerprint`), the
+        tokens (count and hash) and the storage dtype. Equal identities, equal activations."""
+        return {key: self.manifest.get(key) for key in ("model", "model_fingerprint", "tokens_sha256", "n_tokens",
+                                                         "dtype")}
 
     def sites(self, layer: int) -> dict[str, str]:
         """The nnsight sites the layer's input and output were read from."""
@@ -287,23 +262,120 @@ class ActivationStore:
                 values.append(shard.rows(f"{layer}.{kind}", local, torch.float32))
         return torch.cat(parts["input"]), torch.cat(parts["output"])
 
-    def verify(self) -> None:
-        """Read every shard once and check every value is finite (a slow, full check)."""
-        for shard in tqdm(self._shards, desc="verifying shards", leave=False):
-            for layer in self.layers:
-                for kind in ("input", "output"):
-                    if not torch.isfinite(shard.rows(f"{layer}.{kind}", None, torch.float32)).all():
-                        raise StoreError(f"Shard starting at token {shard.start} has non-finite {kind} "
-                                         f"values at layer {layer}: the store is corrupted or the model "
-                                         "overflowed. Collect it again (in float32 if it was half precision).")
+    def verify(self, layers: Sequence[int] | None = None) -> None:
+        """Read every shard once (a slow, full check): each file must match its checksum, and every
+        value of ``layers`` (default all) must be finite, with no row's norm above `OUTLIER_RATIO`
+        times the layer's median row norm. Raises `StoreError` naming the shard, layer and value."""
+        if self.root is not None:
+            _read_tokens(self.root, self.manifest)
+        for shard in tqdm(self._shards, desc="verifying checksums", leave=False):
+            shard.verify()
+        for layer in self.layers if layers is None else layers:
+            self._check_layer(layer)
+            for kind in ("input", "output"):
+                _check_values(self._shards, layer, kind)
+
+
+def _check_values(shards: list[_Shard], layer: int, kind: str) -> None:
+    """Raise `StoreError` naming the first non-finite value, or the largest value of a row whose norm
+    exceeds `OUTLIER_RATIO` times the median row norm, of one layer's inputs or outputs."""
+    name = f"{layer}.{kind}"
+    norms = []
+    for shard in tqdm(shards, desc=f"checking layer {layer} {kind}s", leave=False):
+        values = shard.rows(name, None, torch.float32)
+        finite = torch.isfinite(values)
+        if not finite.all():
+            row = int((~finite).any(1).nonzero()[0])
+            value = float(values[row][~finite[row]][0])
+            raise StoreError(f"{shard.name} (layer {layer}) holds a non-finite {kind} value ({value}) at token "
+                             f"{shard.start + row}: the store is corrupted or the model overflowed. Collect it again "
+                             "(in float32 if it was half precision).")
+        norms.append(values.double().norm(dim=1))
+    limit = OUTLIER_RATIO * float(torch.cat(norms).median())
+    for shard, shard_norms in zip(shards, norms):
+        if float(shard_norms.max()) > limit:
+            row = int(shard_norms.argmax())
+            values = shard.rows(name, np.array([row]), torch.float32)[0]
+            value = float(values[values.abs().argmax()])
+            raise StoreError(
+                f"{shard.name} (layer {layer}) holds an outlier {kind} value {value:.4g} at token {shard.start + row} "
+                f"(its row's norm is {float(shard_norms[row]):.4g}, {float(shard_norms[row]) / limit * OUTLIER_RATIO:.3g} "
+                f"times the layer's median): bad data, not activations a transcoder can learn. Collect the store "
+                "again; if the model itself produces it, leave those tokens out of the corpus.")
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of a store folder, checked for format, version, seal and field types."""
+    manifest = read_manifest(root / "manifest.json", format=FORMAT, version=VERSION, error=StoreError,
+                             sealed_since=2, fix=_RECOLLECT)
+    try:
+        for key in ("complete",):
+            if not isinstance(manifest[key], bool):
+                raise TypeError(f"{key!r} is not true or false")
+        for key in ("n_tokens", "n_contexts", "context", "n_shards", "d_model"):
+            if not isinstance(manifest[key], int) or manifest[key] < 0:
+                raise TypeError(f"{key!r} is not a count")
+        for entry in manifest["shards"]:
+            if not all(isinstance(entry[key], int) and entry[key] >= 0 for key in ("start", "n_tokens")):
+                raise TypeError(f"shard entry {entry!r} has no valid start and token count")
+        if not all(isinstance(layer, int) for layer in manifest["layers"]) or manifest["dtype"] not in _DTYPES:
+            raise TypeError("invalid layers or dtype")
+    except (KeyError, TypeError) as error:
+        raise StoreError(f"{root / 'manifest.json'} is corrupted ({error!s}). {_RECOLLECT}") from error
+    return manifest
+
+
+def _check_counts(root: Path, manifest: dict[str, Any], shards: list[_Shard]) -> None:
+    """The manifest's counts must describe the shards: contiguous, covering ``n_tokens`` exactly, each
+    holding ``[n_tokens, d_model]`` rows of every layer."""
+    problem = None
+    expected_start = 0
+    for shard in shards:
+        if shard.start != expected_start:
+            problem = f"a shard starts at token {shard.start}, not {expected_start}"
+            break
+        for layer in manifest["layers"]:
+            for kind in ("input", "output"):
+                try:
+                    shape = shard.shape(f"{layer}.{kind}")
+                except KeyError:
+                    shape = None
+                if shape != (shard.n_tokens, manifest["d_model"]):
+                    problem = (f"{shard.name} holds {shape} {layer}.{kind} rows where the manifest says "
+                               f"({shard.n_tokens}, {manifest['d_model']})")
+                    break
+        expected_start += shard.n_tokens
+    if problem is None and expected_start != manifest["n_tokens"]:
+        problem = f"its shards hold {expected_start} tokens, its manifest says n_tokens={manifest['n_tokens']}"
+    if problem is None and manifest["n_contexts"] * manifest["context"] != manifest["n_tokens"]:
+        problem = (f"n_contexts={manifest['n_contexts']} contexts of {manifest['context']} tokens are not "
+                   f"n_tokens={manifest['n_tokens']}")
+    if problem is None and len(shards) != manifest["n_shards"]:
+        problem = f"it lists {len(shards)} shards of n_shards={manifest['n_shards']}"
+    if problem is not None:
+        raise StoreError(f"{root} is inconsistent: {problem}. The manifest was edited or the store corrupted. "
+                         f"{_RECOLLECT}")
+
+
+def _read_tokens(root: Path, manifest: dict[str, Any]) -> torch.Tensor:
+    """The store's token contexts, checked against the file's checksum and the manifest's hash."""
+    record = manifest.get("tokens", {})
+    path = root / "tokens.safetensors"
+    tensors = load_tensors(path, sha256=record.get("sha256"), fix=_RECOLLECT, error=StoreError)
+    tokens = tensors.get("tokens")
+    shape = (manifest["n_contexts"], manifest["context"])
+    if tokens is None or tuple(tokens.shape) != shape or _sha256(tokens) != manifest["tokens_sha256"]:
+        raise StoreError(f"{path} does not hold the manifest's {shape[0]} x {shape[1]} token contexts: it was "
+                         f"replaced or corrupted. {_RECOLLECT}")
+    return tokens.long()
 
 
 # -- collection ----------------------------------------------------------------------------------
 
 def _request(lm: Any, layers: list[int], tokens: torch.Tensor, dtype: str, contexts_per_shard: int) -> dict:
     return {
-        "format": FORMAT, "version": VERSION, "model": lm.name, "model_type": lm.config.model_type,
-        "d_model": lm.d_model, "layers": layers,
+        "format": FORMAT, "version": VERSION, "model": lm.name, "model_fingerprint": fingerprint(lm),
+        "model_type": lm.config.model_type, "d_model": lm.d_model, "layers": layers,
         "sites": {str(layer): lm.sites.mlp_sites(layer) for layer in layers},
         "context": tokens.shape[1], "n_contexts": tokens.shape[0], "n_tokens": tokens.numel(),
         "tokens_sha256": _sha256(tokens), "dtype": dtype, "contexts_per_shard": contexts_per_shard,
@@ -311,27 +383,34 @@ def _request(lm: Any, layers: list[int], tokens: torch.Tensor, dtype: str, conte
     }
 
 
-_IDENTITY = ("model", "layers", "context", "n_contexts", "tokens_sha256", "dtype", "contexts_per_shard")
+_IDENTITY = ("model", "model_fingerprint", "layers", "context", "n_contexts", "tokens_sha256", "dtype",
+             "contexts_per_shard")
 
 
 def _resume_or_start(root: Path, request: dict, tokens: torch.Tensor) -> dict:
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        different = [key for key in _IDENTITY if manifest.get(key) != request[key]]
+    """The manifest of the collection in ``root``: the one there if it is of the same request (to
+    resume or return), else a new one, with the tokens file written."""
+    if (root / "manifest.json").is_file():
+        manifest = _read_manifest(root)
+        old = manifest["version"] < 2  # written before fingerprints: the model is known by its name only
+        different = [key for key in _IDENTITY if manifest.get(key) != request[key]
+                     and not (old and key == "model_fingerprint")]
         if different:
             details = "; ".join(f"{key}: stored {manifest.get(key)!r}, asked {request[key]!r}"
-                                for key in different if key != "tokens_sha256")
+                                for key in different if key not in ("tokens_sha256", "model_fingerprint"))
+            if "model_fingerprint" in different:
+                details += ("; " if details else "") + "other model weights (the same name, different parameters)"
             if "tokens_sha256" in different:
                 details += ("; " if details else "") + "different tokens"
             raise StoreError(f"{root} already holds a different collection ({details}). Pass another out= "
                              "folder, or delete this one to replace it.")
+        if old and not manifest["complete"]:
+            raise StoreError(f"{root} holds an interrupted collection written by an older tcwidgets, which this "
+                             "one cannot resume. Delete the folder and collect again.")
         return manifest
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / "tokens.safetensors",
-                 lambda temporary: save_file({"tokens": tokens.to(torch.int32).contiguous()}, temporary))
     manifest = dict(request, shards=[], complete=False)
-    write_json(manifest_path, manifest)
+    manifest["tokens"] = save_tensors(root / "tokens.safetensors", {"tokens": tokens.to(torch.int32)})
+    write_manifest(root / "manifest.json", manifest)
     return manifest
 
 
@@ -407,10 +486,22 @@ def collect_activations(
     contexts_per_shard = max(batch_size, SHARD_BYTES // (row_bytes * context) // batch_size * batch_size)
     request = _request(lm, layers, tokens, dtype_name, contexts_per_shard)
 
-    root = Path(out) if out is not None else None
-    manifest = _resume_or_start(root, request, tokens) if root else dict(request, shards=[], complete=False)
-    if manifest["complete"]:
-        return ActivationStore.open(root)
+    if out is None:
+        return _collect(lm, layers, tokens, None, dict(request, shards=[], complete=False), batch_size, store_dtype,
+                        progress)
+    root = Path(out)
+    with lock(root, what="an activation store"):  # one collection at a time; a second waits, then resumes or reads
+        manifest = _resume_or_start(root, request, tokens)
+        if not manifest["complete"]:
+            _collect(lm, layers, tokens, root, manifest, batch_size, store_dtype, progress)
+    return ActivationStore.open(root)
+
+
+def _collect(lm: Any, layers: list[int], tokens: torch.Tensor, root: Path | None, manifest: dict,
+             batch_size: int, store_dtype: torch.dtype, progress: bool) -> ActivationStore | None:
+    """Collect the shards ``manifest`` lacks (into ``root``, or in memory when ``None``), then the
+    statistics; returns the store when it is in memory."""
+    context, contexts_per_shard = tokens.shape[1], manifest["contexts_per_shard"]
     done = {entry["start"] // context for entry in manifest["shards"]}
     memory: list[_Shard] = []
     bar = tqdm(total=tokens.numel(), initial=len(done) * contexts_per_shard * context, unit="tok",
@@ -433,16 +524,15 @@ def collect_activations(
             if root is None:
                 memory.append(_Shard(entry["start"], entry["n_tokens"], tensors=tensors))
                 continue
-            atomic_write(root / entry["file"], lambda temporary: save_file(tensors, temporary))
-            entry["bytes"] = (root / entry["file"]).stat().st_size
+            entry.update(save_tensors(root / entry["file"], tensors))
             manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["start"])
-            write_json(root / "manifest.json", manifest)
+            write_manifest(root / "manifest.json", manifest)
     bar.close()
     if root is None:
         manifest.update(complete=True, shards=[])
         manifest["stats"] = _finish_stats(memory, layers, tokens.numel())
         return ActivationStore(manifest, memory, tokens=tokens)
-    shards = [_Shard(e["start"], e["n_tokens"], path=root / e["file"]) for e in manifest["shards"]]
+    shards = [_Shard(e["start"], e["n_tokens"], path=root / e["file"], sha256=e["sha256"]) for e in manifest["shards"]]
     manifest.update(complete=True, stats=_finish_stats(shards, layers, tokens.numel()))
-    write_json(root / "manifest.json", manifest)
-    return ActivationStore.open(root)
+    write_manifest(root / "manifest.json", manifest)
+    return None

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .files import FileFormatError
+
 DEFAULT_CORPUS = "python-docs"
 EMBEDDED_CORPORA = ("python-docs", "python-docs+docstrings")
 
@@ -59,23 +61,53 @@ def stdlib_docstrings() -> list[str]:
     return documents
 
 
+class CorpusFileError(FileFormatError):
+    """A local corpus file cannot be read: not UTF-8 text, or a .jsonl line that is not a JSON object
+    with a string in the chosen column."""
+
+
 def _read_local(path: Path, column: str) -> Iterator[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"}) if path.is_dir() else [path]
     for file in files:
         if file.suffix == ".jsonl":
-            with file.open(encoding="utf-8") as lines:
+            with file.open("rb") as lines:
                 for number, line in enumerate(lines, 1):
                     if line.strip():
-                        record = json.loads(line)
-                        if column not in record:
-                            raise KeyError(f"{file}:{number} has no column {column!r} (it has {sorted(record)}); "
-                                           "pass column= to load_corpus.")
-                        yield record[column]
+                        yield _jsonl_text(file, number, line, column)
         elif file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8")
+            yield _decode(file, file.read_bytes())
         else:
             raise ValueError(f"Cannot read {file}: local corpora are .txt files (one document each), "
                              ".jsonl files (one document per line) or folders of them.")
+
+
+def _decode(file: Path, data: bytes, number: int | None = None) -> str:
+    where = f"{file}:{number}" if number is not None else str(file)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusFileError(f"{where} is not UTF-8 text (byte {error.start}: {data[error.start:error.start + 4]!r}); "
+                              "convert the file to UTF-8, e.g. with iconv -t UTF-8.") from error
+
+
+def _jsonl_text(file: Path, number: int, line: bytes, column: str) -> str:
+    """The ``column`` string of line ``number`` of a .jsonl file."""
+    where = f"{file}:{number}"
+    try:
+        record = json.loads(_decode(file, line, number))
+    except json.JSONDecodeError as error:
+        raise CorpusFileError(f"{where} is not valid JSON ({error.msg} at column {error.colno}); each line of a "
+                              '.jsonl corpus holds one JSON object such as {"text": "..."}.') from error
+    if not isinstance(record, dict):
+        kind = {str: "string", list: "array", int: "number", float: "number", bool: "boolean"}.get(type(record), "null")
+        raise CorpusFileError(f"{where} holds a JSON {kind}, not an object; each line of a "
+                              '.jsonl corpus holds one JSON object such as {"text": "..."}.')
+    if column not in record:
+        raise KeyError(f"{where} has no column {column!r} (it has {sorted(record)}); pass column= to load_corpus.")
+    if not isinstance(record[column], str):
+        raise CorpusFileError(f"{where}: its {column!r} is a {type(record[column]).__name__} "
+                              f"({str(record[column])[:40]!r}), not a string of text.")
+    return record[column]
 
 
 def _read_dataset(name: str, column: str, split: str, dataset_kwargs: dict) -> Iterator[str]:

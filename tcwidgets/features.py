@@ -9,12 +9,14 @@ views, logit effects and the tokens whose embeddings excite the latent. It retur
 A stats folder (all writes atomic, ``stats.json`` last, so an interrupted save never looks
 complete)::
 
-    stats.json          format, version, model, transcoder fingerprint and config, settings
+    stats.json          format, version, model, transcoder fingerprint and config, settings, the
+                        other files' checksums (sealed with its own, `tcwidgets.files`)
     stats.safetensors   per-latent arrays (first axis = latent) and the analysed token contexts
     vocab.json          the display string of every token id
 
 `FeatureStats.load` reads only ``stats.json`` and the safetensors header; a latent's rows are read
-from the memory-mapped file when asked for, so stats of thousands of latents open at once.
+from the memory-mapped file when asked for (checked against its checksum on the first read), so
+stats of thousands of latents open at once.
 """
 
 from __future__ import annotations
@@ -31,25 +33,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .activations import (ActivationStore, StoreError, atomic_write, read_safetensors_header, trace_mlp,
-                          write_json)
+from .activations import ActivationStore, trace_mlp
+from .files import (FileFormatError, MappedTensors, atomic_write, checksum, read_json, read_manifest, save_tensors,
+                    write_manifest)
 from .corpus import bos_id
 from .models import resolve
 from .splicing import check_transcoders, transcoder_input
 
 FORMAT = "tcwidgets.features"
-VERSION = 1
+VERSION = 2  # 2: checksums of the arrays and the vocabulary, a sealed stats.json
 SORT_KEYS = ("density", "max", "mean_active", "index")
 
 _STATS, _ARRAYS, _VOCAB = "stats.json", "stats.safetensors", "vocab.json"
-_NUMPY = {"F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64}
+_FIX = "run analyze_features again and save."
 _EMPTY = -1  # token index of an empty example slot
 
 
-class FeatureStatsError(ValueError):
+class FeatureStatsError(FileFormatError):
     """Feature statistics are missing, corrupted, from a newer version, or do not match."""
 
 
@@ -146,10 +148,11 @@ class FeatureStats:
         """Write the stats folder ``path`` (created if needed); returns it."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        arrays = {name: np.ascontiguousarray(array) for name, array in self._arrays.items()}
-        atomic_write(root / _ARRAYS, lambda temporary: save_file(arrays, temporary))
-        atomic_write(root / _VOCAB, lambda temporary: Path(temporary).write_text(json.dumps(self.vocab)))
-        write_json(root / _STATS, self.meta)
+        arrays = save_tensors(root / _ARRAYS, {name: np.asarray(array) for name, array in self._arrays.items()})
+        text = json.dumps(self.vocab)
+        atomic_write(root / _VOCAB, lambda temporary: Path(temporary).write_text(text))
+        write_manifest(root / _STATS, {**self.meta, "version": VERSION, "arrays": arrays,
+                                       "vocab": {"sha256": checksum(root / _VOCAB)}})
         return root
 
     @classmethod
@@ -160,24 +163,18 @@ class FeatureStats:
         if not meta_path.is_file():
             raise FeatureStatsError(f"{root} holds no feature statistics (no {_STATS}). Create them with "
                                     "tcwidgets.analyze_features(lm, transcoder, tokens).save(path).")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as error:
-            raise FeatureStatsError(f"{meta_path} is corrupted ({error}); run analyze_features again.") from error
-        if meta.get("format") != FORMAT:
-            raise FeatureStatsError(f"{meta_path} is not a tcwidgets feature-statistics file.")
-        if meta.get("version", 0) > VERSION:
-            raise FeatureStatsError(f"{root} was written by a newer tcwidgets (stats version {meta['version']}); "
-                                    "upgrade tcwidgets to read it.")
+        meta = read_manifest(meta_path, format=FORMAT, version=VERSION, fix=_FIX, error=FeatureStatsError,
+                             sealed_since=2)
         for name in (_ARRAYS, _VOCAB):
             if not (root / name).is_file():
-                raise FeatureStatsError(f"{root / name} is missing; run analyze_features again and save.")
-        return cls(meta, _MappedArrays(root / _ARRAYS), root=root)
+                raise FeatureStatsError(f"{root / name} is missing; {_FIX}")
+        arrays = MappedTensors(root / _ARRAYS, sha256=_recorded(meta, "arrays"), fix=_FIX, error=FeatureStatsError)
+        return cls(meta, arrays, root=root)
 
     @cached_property
     def vocab(self) -> list[str]:
         """The display string of every token id."""
-        return json.loads((self.root / _VOCAB).read_text())
+        return read_json(self.root / _VOCAB, sha256=_recorded(self.meta, "vocab"), fix=_FIX, error=FeatureStatsError)
 
     # -- what the stats describe ----------------------------------------------------------------------
     @property
@@ -337,32 +334,14 @@ def _pairs(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
     return [(int(i), float(v)) for i, v in zip(ids, values)]
 
 
-class _MappedArrays(Mapping):
-    """The arrays of one safetensors file, each memory-mapped when first asked for."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._header, self._offset = read_safetensors_header(path)
-        except StoreError as error:
-            raise FeatureStatsError(f"{path} is truncated or corrupted; run analyze_features again and "
-                                    f"save ({error.__cause__}).") from error
-        self._header.pop("__metadata__", None)
-        self._maps: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._maps:
-            entry = self._header[name]
-            begin, _ = entry["data_offsets"]
-            self._maps[name] = np.memmap(self.path, dtype=_NUMPY[entry["dtype"]], mode="r",
-                                         offset=self._offset + begin, shape=tuple(entry["shape"]))
-        return self._maps[name]
-
-    def __iter__(self):
-        return iter(self._header)
-
-    def __len__(self) -> int:
-        return len(self._header)
+def _recorded(meta: dict, name: str) -> str | None:
+    """The checksum ``stats.json`` records for one of the other files (none before version 2)."""
+    if meta["version"] < 2:
+        return None
+    record = meta.get(name)
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise FeatureStatsError(f"stats.json lacks the checksum of its {name}; {_FIX}")
+    return record["sha256"]
 
 
 # -- streaming accumulation -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Files: atomic writes, JSON manifests checked against a format and version, safetensors written
-with a checksum and read whole or memory-mapped, the checksum verified on first read.
+"""Files: atomic writes, JSON manifests checked against a format and version (and sealed with a
+checksum of their content), safetensors written with a checksum and read whole or memory-mapped,
+the checksum verified on first read, and a lock for folders that several processes may write.
 
 Every file kind of tcwidgets goes through this module: activation stores, transcoders, feature
 statistics, training checkpoints and circuit graphs. A reader never returns bytes that differ from
@@ -9,20 +10,22 @@ kind's own subclass of it) naming the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["FileFormatError", "MappedTensors", "atomic_write", "checksum", "inside", "load_tensors",
-           "read_json", "read_manifest", "save_tensors", "write_json"]
+__all__ = ["FileFormatError", "MappedTensors", "atomic_write", "checksum", "inside", "load_tensors", "lock",
+           "read_json", "read_manifest", "save_tensors", "unseal", "write_json", "write_manifest"]
 
 #: safetensors dtype names -> numpy dtypes (bfloat16 is read as raw 16-bit words, then viewed)
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -55,20 +58,43 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any] | list) -> None:
     atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
 
-def read_json(path: str | os.PathLike, *, fix: str, error: type[FileFormatError] = FileFormatError) -> Any:
-    """Parse a JSON file; a missing or unreadable one raises ``error`` naming the file and ``fix``."""
+def write_manifest(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write a JSON manifest atomically, sealed with the SHA-256 of its content (key ``"sha256"``) so
+    `read_manifest` detects any change to it."""
+    body = {key: value for key, value in data.items() if key != "sha256"}
+    write_json(path, {**body, "sha256": _content_checksum(body)})
+
+
+def _content_checksum(data: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_json(path: str | os.PathLike, *, fix: str, error: type[FileFormatError] = FileFormatError,
+              sha256: str | None = None) -> Any:
+    """Parse a JSON file; a missing or unreadable one (or, with ``sha256``, one whose bytes do not
+    match it) raises ``error`` naming the file and ``fix``."""
     path = Path(path)
     try:
-        return json.loads(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError as cause:
         raise error(f"{path} is missing: {fix}") from cause
-    except (OSError, ValueError) as cause:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except OSError as cause:
+        raise error(f"{path} is unreadable ({cause}): {fix}") from cause
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise error(f"{path} is corrupted: its bytes do not match the checksum recorded when it was written. {fix}")
+    try:
+        return json.loads(data)
+    except ValueError as cause:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise error(f"{path} is unreadable or corrupted ({cause}): {fix}") from cause
 
 
 def read_manifest(path: str | os.PathLike, *, format: str, version: int, fix: str,
-                  error: type[FileFormatError] = FileFormatError) -> dict[str, Any]:
-    """Read a JSON manifest and check it is a JSON object of ``format`` at ``version`` or older."""
+                  error: type[FileFormatError] = FileFormatError, sealed_since: int | None = None) -> dict[str, Any]:
+    """Read a JSON manifest and check it is a JSON object of ``format`` at ``version`` or older.
+
+    A manifest written by `write_manifest` is checked against its seal; from version
+    ``sealed_since`` on, the seal is required (older manifests were written without one).
+    """
     data = read_json(path, fix=fix, error=error)
     if not isinstance(data, dict) or data.get("format") != format:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -79,7 +105,22 @@ def read_manifest(path: str | os.PathLike, *, format: str, version: int, fix: st
     if found_version > version:
         raise error(f"{path} was written by a newer tcwidgets ({format} version {found_version}; this one "
                     f"reads up to {version}): upgrade with `pip install -U tcwidgets`.")
-    return data
+    return unseal(path, data, required=sealed_since is not None and found_version >= sealed_since,
+                  fix=fix, error=error)
+
+
+def unseal(path: str | os.PathLike, data: dict[str, Any], *, required: bool, fix: str,
+           error: type[FileFormatError] = FileFormatError) -> dict[str, Any]:
+    """``data`` (read from ``path``) without the seal `write_manifest` adds, after checking it (files
+    written before seals existed have none: pass ``required=False`` for them)."""
+    body = {key: value for key, value in data.items() if key != "sha256"}
+    seal = data.get("sha256")
+    if seal is None and required:
+        raise error(f"{path} has lost its checksum (\"sha256\"): it was edited or corrupted. {fix}")
+    if seal is not None and seal != _content_checksum(body):
+        raise error(f"{path} was edited or corrupted: its content does not match the checksum recorded when "
+                    f"it was written. {fix}")
+    return body
 
 
 def inside(root: str | os.PathLike, name: Any, *, error: type[FileFormatError] = FileFormatError) -> Path:
@@ -88,6 +129,31 @@ def inside(root: str | os.PathLike, name: Any, *, error: type[FileFormatError] =
         raise error(f"{root}: the manifest names the file {name!r}, which is outside its folder; the manifest "
                     "was edited or corrupted. Restore or re-create it.")
     return Path(root) / name
+
+
+@contextlib.contextmanager
+def lock(folder: str | os.PathLike, *, what: str = "this folder") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` on ``folder/.lock``) for the ``with``
+    block: a second process locking the same folder waits, saying so on stderr, until the first
+    is done. Released when the block ends or the process dies. (No lock on Windows.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process that is writing {what} ({folder}) to finish...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def checksum(path: str | os.PathLike) -> str:
@@ -131,6 +197,8 @@ def _header(path: Path, error: type[FileFormatError], fix: str) -> tuple[dict, i
         for name, entry in header.items():
             begin, stop = entry["data_offsets"]
             shape = entry["shape"]
+            if not isinstance(begin, int) or begin < 0 or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise ValueError(f"tensor {name!r} has an invalid shape or offset")
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
             if entry["dtype"] not in NUMPY_DTYPES or stop - begin != count * np.dtype(NUMPY_DTYPES[entry["dtype"]]).itemsize:
                 raise ValueError(f"tensor {name!r} has an inconsistent size or dtype")
@@ -155,13 +223,16 @@ def load_tensors(path: str | os.PathLike, *, sha256: str | None, fix: str, devic
     before checksums were recorded, checked for structure only)."""
     path = Path(path)
     _header(path, error, fix)
-    _verify(path, sha256, error, fix)
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise error(f"{path} is corrupted: its bytes do not match the checksum recorded when it was written. {fix}")
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
     try:
-        return load_file(path, device=str(device) if device is not None else "cpu")
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as cause:
         raise error(f"{path} is truncated or corrupted ({cause}): {fix}") from cause
+    return tensors if device is None else {name: t.to(device) for name, t in tensors.items()}
 
 
 class MappedTensors(Mapping):
@@ -181,19 +252,27 @@ class MappedTensors(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._maps:
             entry = self._entries[name]  # KeyError for an unknown name, as a Mapping should
-            if not self._verified:
-                _verify(self.path, self._sha256, self._error, self._fix)
-                self._verified = True
+            self.verify()
             begin, _ = entry["data_offsets"]
             self._maps[name] = np.memmap(self.path, dtype=NUMPY_DTYPES[entry["dtype"]], mode="r",
                                          offset=self._offset + begin, shape=tuple(entry["shape"]))
         return self._maps[name]
+
+    def verify(self) -> None:
+        """Check the file against its recorded checksum (once; later calls return at once)."""
+        if not self._verified:
+            _verify(self.path, self._sha256, self._error, self._fix)
+            self._verified = True
 
     def __iter__(self):
         return iter(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header (reads nothing else)."""
+        return tuple(self._entries[name]["shape"])
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype name of a tensor (``"BF16"`` for arrays of raw bfloat16 words)."""

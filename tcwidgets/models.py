@@ -8,12 +8,15 @@ remotely on NDIF.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from typing import Any
 import nnsight
 import torch
 from nnsight import TransformersModel
+
+from .files import FileFormatError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -37,6 +42,10 @@ _EMBEDDED_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
 
 class ModelNotFoundError(ValueError):
     """The requested model name, folder or package could not be found."""
+
+
+class ModelConfigError(FileFormatError):
+    """A model folder's ``config.json`` is invalid (a field of the wrong type or value)."""
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -202,6 +211,33 @@ class Model(TransformersModel):
                 "d_model": self.d_model, "sites": asdict(self.sites)}
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_SAMPLES_PER_TENSOR = 4096
+
+
+def fingerprint(model: Model | torch.nn.Module) -> str:
+    """A SHA-256 fingerprint of a model's weights: its architecture type and, for every parameter
+    and buffer, its name, dtype, shape and 4096 evenly spaced values (all when fewer). Models with
+    other weights get other fingerprints even under the same name; computed once per model object
+    (about 10 ms for 135M parameters). A model whose weights stay remote (NDIF) is known by its
+    name, config and shapes only."""
+    module = model._module if isinstance(model, Model) else model
+    if module not in _FINGERPRINTS:
+        digest = hashlib.sha256(str(getattr(getattr(module, "config", None), "model_type", None)).encode())
+        for name, tensor in module.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            if tensor.device.type == "meta":
+                digest.update(getattr(model, "name", "").encode())
+                continue
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() > _SAMPLES_PER_TENSOR:
+                step = (flat.numel() - 1) // (_SAMPLES_PER_TENSOR - 1)
+                flat = flat[::step][:_SAMPLES_PER_TENSOR]
+            digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        _FINGERPRINTS[module] = digest.hexdigest()
+    return _FINGERPRINTS[module]
+
+
 def _config_value(config: Any, *names: str) -> int:
     for name in names:
         value = getattr(config, name, None)
@@ -258,16 +294,54 @@ def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
 def _load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    offline = not Path(name_or_path).exists() and not _hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=offline)
     except (OSError, ValueError) as error:
+        hub = ("the Hugging Face hub is not reachable from here and it is not in the local cache"
+               if offline else "nor a Hugging Face id reachable from here")
         raise ModelNotFoundError(
             f"Could not load model {name_or_path!r}: it is neither an embedded model "
-            f"({', '.join(_EMBEDDED)}), nor a local folder with config.json and weights, nor a "
-            f"Hugging Face id reachable from here ({error})."
+            f"({', '.join(_EMBEDDED)}), nor a local folder with config.json and weights, {hub} ({error})."
         ) from error
+    except Exception as error:  # transformers' strict config validation raises its own exception types
+        if not _is_config_error(error):
+            raise
+        raise ModelConfigError(f"{name_or_path!r} has an invalid config.json: {str(error).splitlines()[0]}. "
+                               "Fix that field (or download the model again).") from error
     return module, tokenizer
+
+
+def _is_config_error(error: Exception) -> bool:
+    """Whether ``error`` is a config validation failure (huggingface_hub's strict dataclasses, or a
+    TypeError from a field of the wrong type)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub
+        StrictDataclassError = ()  # noqa: N806
+    return isinstance(error, (TypeError, StrictDataclassError))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be asked for a model: not with ``HF_HUB_OFFLINE`` set, nor
+    when a TCP connection to its endpoint fails within ``timeout`` (without this check, an unknown
+    name offline takes the hub client's retries, most of a minute, to fail). Behind a proxy the
+    hub client is trusted to know."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 _LOADED: dict[tuple, Model] = {}

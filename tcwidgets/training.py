@@ -13,13 +13,14 @@ A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defau
 - AuxK (Gao et al. 2024) for latents that have not fired in the last ``dead_window`` tokens.
 - TopK/BatchTopK train through a sparse path: the encoder's and decoder's backward passes only
   touch the active latents.
-- Checkpoints (safetensors + JSON, never pickles) written atomically, and exact resume: an
-  interrupted run resumed from its checkpoint ends with the same weights, bit for bit on CPU.
+- Checkpoints (safetensors + JSON, never pickles, checksummed) written atomically, and exact
+  resume: an interrupted run resumed from its checkpoint ends with the same weights, bit for bit on
+  CPU. A checkpoint records its store's identity (model weights, tokens, layer) and is refused for
+  another store.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -29,28 +30,27 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .activations import OUTLIER_RATIO
 from .evaluation import ReconstructionStats
-from .transcoder import (
-    Transcoder,
-    TranscoderConfig,
-    TranscoderFileError,
-    read_safetensors,
-    step as heaviside,
-)
+from .files import FileFormatError, load_tensors, read_manifest, save_tensors, write_manifest
+from .transcoder import Transcoder, TranscoderConfig, step as heaviside
 
 __all__ = [
-    "TrainingConfig", "Trainer", "train_transcoder", "reconstruction_metrics", "default_lr",
+    "CheckpointError", "TrainingConfig", "Trainer", "train_transcoder", "reconstruction_metrics", "default_lr",
     "default_batch_size", "initialize",
 ]
 
 CHECKPOINT_FORMAT = "tcwidgets.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the store's full identity, checksums, a sealed trainer.json
 _SPARSE = ("topk", "batchtopk")
 _DEFAULT_SPARSITY = {"relu": 3e-3, "jumprelu": 1e-3}
+
+
+class CheckpointError(FileFormatError):
+    """A training checkpoint is unreadable, corrupted, or of another run (settings or store)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +305,8 @@ class Trainer:
         self.sparsity = config.sparsity_coefficient or _DEFAULT_SPARSITY.get(config.activation, 0.0)
         self.checkpoint_every = checkpoint_every or max(1, self.total_steps // 10)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        stats = store.stats(layer)
+        self._squared_norm_limits = ((OUTLIER_RATIO * stats.in_norm) ** 2, (OUTLIER_RATIO * stats.out_norm) ** 2)
 
         if transcoder is None:
             transcoder = self._new_transcoder(sites)
@@ -338,9 +340,8 @@ class Trainer:
         ))
         n = min(store.n_tokens, max(16384, 4 * c.n_latents))
         x, y = next(store.batches(layer, n, seed=c.seed + 1))
-        finite = math.isfinite(stats.in_norm) and math.isfinite(stats.out_norm)
-        if not (finite and torch.isfinite(x).all() and torch.isfinite(y).all()):
-            store.verify()  # names the shard, layer and side holding NaN or infinite values
+        if not all(_plausible(norm, values) for norm, values in ((stats.in_norm, x), (stats.out_norm, y))):
+            store.verify([layer])  # names the shard, token and value: NaN, infinite, or an outlier
         initialize(tc, y if sae else x, y, torch.Generator().manual_seed(c.seed))
         return tc
 
@@ -390,10 +391,11 @@ class Trainer:
         return tc
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
-        for name, t in (("inputs", x), ("outputs", y)):
-            if not torch.isfinite(t).all():
+        for name, t, limit in zip(("inputs", "outputs"), (x, y), self._squared_norm_limits):
+            if not float(t.square().sum(1).max()) <= limit:  # also catches NaN
+                self.store.verify([self.layer])  # names the shard, token and value
                 raise ValueError(
-                    f"batch {self.step} of layer {self.layer} has NaN or infinite MLP {name}: the "
+                    f"batch {self.step} of layer {self.layer} has NaN, infinite or outlier MLP {name}: the "
                     f"activation store is corrupted or the model overflowed; store.verify() finds the "
                     f"shard; re-collect the activations (in float32 if they were half precision)"
                 )
@@ -512,16 +514,16 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".{target.name}."))
         try:
             self.transcoder.save(tmp / "transcoder")
-            tensors = {"tokens_since_fired": self.tokens_since_fired.cpu()}
+            tensors = {"tokens_since_fired": self.tokens_since_fired}
             names = {p: name for name, p in self.transcoder.named_parameters()}
             for p, state in self.optimizer.state.items():
                 for key, value in state.items():
-                    tensors[f"optimizer.{names[p]}.{key}"] = value.detach().cpu().reshape(value.shape)
-            save_file(tensors, tmp / "trainer.safetensors")
-            (tmp / "trainer.json").write_text(json.dumps({
+                    tensors[f"optimizer.{names[p]}.{key}"] = value.detach().reshape(value.shape)
+            write_manifest(tmp / "trainer.json", {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
                 "training": asdict(self.config), "store": self._store_identity(), "history": self.history,
-            }, indent=1))
+                "tensors": save_tensors(tmp / "trainer.safetensors", tensors),
+            })
             if target.exists():
                 shutil.rmtree(target)
             os.rename(tmp, target)
@@ -532,43 +534,58 @@ class Trainer:
         return target
 
     def _store_identity(self) -> dict[str, Any]:
-        return {"model": self.store.model, "layer": self.layer, "n_tokens": self.store.n_tokens}
+        """What the training data is: the store's `identity` (model weights, tokens) and the layer."""
+        identity = getattr(self.store, "identity", None) or {"model": self.store.model, "n_tokens": self.store.n_tokens}
+        return {**identity, "layer": self.layer}
 
     def _load_checkpoint(self, path: Path) -> None:
-        meta_path = path / "trainer.json"
+        fix = f"delete {path} to resume from an older checkpoint, or pass resume=False to start over"
+        meta = read_manifest(path / "trainer.json", format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, fix=fix,
+                             error=CheckpointError, sealed_since=2)
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise TranscoderFileError(f"{meta_path} is unreadable ({err}); delete {path} to resume from an older checkpoint") from err
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version", 0) > CHECKPOINT_VERSION:
-            raise TranscoderFileError(f"{meta_path} is not a checkpoint this tcwidgets can read; upgrade tcwidgets")
-        saved = TrainingConfig(**{f.name: meta["training"][f.name] for f in fields(TrainingConfig)})
+            saved = TrainingConfig(**{f.name: meta["training"][f.name] for f in fields(TrainingConfig)})
+            stored, step, history = dict(meta["store"]), int(meta["step"]), list(meta["history"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / 'trainer.json'} is corrupted ({err!s}); {fix}") from err
+        identity = self._store_identity()
         differences = {
             **{name: (getattr(saved, name), getattr(self.config, name)) for name in asdict(saved)
                if getattr(saved, name) != getattr(self.config, name)},
-            **{name: (value, self._store_identity()[name]) for name, value in meta["store"].items()
-               if value != self._store_identity()[name]},
+            **{name: (value, identity.get(name)) for name, value in stored.items() if value != identity.get(name)},
         }
         if differences:
-            listed = ", ".join(f"{name}: checkpoint {a!r}, now {b!r}" for name, (a, b) in differences.items())
-            raise ValueError(
-                f"{self.checkpoint_dir} holds a run with other settings ({listed}): use another "
+            listed = ", ".join(f"{name}: checkpoint {_short(a)}, now {_short(b)}" for name, (a, b) in differences.items())
+            what = "another store" if set(differences) <= set(stored) else "other settings"
+            raise CheckpointError(
+                f"{self.checkpoint_dir} holds a run with {what} ({listed}): use another "
                 f"checkpoint_dir, or resume=False to start over"
             )
-        fix = f"delete {path} to resume from an older checkpoint, or pass resume=False"
         tc = Transcoder.load(path / "transcoder", device=self.device)
         self.transcoder.load_state_dict(tc.state_dict())
-        tensors = read_safetensors(path / "trainer.safetensors", self.device, fix=fix)
-        self.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
+        record = meta.get("tensors") if meta["version"] >= 2 else {}
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path / 'trainer.json'} lacks the checksum of trainer.safetensors; {fix}")
+        tensors = load_tensors(path / "trainer.safetensors", sha256=record.get("sha256"), fix=fix,
+                               device=self.device, error=CheckpointError)
         params = dict(self.transcoder.named_parameters())
-        state: dict[int, dict[str, Tensor]] = {}
         index = {name: i for i, name in enumerate(params)}
-        for key, value in tensors.items():
-            _, name, field_name = key.split(".")
-            state.setdefault(index[name], {})[field_name] = value.cpu() if field_name == "step" else value
-        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
-        self.step = meta["step"]
-        self.history = meta["history"]
+        state: dict[int, dict[str, Tensor]] = {}
+        try:
+            self.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
+            for key, value in tensors.items():
+                _, name, field_name = key.split(".")
+                state.setdefault(index[name], {})[field_name] = value.cpu() if field_name == "step" else value
+            self.optimizer.load_state_dict({"state": state,
+                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path / 'trainer.safetensors'} does not match this run ({err!s}); {fix}") from err
+        self.step = step
+        self.history = history
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: hashes shortened to 12 characters."""
+    return repr(value[:12] + "…") if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:
@@ -581,6 +598,13 @@ def _clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
     for path in [*directory.glob("step-[0-9]*"), *directory.glob(".step-*")]:
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _plausible(mean_norm: float, sample: Tensor) -> bool:
+    """Whether a layer's average row norm (from the store's statistics) is finite and near the typical
+    norm of a sample of its rows; one huge value in the store inflates the average."""
+    typical = float(sample.norm(dim=1).median())
+    return math.isfinite(mean_norm) and math.isfinite(typical) and mean_norm <= OUTLIER_RATIO * typical
 
 
 def _take(iterable, n: int):

@@ -16,12 +16,12 @@ Activations: ``"relu"`` (trained with an L1 penalty weighted by decoder row norm
 ``"jumprelu"`` (trained through a straight-through estimator with an L0 penalty, Rajamanoharan
 et al. 2024).
 
-Files: ``config.json`` + ``weights.safetensors``, written atomically, never pickled.
+Files: ``config.json`` + ``weights.safetensors``, written atomically, never pickled; the config
+records the weights' checksum and is sealed with its own (`tcwidgets.files`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -31,11 +31,9 @@ from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .activations import atomic_write
+from .files import FileFormatError, load_tensors, read_json, save_tensors, unseal, write_manifest
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -51,8 +49,9 @@ __all__ = [
     "rectangle",
 ]
 
-SCHEMA_VERSION = 1
-"""Version of the on-disk format (``config.json`` + ``weights.safetensors``)."""
+SCHEMA_VERSION = 2
+"""Version of the on-disk format (``config.json`` + ``weights.safetensors``); 2 adds the weights'
+checksum and the config's seal."""
 
 KINDS = ("transcoder", "skip", "sae")
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -60,7 +59,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-class TranscoderFileError(ValueError):
+class TranscoderFileError(FileFormatError):
     """A saved transcoder cannot be read: missing, truncated, corrupted or from a newer version."""
 
 
@@ -508,14 +507,12 @@ class Transcoder(nn.Module):
     # ---- files ------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``weights.safetensors`` into directory ``path`` (created if
-        needed), each atomically. Returns the directory."""
+        """Write ``weights.safetensors``, then ``config.json`` (with the weights' checksum) into
+        directory ``path`` (created if needed), each atomically. Returns the directory."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_dict(), indent=2)
-        atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        weights = save_tensors(path / WEIGHTS_FILE, self.state_dict(), metadata={"format": "pt"})
+        write_manifest(path / CONFIG_FILE, {**self.config.to_dict(), "weights": weights})
         return path
 
     @classmethod
@@ -530,14 +527,18 @@ class Transcoder(nn.Module):
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise TranscoderFileError(f"{p} not found: is {path} a directory written by Transcoder.save?")
-        try:
-            data = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TranscoderFileError(f"{config_path} is not valid JSON ({err}); re-save the transcoder") from err
+        fix = "re-save or re-train the transcoder"
+        data = read_json(config_path, fix=fix, error=TranscoderFileError)
         if not isinstance(data, dict):
-            raise TranscoderFileError(f"{config_path} does not hold a JSON object; re-save the transcoder")
+            raise TranscoderFileError(f"{config_path} does not hold a JSON object; {fix}")
+        version = data.get("schema_version")
+        if isinstance(version, int) and version <= SCHEMA_VERSION:  # a newer one is refused by from_dict
+            data = unseal(config_path, data, required=version >= 2, fix=fix, error=TranscoderFileError)
+        record = data.pop("weights", None)
         config = TranscoderConfig.from_dict(data, source=str(config_path))
-        tensors = read_safetensors(weights_path, device, fix="re-save or re-train the transcoder")
+        if not isinstance(record, dict) and config.schema_version >= 2:
+            raise TranscoderFileError(f"{config_path} lacks the weights' checksum; {fix}")
+        tensors = load_tensors(weights_path, sha256=(record or {}).get("sha256"), fix=fix, error=TranscoderFileError)
         model = cls(config)
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         found = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -547,23 +548,6 @@ class Transcoder(nn.Module):
                 for name in set(expected) | set(found)
                 if expected.get(name) != found.get(name)
             )
-            raise TranscoderFileError(
-                f"{weights_path} does not match {config_path} ({'; '.join(diff)}); "
-                f"re-save or re-train the transcoder"
-            )
+            raise TranscoderFileError(f"{weights_path} does not match {config_path} ({'; '.join(diff)}); {fix}")
         model.load_state_dict({name: t.float() for name, t in tensors.items()})
         return model.to(device) if device is not None else model
-
-
-# --------------------------------------------------------------------------------------------
-# Reading weights (shared with training checkpoints)
-# --------------------------------------------------------------------------------------------
-
-
-def read_safetensors(path: Path, device: str | torch.device | None, *, fix: str) -> dict[str, Tensor]:
-    """Read a safetensors file, turning any read failure into a `TranscoderFileError` that
-    names the file and says how to ``fix`` it."""
-    try:
-        return load_file(path, device=str(device) if device is not None else "cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise TranscoderFileError(f"{path} is truncated or corrupted ({err}); {fix}") from err
