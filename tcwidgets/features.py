@@ -168,13 +168,18 @@ class FeatureStats:
         for name in (_ARRAYS, _VOCAB):
             if not (root / name).is_file():
                 raise FeatureStatsError(f"{root / name} is missing; {_FIX}")
-        arrays = MappedTensors(root / _ARRAYS, sha256=_recorded(meta, "arrays"), fix=_FIX, error=FeatureStatsError)
-        return cls(meta, arrays, root=root)
+        arrays_sha256, vocab_sha256 = _recorded(meta, "arrays"), _recorded(meta, "vocab")
+        stats = cls(meta, MappedTensors(root / _ARRAYS, sha256=arrays_sha256, fix=_FIX, error=FeatureStatsError),
+                    root=root)
+        stats._vocab_sha256 = vocab_sha256
+        return stats
+
+    _vocab_sha256: str | None = None  # the checksum stats.json records for vocab.json
 
     @cached_property
     def vocab(self) -> list[str]:
         """The display string of every token id."""
-        return read_json(self.root / _VOCAB, sha256=_recorded(self.meta, "vocab"), fix=_FIX, error=FeatureStatsError)
+        return read_json(self.root / _VOCAB, sha256=self._vocab_sha256, fix=_FIX, error=FeatureStatsError)
 
     # -- what the stats describe ----------------------------------------------------------------------
     @property
@@ -335,10 +340,11 @@ def _pairs(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
 
 
 def _recorded(meta: dict, name: str) -> str | None:
-    """The checksum ``stats.json`` records for one of the other files (none before version 2)."""
+    """The checksum ``stats.json`` records for one of the other files, taken out of ``meta`` (none
+    before version 2)."""
+    record = meta.pop(name, None)
     if meta["version"] < 2:
         return None
-    record = meta.get(name)
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         raise FeatureStatsError(f"stats.json lacks the checksum of its {name}; {_FIX}")
     return record["sha256"]

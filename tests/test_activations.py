@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tcwidgets as tcw
-from tcwidgets import activations
+from tcwidgets import activations, files
 from tcwidgets.activations import LayerNotInStoreError, StoreError
 
 
@@ -153,17 +153,25 @@ def test_truncated_or_corrupted_shards_give_a_clear_error(lm, tmp_path):
         tcw.ActivationStore.open(tmp_path)
 
 
+def rewrite_shard(root, edit) -> None:
+    """Change the first shard's tensors with ``edit(tensors)`` and record the new file in the manifest, as
+    a collection that produced those values would have (checksums and seal consistent)."""
+    manifest = files.read_manifest(root / "manifest.json", format=activations.FORMAT, version=activations.VERSION,
+                                   fix="")
+    entry = manifest["shards"][0]
+    tensors = files.load_tensors(root / entry["file"], sha256=entry["sha256"], fix="")
+    edit(tensors)
+    entry.update(files.save_tensors(root / entry["file"], tensors))
+    files.write_manifest(root / "manifest.json", manifest)
+
+
 def test_non_finite_values_are_found_by_verify(lm, tmp_path):
     tokens = torch.randint(0, 49152, (2, 8))
     store = tcw.collect_activations(lm, [2], tokens, out=tmp_path, progress=False)
     store.verify()
-    shard = store.root / store.manifest["shards"][0]["file"]
-    header, offset = activations.read_safetensors_header(shard)
-    begin = header["2.output"]["data_offsets"][0]
-    with shard.open("r+b") as file:
-        file.seek(offset + begin)
-        file.write(np.array([np.nan], dtype=np.float32).tobytes())
-    with pytest.raises(StoreError, match="non-finite output values at layer 2"):
+    rewrite_shard(tmp_path, lambda tensors: tensors["2.output"].view(-1)[5 * 576 + 7].fill_(float("nan")))
+    with pytest.raises(StoreError, match="shard-00000.safetensors \\(layer 2\\) holds a non-finite output value "
+                                         "\\(nan\\) at token 5"):
         tcw.ActivationStore.open(tmp_path).verify()
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tcwidgets import files
+
 from tcwidgets.transcoder import (
     SCHEMA_VERSION,
     Transcoder,
@@ -286,6 +288,11 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     tensors = load_file(tmp_path / "weights.safetensors")
     tensors["W_enc"] = tensors["W_enc"][:-1]
     save_file(tensors, tmp_path / "weights.safetensors")
+    with pytest.raises(TranscoderFileError, match=r"weights\.safetensors is corrupted: its bytes do not match"):
+        Transcoder.load(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())  # recorded as if saved so
+    record = files.save_tensors(tmp_path / "weights.safetensors", tensors)
+    files.write_manifest(tmp_path / "config.json", {**config, "weights": record})
     with pytest.raises(TranscoderFileError, match=r"W_enc: expected \(48, 12\), found \(47, 12\)"):
         Transcoder.load(tmp_path)
 
@@ -295,7 +302,7 @@ def test_missing_or_invalid_config(tmp_path):
         Transcoder.load(tmp_path)
     make().save(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(TranscoderFileError, match="config.json is not valid JSON"):
+    with pytest.raises(TranscoderFileError, match="config.json is unreadable or corrupted"):
         Transcoder.load(tmp_path)
 
 
