@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import tcwidgets as tcw
-from tcwidgets import activations, files
+from tcwidgets import activations
 from tcwidgets.activations import LayerNotInStoreError, StoreError
+
+from stores import rewrite_shard
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +153,6 @@ def test_truncated_or_corrupted_shards_give_a_clear_error(lm, tmp_path):
     shard.unlink()
     with pytest.raises(StoreError, match="missing"):
         tcw.ActivationStore.open(tmp_path)
-
-
-def rewrite_shard(root, edit) -> None:
-    """Change the first shard's tensors with ``edit(tensors)`` and record the new file in the manifest, as
-    a collection that produced those values would have (checksums and seal consistent)."""
-    manifest = files.read_manifest(root / "manifest.json", format=activations.FORMAT, version=activations.VERSION,
-                                   fix="")
-    entry = manifest["shards"][0]
-    tensors = files.load_tensors(root / entry["file"], sha256=entry["sha256"], fix="")
-    edit(tensors)
-    entry.update(files.save_tensors(root / entry["file"], tensors))
-    files.write_manifest(root / "manifest.json", manifest)
 
 
 def test_non_finite_values_are_found_by_verify(lm, tmp_path):
