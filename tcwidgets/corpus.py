@@ -99,15 +99,19 @@ def _jsonl_text(file: Path, number: int, line: bytes, column: str) -> str:
         raise CorpusFileError(f"{where} is not valid JSON ({error.msg} at column {error.colno}); each line of a "
                               '.jsonl corpus holds one JSON object such as {"text": "..."}.') from error
     if not isinstance(record, dict):
-        kind = {str: "string", list: "array", int: "number", float: "number", bool: "boolean"}.get(type(record), "null")
-        raise CorpusFileError(f"{where} holds a JSON {kind}, not an object; each line of a "
+        raise CorpusFileError(f"{where} holds a JSON {_json_kind(record)}, not an object; each line of a "
                               '.jsonl corpus holds one JSON object such as {"text": "..."}.')
     if column not in record:
         raise KeyError(f"{where} has no column {column!r} (it has {sorted(record)}); pass column= to load_corpus.")
     if not isinstance(record[column], str):
-        raise CorpusFileError(f"{where}: its {column!r} is a {type(record[column]).__name__} "
-                              f"({str(record[column])[:40]!r}), not a string of text.")
+        raise CorpusFileError(f"{where}: its {column!r} is a JSON {_json_kind(record[column])} "
+                              f"({json.dumps(record[column])[:40]}), not a string of text.")
     return record[column]
+
+
+def _json_kind(value: Any) -> str:
+    return {str: "string", list: "array", dict: "object", int: "number", float: "number",
+            bool: "boolean"}.get(type(value), "null")
 
 
 def _read_dataset(name: str, column: str, split: str, dataset_kwargs: dict) -> Iterator[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tcwidgets as tcw
-from tcwidgets.corpus import EmptyCorpusError, pack, python_docs
+from tcwidgets.corpus import CorpusFileError, EmptyCorpusError, pack, python_docs
 
 
 WORDS = ("apple banana cherry river mountain window garden silver yellow orange purple engine planet "
@@ -110,3 +110,21 @@ def test_bad_input(lm, tmp_path):
         tcw.load_corpus("python-docs")
     with pytest.raises(TypeError, match="must yield strings"):
         tcw.load_corpus([1, 2, 3], lm)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"text": broken}\n', r"bad\.jsonl:2 is not valid JSON \(Expecting value at column 10\)"),
+    (b'{"text": "fine"}\n\n"just a string"\n', r"bad\.jsonl:3 holds a JSON string, not an object"),
+    (b'{"text": 12345}\n', r"bad\.jsonl:1: its 'text' is a JSON number \(12345\), not a string"),
+    (b'{"text": "caf\xe9"}\n', r"bad\.jsonl:1 is not UTF-8 text \(byte 13: b'\\xe9\"}\\n'\).*iconv"),
+])
+def test_bad_jsonl_lines_are_named_by_file_and_line(lm, tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(CorpusFileError, match=message):
+        tcw.load_corpus(tmp_path / "bad.jsonl", lm, context=8)
+
+
+def test_a_text_file_that_is_not_utf8_is_named(lm, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
+    with pytest.raises(CorpusFileError, match=r"latin1\.txt is not UTF-8 text \(byte 1"):
+        tcw.load_corpus(tmp_path, lm, context=8)

@@ -1,6 +1,10 @@
 """load_model and the architecture sites, checked against plain PyTorch forward hooks."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -8,7 +12,7 @@ import torch
 import transformers
 
 import tcwidgets as tcw
-from tcwidgets.models import ModelNotFoundError, UnsupportedArchitectureError, resolve
+from tcwidgets.models import ModelConfigError, ModelNotFoundError, UnsupportedArchitectureError, resolve
 
 TINY = dict(vocab_size=49152, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
 
@@ -151,3 +155,27 @@ def test_loading_and_tracing_print_no_deprecation_warnings(lm):
         tcw.collect_activations(tiny, [1], torch.randint(0, 49152, (1, 8)), progress=False)
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
         [str(w.message) for w in caught]
+
+
+def test_a_config_of_the_wrong_type_is_named(tmp_path, lm):
+    module = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]())
+    module.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": "sixty-four"}))
+    with pytest.raises(ModelConfigError, match=r"invalid config\.json: .*hidden_size.*Fix that field"):
+        tcw.load_model(tmp_path)
+
+
+def test_an_unknown_model_offline_is_refused_in_seconds_without_hf_hub_offline(tmp_path):
+    """Without HF_HUB_OFFLINE the hub client retries for most of a minute before failing; the probe
+    of the endpoint (here one that refuses connections) answers at once."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))
+    script = ("import time, tcwidgets as tcw\nstart = time.perf_counter()\ntry:\n"
+              "    tcw.load_model('someone/no-such-model')\nexcept tcw.models.ModelNotFoundError as error:\n"
+              "    print(round(time.perf_counter() - start, 1), error)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    seconds, message = done.stdout.split(" ", 1)
+    assert "hub is not reachable from here" in message, done.stdout + done.stderr
+    assert float(seconds) < 10  # was 47 s of retries
