@@ -252,15 +252,19 @@ class ActivationStore:
         per_epoch = self.n_tokens // batch_size if drop_last else math.ceil(self.n_tokens / batch_size)
         return per_epoch * epochs
 
-    def batches(self, layer: int, batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
-                epochs: int = 1, start: int = 0, drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches ``(x, y)`` (float32, CPU) of one layer.
+    def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
+                epochs: int = 1, start: int = 0, drop_last: bool = True) -> Iterator[Any]:
+        """Training batches ``(x, y)`` (float32, CPU) of one layer; with a list of layers, a list of
+        ``(x, y)``, one per layer, of the same rows (one pass over the store for all of them).
 
         Each epoch draws its own permutation of all rows across shards (seeded by ``seed`` and the
-        epoch), so batches are deterministic; ``start`` skips that many batches without reading
-        them, for exact resume. With ``shuffle=False`` rows come in corpus order.
+        epoch), so batches are deterministic and the same for every layer; ``start`` skips that
+        many batches without reading them, for exact resume. With ``shuffle=False`` rows come in
+        corpus order.
         """
-        self._check_layer(layer)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        for each in layers:
+            self._check_layer(each)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive.")
         per_epoch = self.n_batches(batch_size, 1, drop_last)
@@ -274,18 +278,20 @@ class ActivationStore:
                 order = np.arange(self.n_tokens)
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0
             for batch in range(max(first, 0), per_epoch):
-                yield self._gather(layer, order[batch * batch_size:(batch + 1) * batch_size])
+                pairs = self._gather(layers, order[batch * batch_size:(batch + 1) * batch_size])
+                yield pairs[0] if isinstance(layer, int) else pairs
 
-    def _gather(self, layer: int, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, layers: list[int], index: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Rows ``index`` of each layer's inputs and outputs, in increasing row order."""
         index = np.sort(index)
         shard_of = np.searchsorted(self._starts, index, side="right") - 1
-        parts: dict[str, list[torch.Tensor]] = {"input": [], "output": []}
+        parts: dict[str, list[torch.Tensor]] = {f"{layer}.{kind}": [] for layer in layers for kind in ("input", "output")}
         for shard_index in np.unique(shard_of):
             shard = self._shards[shard_index]
             local = index[shard_of == shard_index] - shard.start
-            for kind, values in parts.items():
-                values.append(shard.rows(f"{layer}.{kind}", local, torch.float32))
-        return torch.cat(parts["input"]), torch.cat(parts["output"])
+            for name, values in parts.items():
+                values.append(shard.rows(name, local, torch.float32))
+        return [(torch.cat(parts[f"{layer}.input"]), torch.cat(parts[f"{layer}.output"])) for layer in layers]
 
     def verify(self) -> None:
         """Read every shard once and check every value is finite (a slow, full check)."""

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .calibration import low_precision_pays
 from .evaluation import ReconstructionStats
 from .transcoder import (
     Transcoder,
@@ -43,8 +46,8 @@ from .transcoder import (
 )
 
 __all__ = [
-    "TrainingConfig", "Trainer", "train_transcoder", "reconstruction_metrics", "default_lr",
-    "default_batch_size", "initialize",
+    "Trainer", "TrainingConfig", "default_batch_size", "default_lr", "fit_together", "initialize",
+    "reconstruction_metrics", "train_transcoder",
 ]
 
 CHECKPOINT_FORMAT = "tcwidgets.checkpoint"
@@ -252,8 +255,8 @@ class Trainer:
         resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one (it must
             be of the same configuration and store); ``False`` starts over, deleting it.
         device: default CUDA when available, else CPU.
-        low_precision: choose TopK latents with a bfloat16 matrix product; default: on CUDA, and
-            on CPUs with native bfloat16 instructions (elsewhere bfloat16 is slower than float32).
+        low_precision: choose TopK latents with a bfloat16 matrix product; default: where that is
+            measured to be faster (`calibration.low_precision_pays`, cached per machine).
         eval_store: held-out activations; `reconstruction_metrics` on it after training, in
             ``trainer.eval_metrics``.
         log_every: steps between history records.
@@ -287,7 +290,6 @@ class Trainer:
             eval_store.check(model=store.model, layers=[layer])
         self.store, self.layer, self.eval_store = store, layer, eval_store
         self.device = torch.device(device) if device is not None else _default_device()
-        self.low_precision = _bf16_pays(self.device) if low_precision is None else low_precision
         self.log_every, self.callback, self.progress = log_every, callback, progress
 
         d = store.d_model
@@ -311,6 +313,9 @@ class Trainer:
         elif (transcoder.d_in, transcoder.d_out, transcoder.config.activation) != (d, d, config.activation):
             raise ValueError("the given transcoder does not match the store's width or the configured activation")
         self.transcoder = transcoder.to(self.device).train()
+        if low_precision is None:
+            low_precision = config.activation in _SPARSE and low_precision_pays(self.transcoder, config.batch_size)
+        self.low_precision = low_precision
         self.optimizer = torch.optim.Adam(self.transcoder.parameters(), lr=self.lr, fused=True)
         self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=self.device)
         self.step = 0
@@ -348,31 +353,24 @@ class Trainer:
 
     def fit(self) -> Transcoder:
         """Train to the end (from the latest checkpoint if resumed); return the transcoder."""
-        c = self.config
-        batches = self.store.batches(
-            self.layer, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=self.step
-        )
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"training layer {self.layer}",
-                   unit="step", disable=not self.progress)
-        try:
-            for x, y in batches:
-                self._check_batch(x, y)
-                self._train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                self.step += 1
-                bar.update()
-                if self.step % self.log_every == 0 or self.step == self.total_steps:
-                    record = self._log()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", fvu=f"{record['fvu']:.4f}",
-                                    l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.1%}")
-                    if self.callback is not None:
-                        self.callback(self, record)
-                if self.checkpoint_dir is not None and (
-                    self.step % self.checkpoint_every == 0 or self.step == self.total_steps
-                ):
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-        return self._finish()
+        return fit_together([self])[self.layer]
+
+    def train_batch(self, x: Tensor, y: Tensor) -> dict[str, float] | None:
+        """One optimisation step on a batch (MLP inputs and outputs, model units), then the
+        history record, callback and checkpoint when they are due. Returns the record, if any."""
+        self._check_batch(x, y)
+        self._train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        self.step += 1
+        record = None
+        if self.step % self.log_every == 0 or self.step == self.total_steps:
+            record = self._log()
+            if self.callback is not None:
+                self.callback(self, record)
+        if self.checkpoint_dir is not None and (
+            self.step % self.checkpoint_every == 0 or self.step == self.total_steps
+        ):
+            self.save_checkpoint()
+        return record
 
     def _finish(self) -> Transcoder:
         tc = self.transcoder.eval()
@@ -583,6 +581,76 @@ def _clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
+    """Train one `Trainer` per layer of the same store from one pass over it: each batch is read
+    once for all layers (the same shuffled rows for every layer) and handed to every trainer, so
+    each ends exactly as if trained alone. Trainers resumed from checkpoints of different steps
+    skip the batches they have done. Returns ``{layer: transcoder}``."""
+    first = trainers[0]
+    c = first.config
+    layers = [t.layer for t in trainers]
+    for t in trainers[1:]:
+        if (t.store, t.total_steps, t.config.batch_size, t.config.seed, t.config.epochs) != (
+                first.store, first.total_steps, c.batch_size, c.seed, c.epochs):
+            raise ValueError("fit_together needs trainers of one store with the same batch_size, epochs and seed")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"fit_together needs one trainer per layer, got layers {layers}")
+    start = min(t.step for t in trainers)
+    batches = first.store.batches(layers, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=start)
+    name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    bar = tqdm(total=first.total_steps, initial=start, desc=f"training {name}", unit="step",
+               disable=not any(t.progress for t in trainers))
+    try:
+        for step, pairs in enumerate(_prefetch(batches), start):
+            for t, (x, y) in zip(trainers, pairs):
+                record = t.train_batch(x, y) if t.step == step else None
+                if record is not None:
+                    prefix = "" if len(trainers) == 1 else f"L{t.layer} "
+                    bar.set_postfix({f"{prefix}fvu": f"{record['fvu']:.4f}", f"{prefix}l0": f"{record['l0']:.1f}",
+                                     f"{prefix}dead": f"{record['dead_fraction']:.1%}"})
+            bar.update()
+    finally:
+        bar.close()
+    return {t.layer: t._finish() for t in trainers}
+
+
+def _prefetch(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (reading the next batch
+    from the store overlaps the training step)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as error:  # re-raised in the consumer
+            offer(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _take(iterable, n: int):
     for i, item in enumerate(iterable):
         if i == n:
@@ -592,17 +660,6 @@ def _take(iterable, n: int):
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _bf16_pays(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are faster than float32 here: on CUDA with bf16 support,
-    and on CPUs with native bf16 instructions (AVX512-BF16, AMX). On other CPUs they are emulated
-    and much slower (about 100× on an AVX2-only machine)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,8 +708,9 @@ def train_transcoder(
 ) -> Transcoder | dict[int, Transcoder]:
     """Train a transcoder on ``layer`` of an activation store (see `Trainer`, `TrainingConfig`).
 
-    With a list of layers, trains one per layer in turn (checkpoints in
-    ``checkpoint_dir/layer-<n>``) and returns ``{layer: transcoder}``. ``options`` are further
+    With a list of layers, trains one per layer from one pass over the store (`fit_together`: each
+    batch read once for all layers; checkpoints in ``checkpoint_dir/layer-<n>``) and returns
+    ``{layer: transcoder}``. ``options`` are further
     `TrainingConfig` fields (``warmup``, ``sparsity_coefficient``, ``auxk_coefficient``, ...).
     """
     config = TrainingConfig(n_latents=n_latents, kind=kind, activation=activation, k=k, epochs=epochs,
@@ -661,13 +719,15 @@ def train_transcoder(
     if not layers:
         raise ValueError("layer is empty: name at least one layer")
     store.check(model=model, layers=layers)
-    trained = {}
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer lists {layers}: name each layer once")
+    trainers = []
     for each in layers:
         directory = checkpoint_dir
         if checkpoint_dir is not None and not isinstance(layer, int):
             directory = Path(checkpoint_dir) / f"layer-{each}"
-        trainer = Trainer(store, each, config, model=model, checkpoint_dir=directory,
-                          checkpoint_every=checkpoint_every, resume=resume, device=device,
-                          eval_store=eval_store, callback=callback, progress=progress)
-        trained[each] = trainer.fit()
+        trainers.append(Trainer(store, each, config, model=model, checkpoint_dir=directory,
+                                checkpoint_every=checkpoint_every, resume=resume, device=device,
+                                eval_store=eval_store, callback=callback, progress=progress))
+    trained = fit_together(trainers)
     return trained[layer] if isinstance(layer, int) else trained

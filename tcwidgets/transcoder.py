@@ -244,6 +244,17 @@ class SparseEncoding(NamedTuple):
     pre: Tensor  # dense pre-activations [n_tokens, n_latents], no grad (maybe bfloat16)
 
 
+def _sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``a[rows[i]] · b[cols[i]]`` for each i (``rows`` non-decreasing), without materialising the
+    gathered rows: a sampled dense-dense product (SDDMM), ~15x faster on CPU than gathering
+    ``[nnz, d]`` copies of the rows (docs/training.md)."""
+    crow = torch._convert_indices_from_coo_to_csr(rows, len(a))
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, a.new_zeros(len(cols)), (len(a), len(b)))
+        return torch.sparse.sampled_addmm(pattern, a, b.t()).values()
+
+
 class _GatheredLinear(torch.autograd.Function):
     """``values[i] = x[rows[i]] · weight[cols[i]] + bias[cols[i]]``, a linear layer evaluated at a
     sparse set of (token, latent) pairs.
@@ -259,7 +270,7 @@ class _GatheredLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rows, cols)
         if pre.dtype == weight.dtype:
             return pre[rows, cols]
-        return torch.einsum("nd,nd->n", x[rows], weight[cols]) + bias[cols]
+        return _sampled_dot(x, weight, rows, cols) + bias[cols]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
