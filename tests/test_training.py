@@ -97,7 +97,7 @@ def test_auxk_loss_equals_a_dense_computation(store):
     encoding = tc.encode_sparse(x)
     error = (y - tc.decode_sparse(encoding.latents)).detach()
     variance = (y - y.mean(0)).square().sum()
-    loss = trainer._auxk(x, encoding.pre, error, variance)
+    loss = trainer.objective._auxk(x, encoding.pre, error, variance, dead)
 
     # reference: each token's k_aux largest dead pre-activations (ReLU) decode the error, in float64
     k_aux = min(trainer.k_aux, len(dead))
