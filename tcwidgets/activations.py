@@ -253,18 +253,24 @@ class ActivationStore:
         return per_epoch * epochs
 
     def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
-                epochs: int = 1, start: int = 0, drop_last: bool = True) -> Iterator[Any]:
+                epochs: int = 1, start: int = 0, drop_last: bool = True,
+                part: tuple[int, int] = (0, 1)) -> Iterator[Any]:
         """Training batches ``(x, y)`` (float32, CPU) of one layer; with a list of layers, a list of
         ``(x, y)``, one per layer, of the same rows (one pass over the store for all of them).
 
         Each epoch draws its own permutation of all rows across shards (seeded by ``seed`` and the
         epoch), so batches are deterministic and the same for every layer; ``start`` skips that
         many batches without reading them, for exact resume. With ``shuffle=False`` rows come in
-        corpus order.
+        corpus order. ``part=(i, n)`` reads only the i-th of n equal parts of each batch (one
+        data-parallel process's share; ``batch_size`` a multiple of n).
         """
         layers = [layer] if isinstance(layer, int) else list(layer)
         for each in layers:
             self._check_layer(each)
+        index, parts = part
+        if not (0 <= index < parts and batch_size % parts == 0):
+            raise ValueError(f"part={part}: needs 0 <= i < n, and batch_size={batch_size} a multiple of n={parts}")
+        share = batch_size // parts
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive.")
         per_epoch = self.n_batches(batch_size, 1, drop_last)
@@ -278,7 +284,8 @@ class ActivationStore:
                 order = np.arange(self.n_tokens)
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0
             for batch in range(max(first, 0), per_epoch):
-                pairs = self._gather(layers, order[batch * batch_size:(batch + 1) * batch_size])
+                begin = batch * batch_size + index * share
+                pairs = self._gather(layers, order[begin:begin + share])
                 yield pairs[0] if isinstance(layer, int) else pairs
 
     def _gather(self, layers: list[int], index: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -667,16 +667,18 @@ def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
     c = first.config
     layers = [t.layer for t in trainers]
     for t in trainers[1:]:
-        if (t.store, t.total_steps, t.config.batch_size, t.config.seed, t.config.epochs) != (
-                first.store, first.total_steps, c.batch_size, c.seed, c.epochs):
-            raise ValueError("fit_together needs trainers of one store with the same batch_size, epochs and seed")
+        if (t.store, t.total_steps, t.config.batch_size, t.config.seed, t.config.epochs, t.world) != (
+                first.store, first.total_steps, c.batch_size, c.seed, c.epochs, first.world):
+            raise ValueError("fit_together needs trainers of one store with the same batch_size, epochs, "
+                             "seed and data parallelism")
     if len(set(layers)) != len(layers):
         raise ValueError(f"fit_together needs one trainer per layer, got layers {layers}")
     start = min(t.step for t in trainers)
-    batches = first.store.batches(layers, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=start)
+    batches = first.store.batches(layers, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=start,
+                                  part=(first.rank, first.world))
     name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
     bar = tqdm(total=first.total_steps, initial=start, desc=f"training {name}", unit="step",
-               disable=not any(t.progress for t in trainers))
+               disable=first.rank != 0 or not any(t.progress for t in trainers))
     try:
         for step, pairs in enumerate(_prefetch(batches), start):
             for t, (x, y) in zip(trainers, pairs):
@@ -777,6 +779,7 @@ def train_transcoder(
     resume: bool = True,
     device: str | torch.device | None = None,
     low_precision: bool | None = None,
+    data_parallel: bool = False,
     seed: int = 0,
     eval_store: Any = None,
     progress: bool = True,
@@ -788,7 +791,8 @@ def train_transcoder(
 
     With a list of layers, trains one per layer from one pass over the store (`fit_together`: each
     batch read once for all layers; checkpoints in ``checkpoint_dir/layer-<n>``) and returns
-    ``{layer: transcoder}``. ``options`` are further
+    ``{layer: transcoder}``. ``data_parallel=True`` under torchrun: every process trains
+    every layer on its share of each batch (see `Trainer`). ``options`` are further
     `TrainingConfig` fields (``warmup``, ``sparsity_coefficient``, ``auxk_coefficient``, ...).
     """
     config = TrainingConfig(n_latents=n_latents, kind=kind, activation=activation, k=k, epochs=epochs,
@@ -806,6 +810,6 @@ def train_transcoder(
             directory = Path(checkpoint_dir) / f"layer-{each}"
         trainers.append(Trainer(store, each, config, model=model, checkpoint_dir=directory,
                                 checkpoint_every=checkpoint_every, resume=resume, device=device,
-                                low_precision=low_precision, eval_store=eval_store, callback=callback, progress=progress))
+                                low_precision=low_precision, data_parallel=data_parallel, eval_store=eval_store, callback=callback, progress=progress))
     trained = fit_together(trainers)
     return trained[layer] if isinstance(layer, int) else trained
