@@ -247,6 +247,11 @@ class ActivationStore:
         return tuple(torch.cat([s.rows(f"{layer}.{kind}", None, torch.float32) for s in self._shards])
                      for kind in ("input", "output"))
 
+    def sample(self, layer: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``n`` rows drawn at random (the first batch of `batches` with that seed):
+        what a trainer initialises from."""
+        return next(self.batches(layer, min(n, self.n_tokens), seed=seed))
+
     def n_batches(self, batch_size: int, epochs: int = 1, drop_last: bool = True) -> int:
         """How many batches `batches` yields."""
         per_epoch = self.n_tokens // batch_size if drop_last else math.ceil(self.n_tokens / batch_size)

@@ -362,7 +362,7 @@ class Trainer:
             site={"model": store.model, "layer": layer, **sites},
         ))
         n = min(store.n_tokens, max(16384, 4 * c.n_latents))
-        x, y = next(store.batches(layer, n, seed=c.seed + 1))
+        x, y = store.sample(layer, n, seed=c.seed + 1)
         finite = math.isfinite(stats.in_norm) and math.isfinite(stats.out_norm)
         if not (finite and torch.isfinite(x).all() and torch.isfinite(y).all()):
             store.verify()  # names the shard, layer and side holding NaN or infinite values
