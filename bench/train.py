@@ -1,18 +1,23 @@
 """Benchmark: tcwidgets' trainer against EleutherAI's sparsify on the same activations.
 
 Trains the reference configuration (a TopK transcoder, 4608 latents, k=32, 2 epochs of 1024-token
-batches) once with `tcwidgets.train_transcoder` and once with sparsify, and prints each one's
-speed, the ratio, and each one's held-out FVU and dead fraction.
+batches) once with `tcwidgets.train_transcoder` and once with sparsify, with 1 and with 2 threads
+(``--threads``), and prints each one's speed, the ratios, each one's held-out FVU and dead fraction,
+and the hardware's ceiling: the encoder product (1024 x 576 x 4608, the one dense product both
+trainers must do per step) timed alone in float32 and in bfloat16, in tokens per CPU second, and
+the fraction of it each trainer reaches.
 
-Speed is reported as tokens per CPU second of the training process (``time.process_time``) and
-as tokens per wall-clock second. Run with ``OMP_NUM_THREADS=1`` on a shared machine: one thread
-per trainer makes CPU time a measure of the work done that other processes on the machine do not
-disturb (wall-clock time does, by as much as 2x on a busy 2-core machine); the ratio per CPU
-second is the headline. Results: bench/results/train/.
+Speed is reported as tokens per CPU second of the training process (``time.process_time``, all
+its threads) and as tokens per wall-clock second. On a shared machine the CPU-time figures are the
+headline: they measure the work done, which other processes on the machine do not change
+(wall-clock time moves by as much as 2x with the load); wall / CPU says how well the threads were
+used (CPU s per wall s). Each (trainer, threads) pair runs in its own process. Results: bench/results/train/.
 
-sparsify is installed into a throwaway virtual environment (``python -m venv
---system-site-packages`` in a temporary folder, so it reuses the installed torch; every package is
-installed with ``--no-deps`` so pip never pulls another torch) and run there in a subprocess.
+sparsify is installed into a throwaway virtual environment (made with ``venv``, no system site
+packages): torch pinned to the version running this script first, then this checkout of tcwidgets
+(its store reader is what replays the activations), then sparsify 1.3.3 and its small pure-Python
+dependencies with ``--no-deps`` (so pip never pulls another torch). ``--venv PATH`` keeps it for
+reuse.
 
 How sparsify is fed the stored activations: through its public ``Trainer(cfg, dataset, model)``
 API with ``transcode=True`` and the ``"fvu"`` loss. Its trainer hooks a module of a model and trains
@@ -22,22 +27,29 @@ with ``store.batches(..., start=batch)`` (the very batches, in the same order, t
 trains on, read from disk in the same way) and passes it through a hooked identity "MLP". Every
 training computation is sparsify's own.
 
-Usage: ``python bench/train.py [--train /tmp/tcw-acts/train --test /tmp/tcw-acts/test]``
+Usage: ``python bench/train.py [--train /tmp/tcw-acts/train --test /tmp/tcw-acts/test]``;
+``--quick`` for a smoke run (a narrow transcoder, one epoch, one thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
+import sys
 import tempfile
 import time
 import venv
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+REPO = Path(__file__).resolve().parents[1]
 SPARSIFY = ["eai-sparsify==1.3.3", "einops", "natsort", "schedulefree", "simple-parsing", "docstring-parser"]
+TRAINERS = ("tcwidgets", "sparsify")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,10 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per run")
+    p.add_argument("--low-precision", choices=["auto", "on", "off"], default="auto",
+                   help="tcwidgets' bfloat16 latent choice (auto: measured, the default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1152 latents, 1 epoch, 1 thread")
+    p.add_argument("--venv", metavar="PATH", help="sparsify's virtual environment (made if missing; kept)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
-    p.add_argument("--only", choices=["tcwidgets", "sparsify"], help="run one trainer only")
-    p.add_argument("--sparsify-worker", metavar="JSON", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--only", choices=TRAINERS, help="run one trainer only")
+    p.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_latents, args.epochs, args.threads = 1152, 1, [1]
+    return args
 
 
 def fvu_and_dead(predict, store, layer: int, n_latents: int) -> dict[str, float]:
@@ -71,35 +92,63 @@ def fvu_and_dead(predict, store, layer: int, n_latents: int) -> dict[str, float]
             "dead_fraction": 1 - float(fired.float().mean())}
 
 
+def encoder_product_rate(args) -> dict[str, float]:
+    """Tokens per CPU second of the encoder product alone (batch x d x n_latents), float32 and
+    bfloat16: the ceiling of a trainer that must do it once per step (best of 5)."""
+    d = 576
+    x, w = torch.randn(args.batch_size, d), torch.randn(args.n_latents, d)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        F.linear(a, b)
+        best = min(_cpu_seconds(lambda: F.linear(a, b)) for _ in range(5))
+        rates[str(dtype).removeprefix("torch.")] = args.batch_size / best
+    return rates
+
+
+def _cpu_seconds(f) -> float:
+    start = time.process_time()
+    f()
+    return time.process_time() - start
+
+
 def _import_before_timing() -> None:
     """Import what a torch optimizer imports on first use (torch._dynamo: seconds of CPU), so
     that neither trainer's time includes a one-off import."""
     import torch._dynamo  # noqa: F401
 
 
-def run_tcwidgets(args) -> dict[str, float]:
-    from tcwidgets.activations import ActivationStore
-    from tcwidgets.training import train_transcoder
-
-    train, test = ActivationStore.open(args.train), ActivationStore.open(args.test)
+def _timed(train) -> tuple[object, dict[str, float]]:
     _import_before_timing()
     start, cpu = time.perf_counter(), time.process_time()
-    tc = train_transcoder(train, args.layer, n_latents=args.n_latents, k=args.k, epochs=args.epochs,
-                          batch_size=args.batch_size, progress=False)
+    result = train()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return result, {"seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def run_tcwidgets(args) -> dict[str, float]:
+    from tcwidgets.activations import ActivationStore
+    from tcwidgets.calibration import low_precision_pays
+    from tcwidgets.training import train_transcoder
+    from tcwidgets.transcoder import Transcoder, TranscoderConfig
+
+    train, test = ActivationStore.open(args.train), ActivationStore.open(args.test)
+    low_precision = {"auto": None, "on": True, "off": False}[args.low_precision]
+    if low_precision is None:  # the one-off calibration (cached per machine) is not timed
+        low_precision = low_precision_pays(
+            Transcoder(TranscoderConfig(train.d_model, train.d_model, args.n_latents, k=args.k)), args.batch_size)
+    tc, times = _timed(lambda: train_transcoder(
+        train, args.layer, n_latents=args.n_latents, k=args.k, epochs=args.epochs,
+        batch_size=args.batch_size, progress=False, low_precision=low_precision))
 
     def predict(x, y):
         latents, out = tc(x)
         return out, (latents != 0).any(0).nonzero().flatten()
 
-    tokens = train.n_batches(args.batch_size, args.epochs) * args.batch_size
-    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu_seconds,
-            "tokens_per_cpu_s": tokens / cpu_seconds,
-            **fvu_and_dead(predict, test, args.layer, args.n_latents)}
+    return {**times, "low_precision": low_precision, **fvu_and_dead(predict, test, args.layer, args.n_latents)}
 
 
-def sparsify_worker(args) -> None:
-    """Runs inside the virtual environment that has sparsify."""
+def run_sparsify(args) -> dict[str, float]:
     from types import SimpleNamespace
 
     from sparsify import SparseCoderConfig, TrainConfig, Trainer
@@ -140,59 +189,99 @@ def sparsify_worker(args) -> None:
             SparseCoderConfig(num_latents=args.n_latents, k=args.k, transcode=True),
             batch_size=1, hookpoints=["mlp"], loss_fn="fvu", log_to_wandb=False, save_dir=save_dir,
         )
-        _import_before_timing()
-        start, cpu = time.perf_counter(), time.process_time()
-        trainer = Trainer(cfg, dataset, Replay())
-        trainer.fit()
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+
+        def fit():
+            trainer = Trainer(cfg, dataset, Replay())
+            trainer.fit()
+            return trainer
+
+        trainer, times = _timed(fit)
     coder = trainer.saes["mlp"]
 
     def predict(x, y):
         out = coder(x=x, y=y)
         return out.sae_out, out.latent_indices[out.latent_acts > 0]
 
-    tokens = n_batches * args.batch_size
-    result = {"seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu_seconds,
-              "tokens_per_cpu_s": tokens / cpu_seconds,
-              **fvu_and_dead(predict, test, args.layer, args.n_latents)}
-    Path(args.sparsify_worker).write_text(json.dumps(result))
+    return {**times, **fvu_and_dead(predict, test, args.layer, args.n_latents)}
 
 
-def run_sparsify(args) -> dict[str, float]:
+def worker(args) -> None:
+    """One trainer with ``args.threads[0]`` threads, in this process; results to ``args.out``."""
+    torch.set_num_threads(args.threads[0])
+    from tcwidgets.activations import ActivationStore
+
+    result = (run_tcwidgets if args.worker == "tcwidgets" else run_sparsify)(args)
+    tokens = ActivationStore.open(args.train).n_batches(args.batch_size, args.epochs) * args.batch_size
+    result.update(tokens_per_s=tokens / result["seconds"], tokens_per_cpu_s=tokens / result["cpu_seconds"],
+                  product_tokens_per_cpu_s=encoder_product_rate(args), torch=torch.__version__)
+    Path(args.out).write_text(json.dumps(result))
+
+
+def sparsify_python(path: Path) -> Path:
+    """A virtual environment with this torch, this tcwidgets and sparsify 1.3.3 (made if missing)."""
+    python = path / "bin" / "python"
+    if not python.exists():
+        venv.create(path, with_pip=True)
+        pip = [python, "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
+        subprocess.run([*pip, str(REPO)], check=True)
+        subprocess.run([*pip, "--no-deps", *SPARSIFY], check=True)
+    return python
+
+
+def run_worker(python: Path, name: str, threads: int, argv: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        env = Path(tmp) / "venv"
-        venv.create(env, system_site_packages=True, with_pip=True)
-        python = env / "bin" / "python"
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", *SPARSIFY], check=True)
         out = Path(tmp) / "result.json"
-        command = [python, __file__, "--sparsify-worker", str(out)]
-        for name in ("train", "test", "layer", "n_latents", "k", "epochs", "batch_size"):
-            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        subprocess.run(command, check=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        command = [str(python), __file__, *argv, "--worker", name, "--threads", str(threads), "--out", str(out)]
+        subprocess.run(command, check=True, env=env, cwd=tmp)  # cwd: the worker imports the installed tcwidgets
         return json.loads(out.read_text())
 
 
+def cpu_name() -> str:
+    from tcwidgets.calibration import device_name
+
+    return device_name(torch.device("cpu"))
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.sparsify_worker:
-        return sparsify_worker(args)
+    if args.worker:
+        return worker(args)
+    shared = ["--train", args.train, "--test", args.test, "--layer", str(args.layer), "--n-latents",
+              str(args.n_latents), "--k", str(args.k), "--epochs", str(args.epochs), "--batch-size",
+              str(args.batch_size), "--low-precision", args.low_precision]
     print(f"layer {args.layer}: {args.n_latents} latents, TopK k={args.k}, {args.epochs} epochs of "
-          f"{args.batch_size}-token batches, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    results = {}
-    if args.only in (None, "tcwidgets"):
-        results["tcwidgets"] = run_tcwidgets(args)
-    if args.only in (None, "sparsify"):
-        results["sparsify"] = run_sparsify(args)
-    for name, r in results.items():
-        print(f"{name:>10}: {r['tokens_per_cpu_s']:6.0f} tokens per CPU second ({r['cpu_seconds']:.0f} CPU s), "
-              f"{r['tokens_per_s']:6.0f} tokens/s wall-clock ({r['seconds']:.0f} s), "
-              f"held-out FVU {r['fvu']:.4f}, dead {r['dead_fraction']:.2%}")
-    if len(results) == 2:
-        cpu = results["tcwidgets"]["tokens_per_cpu_s"] / results["sparsify"]["tokens_per_cpu_s"]
-        wall = results["tcwidgets"]["tokens_per_s"] / results["sparsify"]["tokens_per_s"]
-        print(f"speed ratio tcwidgets / sparsify: {cpu:.2f}x per CPU second, {wall:.2f}x wall-clock")
+          f"{args.batch_size}-token batches; torch {torch.__version__}; CPU: {cpu_name()} "
+          f"({os.cpu_count()} cores, {platform.machine()})", flush=True)
+    trainers = [args.only] if args.only else list(TRAINERS)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pythons = {"tcwidgets": Path(sys.executable)}
+        if "sparsify" in trainers:
+            pythons["sparsify"] = sparsify_python(Path(args.venv) if args.venv else Path(tmp) / "venv")
+        for threads in args.threads:
+            for name in trainers:
+                r = run_worker(pythons[name], name, threads, shared)
+                results.setdefault(str(threads), {})[name] = r
+                print(report(name, threads, r), flush=True)
+            if len(trainers) == 2:
+                a, b = results[str(threads)]["tcwidgets"], results[str(threads)]["sparsify"]
+                print(f"{threads} thread(s): tcwidgets / sparsify {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x "
+                      f"per CPU second, {a['tokens_per_s'] / b['tokens_per_s']:.2f}x wall-clock", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_name(), "results": results}, indent=1))
+
+
+def report(name: str, threads: int, r: dict) -> str:
+    ceiling = r["product_tokens_per_cpu_s"]
+    precision = "" if "low_precision" not in r else f" (bf16 latent choice {'on' if r['low_precision'] else 'off'})"
+    return (f"{threads} thread(s) {name:>9}{precision}: {r['tokens_per_cpu_s']:6.0f} tokens/CPU s "
+            f"({r['cpu_seconds']:.0f} CPU s), {r['tokens_per_s']:6.0f} tokens/s wall ({r['seconds']:.0f} s), "
+            f"{r['cpu_seconds'] / r['seconds']:.2f} CPU s per wall s; held-out FVU {r['fvu']:.4f}, dead {r['dead_fraction']:.2%}; "
+            f"encoder product alone {ceiling['float32']:.0f} (fp32) / {ceiling['bfloat16']:.0f} (bf16) tokens/CPU s: "
+            f"{r['tokens_per_cpu_s'] / ceiling['float32']:.0%} / {r['tokens_per_cpu_s'] / ceiling['bfloat16']:.0%} of it")
 
 
 if __name__ == "__main__":

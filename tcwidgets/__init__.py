@@ -9,6 +9,7 @@ from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderM
 from .interventions import Edit, EditResult, run_with_edits
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
+from .streaming import ActivationStream, train_streaming
 from .training import Trainer, TrainingConfig, train_transcoder
 from .transcoder import Transcoder, TranscoderConfig
 from .widgets import AblationSliders, CircuitView, FeatureDashboard
@@ -20,5 +21,6 @@ __all__ = [
     "StoreError", "Trainer", "TrainingConfig", "Transcoder", "TranscoderConfig", "collect_activations",
     "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FeatureStatsError", "LatentStats",
     "TranscoderMismatchError", "analyze_features", "logit_effects", "transcoder_fingerprint", "load_model", "plot_frontier", "splice", "spliced_logits", "train_transcoder",
+    "ActivationStream", "train_streaming",
 ]
 __version__ = "0.1.0"

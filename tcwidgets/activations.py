@@ -222,20 +222,35 @@ class ActivationStore:
         return tuple(torch.cat([s.rows(f"{layer}.{kind}", None, torch.float32) for s in self._shards])
                      for kind in ("input", "output"))
 
+    def sample(self, layer: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``n`` rows drawn at random (the first batch of `batches` with that seed):
+        what a trainer initialises from."""
+        return next(self.batches(layer, min(n, self.n_tokens), seed=seed))
+
     def n_batches(self, batch_size: int, epochs: int = 1, drop_last: bool = True) -> int:
         """How many batches `batches` yields."""
         per_epoch = self.n_tokens // batch_size if drop_last else math.ceil(self.n_tokens / batch_size)
         return per_epoch * epochs
 
-    def batches(self, layer: int, batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
-                epochs: int = 1, start: int = 0, drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches ``(x, y)`` (float32, CPU) of one layer.
+    def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
+                epochs: int = 1, start: int = 0, drop_last: bool = True,
+                part: tuple[int, int] = (0, 1)) -> Iterator[Any]:
+        """Training batches ``(x, y)`` (float32, CPU) of one layer; with a list of layers, a list of
+        ``(x, y)``, one per layer, of the same rows (one pass over the store for all of them).
 
         Each epoch draws its own permutation of all rows across shards (seeded by ``seed`` and the
-        epoch), so batches are deterministic; ``start`` skips that many batches without reading
-        them, for exact resume. With ``shuffle=False`` rows come in corpus order.
+        epoch), so batches are deterministic and the same for every layer; ``start`` skips that
+        many batches without reading them, for exact resume. With ``shuffle=False`` rows come in
+        corpus order. ``part=(i, n)`` reads only the i-th of n equal parts of each batch (one
+        data-parallel process's share; ``batch_size`` a multiple of n).
         """
-        self._check_layer(layer)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        for each in layers:
+            self._check_layer(each)
+        index, parts = part
+        if not (0 <= index < parts and batch_size % parts == 0):
+            raise ValueError(f"part={part}: needs 0 <= i < n, and batch_size={batch_size} a multiple of n={parts}")
+        share = batch_size // parts
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive.")
         per_epoch = self.n_batches(batch_size, 1, drop_last)
@@ -249,18 +264,21 @@ class ActivationStore:
                 order = np.arange(self.n_tokens)
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0
             for batch in range(max(first, 0), per_epoch):
-                yield self._gather(layer, order[batch * batch_size:(batch + 1) * batch_size])
+                begin = batch * batch_size + index * share
+                pairs = self._gather(layers, order[begin:begin + share])
+                yield pairs[0] if isinstance(layer, int) else pairs
 
-    def _gather(self, layer: int, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, layers: list[int], index: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Rows ``index`` of each layer's inputs and outputs, in increasing row order."""
         index = np.sort(index)
         shard_of = np.searchsorted(self._starts, index, side="right") - 1
-        parts: dict[str, list[torch.Tensor]] = {"input": [], "output": []}
+        parts: dict[str, list[torch.Tensor]] = {f"{layer}.{kind}": [] for layer in layers for kind in ("input", "output")}
         for shard_index in np.unique(shard_of):
             shard = self._shards[shard_index]
             local = index[shard_of == shard_index] - shard.start
-            for kind, values in parts.items():
-                values.append(shard.rows(f"{layer}.{kind}", local, torch.float32))
-        return torch.cat(parts["input"]), torch.cat(parts["output"])
+            for name, values in parts.items():
+                values.append(shard.rows(name, local, torch.float32))
+        return [(torch.cat(parts[f"{layer}.input"]), torch.cat(parts[f"{layer}.output"])) for layer in layers]
 
     def verify(self, layers: Sequence[int] | None = None) -> None:
         """Read every shard once (a slow, full check): each file must match its checksum, and every

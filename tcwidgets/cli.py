@@ -49,7 +49,9 @@ def train(args: argparse.Namespace) -> None:
 
     Under torchrun (``torchrun --nproc_per_node=N -m tcwidgets.cli train ...``) the layers are
     shared out: rank r trains ``layers[r::N]`` on ``cuda:LOCAL_RANK`` (or the CPU), and no gradients
-    are exchanged, since each layer's transcoder is trained on its own."""
+    are exchanged, since each layer's transcoder is trained on its own. With ``--data-parallel``
+    every rank trains every layer on its share of each batch (DistributedDataParallel; rank 0
+    saves)."""
     import os
     from pathlib import Path
 
@@ -62,7 +64,7 @@ def train(args: argparse.Namespace) -> None:
     folders = {layer: out if len(layers) == 1 else out / f"layer-{layer}" for layer in layers}
     device = args.device
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if world > 1 and not args.data_parallel:
         import torch
 
         layers = layers[rank::world]
@@ -75,7 +77,9 @@ def train(args: argparse.Namespace) -> None:
     trained = train_transcoder(store, layers, n_latents=args.latents, activation=args.activation, k=args.k,
                                kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                checkpoint_dir=args.checkpoint_dir, seed=args.seed, eval_store=eval_store,
-                               device=device)
+                               device=device, data_parallel=args.data_parallel)
+    if args.data_parallel and rank != 0:
+        return
     for layer, tc in trained.items():
         tc.save(folders[layer])
         print(f"layer {layer}: {tc.n_latents} latents ({tc.config.kind}, {tc.config.activation}) saved to {folders[layer]}")
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-acts", default=None, help="held-out store for FVU during training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present)")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="under torchrun: all ranks train each layer together, each on its share of every batch "
+                        "(default: rank r trains layers[r::N])")
     p.set_defaults(run=train)
 
     p = commands.add_parser("evaluate", help="splice transcoders into the model and measure them")

@@ -23,24 +23,27 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .activations import OUTLIER_RATIO
+from .calibration import low_precision_pays
 from .evaluation import ReconstructionStats
 from .files import FileFormatError, load_tensors, read_manifest, save_tensors, write_manifest
 from .transcoder import Transcoder, TranscoderConfig, step as heaviside
 
 __all__ = [
-    "CheckpointError", "TrainingConfig", "Trainer", "train_transcoder", "reconstruction_metrics", "default_lr",
-    "default_batch_size", "initialize",
+    "CheckpointError", "Trainer", "TrainingConfig", "default_batch_size", "default_lr", "fit_together",
+    "initialize", "reconstruction_metrics", "train_transcoder",
 ]
 
 CHECKPOINT_FORMAT = "tcwidgets.checkpoint"
@@ -252,8 +255,15 @@ class Trainer:
         resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one (it must
             be of the same configuration and store); ``False`` starts over, deleting it.
         device: default CUDA when available, else CPU.
-        low_precision: choose TopK latents with a bfloat16 matrix product; default: on CUDA, and
-            on CPUs with native bfloat16 instructions (elsewhere bfloat16 is slower than float32).
+        low_precision: choose TopK latents with a bfloat16 matrix product; default: where that is
+            measured to be faster (`calibration.low_precision_pays`, cached per machine).
+        data_parallel: train this one layer across the processes of a ``torchrun`` launch
+            (DistributedDataParallel: gloo on CPU, NCCL on CUDA, one GPU per process): each
+            process takes its share of every batch (``batch_size`` is the global batch, a
+            multiple of the number of processes), gradients are summed, and every process ends
+            with the same weights, those of one process training on the whole batch (up to
+            floating-point summation order). Rank 0 writes the checkpoints. BatchTopK picks its
+            k × tokens latents within each process's share.
         eval_store: held-out activations; `reconstruction_metrics` on it after training, in
             ``trainer.eval_metrics``.
         log_every: steps between history records.
@@ -274,6 +284,7 @@ class Trainer:
         resume: bool = True,
         device: str | torch.device | None = None,
         low_precision: bool | None = None,
+        data_parallel: bool = False,
         eval_store: Any = None,
         log_every: int = 10,
         callback: Callable[[Trainer, dict[str, float]], None] | None = None,
@@ -287,7 +298,9 @@ class Trainer:
             eval_store.check(model=store.model, layers=[layer])
         self.store, self.layer, self.eval_store = store, layer, eval_store
         self.device = torch.device(device) if device is not None else _default_device()
-        self.low_precision = _bf16_pays(self.device) if low_precision is None else low_precision
+        self.rank, self.world = _init_data_parallel(self.device) if data_parallel else (0, 1)
+        if data_parallel and self.device.type == "cuda" and device is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.log_every, self.callback, self.progress = log_every, callback, progress
 
         d = store.d_model
@@ -296,6 +309,9 @@ class Trainer:
             batch_size=config.batch_size or default_batch_size(store.n_tokens * config.epochs),
         )
         n_latents = config.n_latents
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size={config.batch_size} does not split evenly over {self.world} "
+                             f"data-parallel processes: choose a multiple of {self.world}")
         self.total_steps = store.n_batches(config.batch_size, config.epochs)
         if self.total_steps == 0:
             raise ValueError(f"batch_size={config.batch_size} is larger than the store ({store.n_tokens} tokens)")
@@ -313,7 +329,16 @@ class Trainer:
         elif (transcoder.d_in, transcoder.d_out, transcoder.config.activation) != (d, d, config.activation):
             raise ValueError("the given transcoder does not match the store's width or the configured activation")
         self.transcoder = transcoder.to(self.device).train()
+        if low_precision is None:
+            low_precision = config.activation in _SPARSE and low_precision_pays(self.transcoder, config.batch_size)
+        self.low_precision = low_precision
         self.optimizer = torch.optim.Adam(self.transcoder.parameters(), lr=self.lr, fused=True)
+        self.objective: nn.Module = _Objective(self)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=self.device)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -339,7 +364,7 @@ class Trainer:
             site={"model": store.model, "layer": layer, **sites},
         ))
         n = min(store.n_tokens, max(16384, 4 * c.n_latents))
-        x, y = next(store.batches(layer, n, seed=c.seed + 1))
+        x, y = store.sample(layer, n, seed=c.seed + 1)
         if not all(_plausible(norm, values) for norm, values in ((stats.in_norm, x), (stats.out_norm, y))):
             store.verify([layer])  # names the shard, token and value: NaN, infinite, or an outlier
         initialize(tc, y if sae else x, y, torch.Generator().manual_seed(c.seed))
@@ -349,31 +374,24 @@ class Trainer:
 
     def fit(self) -> Transcoder:
         """Train to the end (from the latest checkpoint if resumed); return the transcoder."""
-        c = self.config
-        batches = self.store.batches(
-            self.layer, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=self.step
-        )
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"training layer {self.layer}",
-                   unit="step", disable=not self.progress)
-        try:
-            for x, y in batches:
-                self._check_batch(x, y)
-                self._train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                self.step += 1
-                bar.update()
-                if self.step % self.log_every == 0 or self.step == self.total_steps:
-                    record = self._log()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", fvu=f"{record['fvu']:.4f}",
-                                    l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.1%}")
-                    if self.callback is not None:
-                        self.callback(self, record)
-                if self.checkpoint_dir is not None and (
-                    self.step % self.checkpoint_every == 0 or self.step == self.total_steps
-                ):
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-        return self._finish()
+        return fit_together([self])[self.layer]
+
+    def train_batch(self, x: Tensor, y: Tensor) -> dict[str, float] | None:
+        """One optimisation step on a batch (MLP inputs and outputs, model units), then the
+        history record, callback and checkpoint when they are due. Returns the record, if any."""
+        self._check_batch(x, y)
+        self._train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        self.step += 1
+        record = None
+        if self.step % self.log_every == 0 or self.step == self.total_steps:
+            record = self._log()
+            if self.callback is not None:
+                self.callback(self, record)
+        if self.checkpoint_dir is not None and self.rank == 0 and (
+            self.step % self.checkpoint_every == 0 or self.step == self.total_steps
+        ):
+            self.save_checkpoint()
+        return record
 
     def _finish(self) -> Transcoder:
         tc = self.transcoder.eval()
@@ -407,38 +425,17 @@ class Trainer:
             group["lr"] = self.lr * factor
         if c.kind == "sae":
             x = y
-        total_variance = (y - y.mean(0)).square().sum()
-        metrics: dict[str, Tensor] = {}
-
-        if c.activation in _SPARSE:
-            encoding = tc.encode_sparse(x, low_precision=self.low_precision)
-            latents = encoding.latents
-            error = y - tc.decode_sparse(latents, x)
-            fvu = error.square().sum() / total_variance
-            loss = fvu
-            if c.auxk_coefficient > 0:
-                auxk = self._auxk(x, encoding.pre, error.detach(), total_variance)
-                loss = loss + c.auxk_coefficient * auxk
-                metrics["auxk"] = auxk.detach()
-            fired = latents.indices[latents.values > 0]
-            active = fired.numel()
-        else:
-            pre = tc.pre_activations(x)
-            z = tc.activate(pre)
-            error = y - tc.decode(z, x)
-            fvu = error.square().sum() / total_variance
-            if c.activation == "relu":
-                penalty = (z * tc.W_dec.norm(dim=1)).sum(-1).mean()
-            else:
-                penalty = heaviside(pre, tc.log_threshold.exp(), tc.config.bandwidth).sum(-1).mean()
-            warm = max(1, round(c.sparsity_warmup * self.total_steps))
-            loss = fvu + self.sparsity * min(1.0, (self.step + 1) / warm) * penalty
-            fired_mask = z > 0
-            fired = fired_mask.any(0).nonzero().flatten()
-            active = int(fired_mask.sum())
+        n_tokens = c.batch_size  # over all data-parallel processes
+        mean = self._sum_over_processes(y.sum(0)) / n_tokens
+        total_variance = self._sum_over_processes((y - mean).square().sum())
+        dead = (self.tokens_since_fired >= self.dead_window).nonzero().flatten()
+        warm = max(1, round(c.sparsity_warmup * self.total_steps))
+        penalty_weight = self.sparsity * min(1.0, (self.step + 1) / warm)
+        step = self.objective(x, y, total_variance, dead, penalty_weight)
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DistributedDataParallel averages the processes' gradients; their sum is the batch's
+        (step.loss * self.world if self.world > 1 else step.loss).backward()
         constrained = c.activation != "relu"
         if constrained:
             tc.project_decoder_grad()
@@ -447,31 +444,29 @@ class Trainer:
             tc.normalize_decoder()
 
         with torch.no_grad():
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[fired] = 0
-        metrics.update(loss=loss.detach(), fvu=fvu.detach())
-        for name, value in metrics.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value
-        self._sums["l0"] = self._sums.get("l0", 0.0) + active / len(x)
+            fired = self._sum_over_processes(step.fired)
+            self.tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
+            metrics = {"loss": step.loss, "fvu": step.fvu, "l0": step.active / n_tokens}
+            if step.auxk is not None:
+                metrics["auxk"] = step.auxk
+            for name, value in metrics.items():
+                self._sums[name] = self._sums.get(name, 0.0) + value.detach()
         self._sums["n"] = self._sums.get("n", 0) + 1
 
-    def _auxk(self, x: Tensor, pre: Tensor, error: Tensor, total_variance: Tensor) -> Tensor:
-        """AuxK: the top ``k_aux`` dead latents of each token reconstruct the residual error."""
-        tc = self.transcoder
-        dead = (self.tokens_since_fired >= self.dead_window).nonzero().flatten()
-        if len(dead) == 0:
-            return error.new_zeros(())
-        k_aux = min(self.k_aux, len(dead))
-        cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
-        rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
-        aux = tc.latents_at(x, rows, cols, pre)
-        fit = tc.decode_sparse(aux, bias=False)
-        return min(1.0, len(dead) / self.k_aux) * (fit - error).square().sum() / total_variance
+    def _sum_over_processes(self, t: Tensor) -> Tensor:
+        """``t`` summed over the data-parallel processes (``t`` itself in one process)."""
+        if self.world == 1:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
 
     def _log(self) -> dict[str, float]:
         n = self._sums.pop("n")
+        names = sorted(self._sums)
+        sums = self._sum_over_processes(torch.stack([torch.as_tensor(self._sums[name]) for name in names]))
         record = {"step": self.step, "tokens": self.step * self.config.batch_size}
-        record.update({name: float(value) / n for name, value in sorted(self._sums.items())})
+        record.update({name: float(value) / n for name, value in zip(names, sums.tolist())})
         record["dead_fraction"] = float((self.tokens_since_fired >= self.dead_window).float().mean())
         record["lr"] = self.lr * lr_factor(self.step - 1, self.total_steps, self.config.warmup)
         self._sums.clear()
@@ -588,6 +583,86 @@ def _short(value: Any) -> str:
     return repr(value[:12] + "…") if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
+class StepResult(NamedTuple):
+    """One training step's loss and what the trainer books from it (sums over this process's
+    tokens; the normalisers are the whole batch's)."""
+
+    loss: Tensor
+    fvu: Tensor
+    auxk: Tensor | None  # None without AuxK
+    fired: Tensor  # [n_latents] how many of the tokens each latent fired on
+    active: Tensor  # active (token, latent) pairs
+
+
+class _Objective(nn.Module):
+    """A training step's loss: FVU plus AuxK (TopK, BatchTopK) or the sparsity penalty (ReLU,
+    JumpReLU). A module so that DistributedDataParallel can wrap it; ``x`` and ``y`` are this
+    process's share of the batch, ``total_variance`` the whole batch's."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.transcoder = trainer.transcoder
+        self.config, self.n_tokens = trainer.config, trainer.config.batch_size
+        self.low_precision, self.k_aux = trainer.low_precision, trainer.k_aux
+
+    def forward(self, x: Tensor, y: Tensor, total_variance: Tensor, dead: Tensor,
+                penalty_weight: float) -> StepResult:
+        tc, c = self.transcoder, self.config
+        if c.activation in _SPARSE:
+            encoding = tc.encode_sparse(x, low_precision=self.low_precision)
+            latents = encoding.latents
+            error = y - tc.decode_sparse(latents, x)
+            fvu = error.square().sum() / total_variance
+            loss, auxk = fvu, None
+            if c.auxk_coefficient > 0:
+                auxk = self._auxk(x, encoding.pre, error.detach(), total_variance, dead)
+                loss = loss + c.auxk_coefficient * auxk
+            fired = latents.indices[latents.values > 0]
+            fired_counts = torch.bincount(fired, minlength=tc.n_latents)
+            active = torch.tensor(fired.numel(), device=x.device)
+        else:
+            pre = tc.pre_activations(x)
+            z = tc.activate(pre)
+            error = y - tc.decode(z, x)
+            fvu = error.square().sum() / total_variance
+            if c.activation == "relu":
+                penalty = (z * tc.W_dec.norm(dim=1)).sum() / self.n_tokens
+            else:
+                penalty = heaviside(pre, tc.log_threshold.exp(), tc.config.bandwidth).sum() / self.n_tokens
+            loss, auxk = fvu + penalty_weight * penalty, None
+            fired_mask = z > 0
+            fired_counts = fired_mask.sum(0)
+            active = fired_mask.sum()
+        return StepResult(loss, fvu, auxk, fired_counts, active)
+
+    def _auxk(self, x: Tensor, pre: Tensor, error: Tensor, total_variance: Tensor, dead: Tensor) -> Tensor:
+        """AuxK: the top ``k_aux`` dead latents of each token reconstruct the residual error."""
+        tc = self.transcoder
+        if len(dead) == 0:
+            return error.new_zeros(())
+        k_aux = min(self.k_aux, len(dead))
+        cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
+        aux = tc.latents_at(x, rows, cols, pre)
+        fit = tc.decode_sparse(aux, bias=False)
+        return min(1.0, len(dead) / self.k_aux) * (fit - error).square().sum() / total_variance
+
+
+def _init_data_parallel(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch, starting torch.distributed if needed (NCCL on
+    CUDA, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError("data_parallel=True needs a torchrun launch (torchrun --nproc_per_node=N ...), "
+                             "which sets RANK and WORLD_SIZE")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _latest_checkpoint(directory: Path) -> Path | None:
     done = sorted(directory.glob("step-[0-9]*")) if directory.is_dir() else []
     return done[-1] if done else None
@@ -607,6 +682,78 @@ def _plausible(mean_norm: float, sample: Tensor) -> bool:
     return math.isfinite(mean_norm) and math.isfinite(typical) and mean_norm <= OUTLIER_RATIO * typical
 
 
+def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
+    """Train one `Trainer` per layer of the same store from one pass over it: each batch is read
+    once for all layers (the same shuffled rows for every layer) and handed to every trainer, so
+    each ends exactly as if trained alone. Trainers resumed from checkpoints of different steps
+    skip the batches they have done. Returns ``{layer: transcoder}``."""
+    first = trainers[0]
+    c = first.config
+    layers = [t.layer for t in trainers]
+    for t in trainers[1:]:
+        if (t.store, t.total_steps, t.config.batch_size, t.config.seed, t.config.epochs, t.world) != (
+                first.store, first.total_steps, c.batch_size, c.seed, c.epochs, first.world):
+            raise ValueError("fit_together needs trainers of one store with the same batch_size, epochs, "
+                             "seed and data parallelism")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"fit_together needs one trainer per layer, got layers {layers}")
+    start = min(t.step for t in trainers)
+    batches = first.store.batches(layers, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=start,
+                                  part=(first.rank, first.world))
+    name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    bar = tqdm(total=first.total_steps, initial=start, desc=f"training {name}", unit="step",
+               disable=first.rank != 0 or not any(t.progress for t in trainers))
+    try:
+        for step, pairs in enumerate(_prefetch(batches), start):
+            for t, (x, y) in zip(trainers, pairs):
+                record = t.train_batch(x, y) if t.step == step else None
+                if record is not None:
+                    prefix = "" if len(trainers) == 1 else f"L{t.layer} "
+                    bar.set_postfix({f"{prefix}fvu": f"{record['fvu']:.4f}", f"{prefix}l0": f"{record['l0']:.1f}",
+                                     f"{prefix}dead": f"{record['dead_fraction']:.1%}"})
+            bar.update()
+    finally:
+        bar.close()
+    return {t.layer: t._finish() for t in trainers}
+
+
+def _prefetch(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (reading the next batch
+    from the store overlaps the training step)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as error:  # re-raised in the consumer
+            offer(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _take(iterable, n: int):
     for i, item in enumerate(iterable):
         if i == n:
@@ -616,17 +763,6 @@ def _take(iterable, n: int):
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _bf16_pays(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are faster than float32 here: on CUDA with bf16 support,
-    and on CPUs with native bf16 instructions (AVX512-BF16, AMX). On other CPUs they are emulated
-    and much slower (about 100× on an AVX2-only machine)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,6 +802,8 @@ def train_transcoder(
     checkpoint_every: int | None = None,
     resume: bool = True,
     device: str | torch.device | None = None,
+    low_precision: bool | None = None,
+    data_parallel: bool = False,
     seed: int = 0,
     eval_store: Any = None,
     progress: bool = True,
@@ -675,8 +813,10 @@ def train_transcoder(
 ) -> Transcoder | dict[int, Transcoder]:
     """Train a transcoder on ``layer`` of an activation store (see `Trainer`, `TrainingConfig`).
 
-    With a list of layers, trains one per layer in turn (checkpoints in
-    ``checkpoint_dir/layer-<n>``) and returns ``{layer: transcoder}``. ``options`` are further
+    With a list of layers, trains one per layer from one pass over the store (`fit_together`: each
+    batch read once for all layers; checkpoints in ``checkpoint_dir/layer-<n>``) and returns
+    ``{layer: transcoder}``. ``data_parallel=True`` under torchrun: every process trains
+    every layer on its share of each batch (see `Trainer`). ``options`` are further
     `TrainingConfig` fields (``warmup``, ``sparsity_coefficient``, ``auxk_coefficient``, ...).
     """
     config = TrainingConfig(n_latents=n_latents, kind=kind, activation=activation, k=k, epochs=epochs,
@@ -685,13 +825,15 @@ def train_transcoder(
     if not layers:
         raise ValueError("layer is empty: name at least one layer")
     store.check(model=model, layers=layers)
-    trained = {}
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer lists {layers}: name each layer once")
+    trainers = []
     for each in layers:
         directory = checkpoint_dir
         if checkpoint_dir is not None and not isinstance(layer, int):
             directory = Path(checkpoint_dir) / f"layer-{each}"
-        trainer = Trainer(store, each, config, model=model, checkpoint_dir=directory,
-                          checkpoint_every=checkpoint_every, resume=resume, device=device,
-                          eval_store=eval_store, callback=callback, progress=progress)
-        trained[each] = trainer.fit()
+        trainers.append(Trainer(store, each, config, model=model, checkpoint_dir=directory,
+                                checkpoint_every=checkpoint_every, resume=resume, device=device,
+                                low_precision=low_precision, data_parallel=data_parallel, eval_store=eval_store, callback=callback, progress=progress))
+    trained = fit_together(trainers)
     return trained[layer] if isinstance(layer, int) else trained

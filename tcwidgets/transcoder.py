@@ -243,6 +243,17 @@ class SparseEncoding(NamedTuple):
     pre: Tensor  # dense pre-activations [n_tokens, n_latents], no grad (maybe bfloat16)
 
 
+def _sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``a[rows[i]] · b[cols[i]]`` for each i (``rows`` non-decreasing), without materialising the
+    gathered rows: a sampled dense-dense product (SDDMM), ~15x faster on CPU than gathering
+    ``[nnz, d]`` copies of the rows (docs/training.md)."""
+    crow = torch._convert_indices_from_coo_to_csr(rows, len(a))
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, a.new_zeros(len(cols)), (len(a), len(b)))
+        return torch.sparse.sampled_addmm(pattern, a, b.t()).values()
+
+
 class _GatheredLinear(torch.autograd.Function):
     """``values[i] = x[rows[i]] · weight[cols[i]] + bias[cols[i]]``, a linear layer evaluated at a
     sparse set of (token, latent) pairs.
@@ -258,7 +269,7 @@ class _GatheredLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rows, cols)
         if pre.dtype == weight.dtype:
             return pre[rows, cols]
-        return torch.einsum("nd,nd->n", x[rows], weight[cols]) + bias[cols]
+        return _sampled_dot(x, weight, rows, cols) + bias[cols]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -267,14 +278,7 @@ class _GatheredLinear(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            # [n_latents, n_tokens] CSR matrix of the upstream gradient (entries sorted by latent):
-            # its product with x is 2x faster on CPU than the COO one
-            order = torch.argsort(cols, stable=True)
-            crow = torch._convert_indices_from_coo_to_csr(cols[order], n_latents)
-            with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-                warnings.simplefilter("ignore", UserWarning)
-                g = torch.sparse_csr_tensor(crow, rows[order], grad[order], (n_latents, n_tokens))
-                grad_weight = g @ x.to(weight.dtype)
+            grad_weight = _scatter_rows(cols, rows, grad, x.to(weight.dtype), n_latents)
         if ctx.needs_input_grad[2]:
             grad_bias = torch.zeros(n_latents, dtype=weight.dtype, device=weight.device).index_add_(0, cols, grad)
         if ctx.needs_input_grad[0]:
@@ -283,6 +287,40 @@ class _GatheredLinear(torch.autograd.Function):
             )
             grad_x = torch.sparse.mm(g, weight).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _scatter_rows(targets: Tensor, rows: Tensor, values: Tensor, dense: Tensor, n_targets: int) -> Tensor:
+    """``out[targets[i]] += values[i] · dense[rows[i]]`` (``out``: ``[n_targets, d]``) as a sparse
+    CSR matrix product (entries sorted by target), 2x faster on CPU than a COO product and ~20x
+    faster than ``index_add_`` of the gathered rows."""
+    order = torch.argsort(targets, stable=True)
+    crow = torch._convert_indices_from_coo_to_csr(targets[order], n_targets)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.sparse_csr_tensor(crow, rows[order], values[order], (n_targets, len(dense)))
+        return m @ dense
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[t] = Σ values[i] · weight[indices[i]]`` over token t's entries (an embedding bag),
+    with a backward that stays sparse: the weight's gradient is a CSR product, the values'
+    gradient a sampled dense-dense product (together ~2x faster on CPU than ``embedding_bag``'s
+    own backward, which builds dense intermediates)."""
+
+    @staticmethod
+    def forward(ctx, indices: Tensor, values: Tensor, offsets: Tensor, rows: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, values, rows, weight)
+        return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        indices, values, rows, weight = ctx.saved_tensors
+        grad_values = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_values = _sampled_dot(grad, weight, rows, indices)
+        if ctx.needs_input_grad[4]:
+            grad_weight = _scatter_rows(indices, rows, values, grad, len(weight))
+        return None, grad_values, None, None, grad_weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,10 +494,8 @@ class Transcoder(nn.Module):
 
         With ``bias=False`` only the latents' own contribution (no ``b_dec``, no skip path).
         """
-        out = F.embedding_bag(
-            latents.indices, self.W_dec, latents.offsets, mode="sum",
-            per_sample_weights=latents.values.to(self.W_dec.dtype),
-        )
+        out = _SparseDecode.apply(latents.indices, latents.values.to(self.W_dec.dtype), latents.offsets,
+                                  latents.rows, self.W_dec)
         if not bias:
             return out / self.config.output_scale
         return self._finish(out + self.b_dec, x)

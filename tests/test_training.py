@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import tcwidgets as tcw
 from tcwidgets.activations import ActivationStore, StoreError
-from tcwidgets.training import Trainer, TrainingConfig, reconstruction_metrics, train_transcoder
+from tcwidgets.training import Trainer, TrainingConfig, _take, reconstruction_metrics, train_transcoder
 from tcwidgets.transcoder import Transcoder
 
 from stores import rewrite_shard
@@ -82,12 +82,35 @@ def test_every_kind_and_activation_trains(store, test_store, options):
         assert torch.allclose(tc(y).output, tc.decode(tc.encode(y)))
 
 
-def test_several_layers_train_in_turn(store):
-    tcs = train_transcoder(store, [0, 1], epochs=1, progress=False, **SMALL)
-    assert sorted(tcs) == [0, 1]
+def test_several_layers_train_in_one_pass_bit_for_bit_like_one_at_a_time(store, tmp_path, monkeypatch):
+    reads = []
+    gather = ActivationStore._gather
+    monkeypatch.setattr(ActivationStore, "_gather", lambda self, layers, index: reads.append(layers) or gather(self, layers, index))
+    tcs = train_transcoder(store, [0, 1], epochs=1, progress=False, checkpoint_dir=tmp_path, **SMALL)
+    steps = store.n_batches(SMALL["batch_size"])
+    assert reads == [[0], [1]] + [[0, 1]] * steps  # each layer's initialisation sample, then one read per batch
+    assert sorted(tcs) == [0, 1] and sorted(p.name for p in tmp_path.iterdir()) == ["layer-0", "layer-1"]
     for layer, tc in tcs.items():
         assert tc.config.site["layer"] == layer and tc.config.site["input"] == store.sites(layer)["input"]
+        alone = train_transcoder(store, layer, epochs=1, progress=False, **SMALL)
+        for name, value in weights(alone).items():
+            assert torch.equal(weights(tc)[name], value), (layer, name)
     assert not torch.equal(tcs[0].W_enc, tcs[1].W_enc)
+
+
+def test_one_pass_resumes_layers_checkpointed_at_different_steps(store, tmp_path):
+    expected = train_transcoder(store, [0, 1], epochs=1, progress=False, **SMALL)
+    # layer 0 stopped after 3 steps, layer 1 after 7: each resumes from its own checkpoint
+    for layer, steps in ((0, 3), (1, 7)):
+        trainer = Trainer(store, layer, TrainingConfig(epochs=1, **SMALL), progress=False,
+                          checkpoint_dir=tmp_path / f"layer-{layer}")
+        for x, y in _take(store.batches(layer, SMALL["batch_size"], seed=0), steps):
+            trainer.train_batch(x, y)
+        trainer.save_checkpoint()
+    resumed = train_transcoder(store, [0, 1], epochs=1, progress=False, checkpoint_dir=tmp_path, **SMALL)
+    for layer in (0, 1):
+        for name, value in weights(expected[layer]).items():
+            assert torch.equal(weights(resumed[layer])[name], value), (layer, name)
 
 
 def test_auxk_loss_equals_a_dense_computation(store):
@@ -99,7 +122,7 @@ def test_auxk_loss_equals_a_dense_computation(store):
     encoding = tc.encode_sparse(x)
     error = (y - tc.decode_sparse(encoding.latents)).detach()
     variance = (y - y.mean(0)).square().sum()
-    loss = trainer._auxk(x, encoding.pre, error, variance)
+    loss = trainer.objective._auxk(x, encoding.pre, error, variance, dead)
 
     # reference: each token's k_aux largest dead pre-activations (ReLU) decode the error, in float64
     k_aux = min(trainer.k_aux, len(dead))

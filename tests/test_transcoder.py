@@ -192,6 +192,29 @@ def test_sparse_path_matches_dense_reference_loss_and_gradients(activation, kind
     assert torch.allclose(x.grad.double(), ref_grads[-1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_low_precision_choice_keeps_full_precision_values_and_gradients(activation):
+    """With ``low_precision`` the latents are chosen from a bfloat16 product, but their values
+    (and the gradients) are those of the float32 encoder at the chosen pairs."""
+    tc = make(activation=activation, k=6).train()
+    x, y = torch.randn(40, D_IN), torch.randn(40, D_OUT)
+    encoding = tc.encode_sparse(x, low_precision=True)
+    assert encoding.pre.dtype == torch.bfloat16
+    latents = encoding.latents
+    rows = latents.rows
+    pre64 = reference(tc, x.double())[0].detach()
+    assert torch.allclose(latents.values.double(), pre64[rows, latents.indices].relu(), rtol=1e-5, atol=1e-6)
+    loss = (y - tc.decode_sparse(latents)).square().sum()
+    loss.backward()
+    # float64 reference of the same choice: a dense mask of the chosen pairs
+    params = {name: p.detach().double().requires_grad_() for name, p in tc.named_parameters()}
+    mask = torch.zeros_like(pre64).index_put((rows, latents.indices), torch.tensor(1.0, dtype=torch.float64))
+    out = reference(tc, x.double(), mask, params)[2]
+    ref_grads = torch.autograd.grad((y.double() - out).square().sum(), list(params.values()))
+    for (name, p), ref in zip(tc.named_parameters(), ref_grads):
+        assert torch.allclose(p.grad.double(), ref, rtol=1e-4, atol=1e-5), name
+
+
 def test_sparse_latents_match_dense_encoding():
     tc = make(k=7)
     x = torch.randn(9, D_IN)

@@ -1,0 +1,89 @@
+"""Measured kernel choices: whether the sparse trainer's latent choice runs faster in bfloat16.
+
+Whether a bfloat16 matrix product beats float32 depends on the hardware and on torch's kernels,
+not on a CPU flag: on an AVX512-BF16 EPYC the encoder product is ~2-3x faster in bfloat16, on an
+AVX2-only CPU it is emulated and ~7x slower, and a CPU flag says nothing about how either compares
+with the rest of a training step. So the trainer times its own latent choice
+(`Transcoder.encode_sparse`) both ways on a batch of the run's shape, once per machine, and
+caches the answer in ``cache_dir()/calibration.json`` keyed by the device's model name, torch's
+version and the shape.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write
+from .models import cache_dir
+from .transcoder import Transcoder
+
+__all__ = ["device_name", "low_precision_pays"]
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def device_name(device: torch.device) -> str:
+    """The model name of a CPU (from /proc/cpuinfo) or GPU, e.g. ``"AMD EPYC"``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def low_precision_pays(tc: Transcoder, n_tokens: int, *, cache: Path | None = None) -> bool:
+    """Whether ``tc.encode_sparse`` on ``n_tokens`` tokens is faster with ``low_precision=True``
+    on ``tc``'s device: measured (best of 3 after a warm-up, per precision) on random inputs, or
+    read from the cache of an earlier measurement with the same device model, torch version,
+    threads and shape."""
+    device = tc.device
+    if device.type not in ("cpu", "cuda"):
+        return False
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    key = (f"{device.type}|{device_name(device)}|torch {torch.__version__}|{threads} threads|"
+           f"{n_tokens}x{tc.d_in}x{tc.n_latents}|{tc.config.activation} k={tc.config.k}")
+    path = (cache or cache_dir()) / CALIBRATION_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        timings = _time_encode_sparse(tc, n_tokens)
+        known[key] = {"low_precision": timings[True] < timings[False],
+                      "seconds": {"float32": timings[False], "bfloat16": timings[True]}}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1)))
+        except OSError:  # a read-only cache: measure again next time
+            pass
+    return bool(known[key]["low_precision"])
+
+
+@torch.no_grad()
+def _time_encode_sparse(tc: Transcoder, n_tokens: int) -> dict[bool, float]:
+    x = torch.randn(n_tokens, tc.d_in, generator=torch.Generator().manual_seed(0)).to(tc.device)
+    best = {}
+    for low in (False, True):
+        times = []
+        for _ in range(4):  # the first is a warm-up
+            _synchronize(tc.device)
+            start = time.perf_counter()
+            tc.encode_sparse(x, low_precision=low)
+            _synchronize(tc.device)
+            times.append(time.perf_counter() - start)
+        best[low] = min(times[1:])
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
