@@ -196,7 +196,7 @@ class PromptSession:
     def cache_before(self, start: int) -> Any:
         """A copy of the key/value cache of the first ``start`` tokens (the session's stays whole)."""
         cache = copy.deepcopy(self.cache)
-        cache.crop(start)
+        cache.crop(start - self.length)  # a negative crop removes that many tokens from the end
         return cache
 
 
@@ -283,12 +283,12 @@ def run_with_edits(
         remote: run on NDIF (``True``) or through its request path in-process (``"local"``);
             defaults to the model's own setting (a session's: the session's).
     """
-    transcoders = check_transcoders(lm, transcoders)
-    edits = check_edits(transcoders, edits)
     session = prompt if isinstance(prompt, PromptSession) else None
     if session is not None and session.lm is not lm:
         raise ValueError("This PromptSession was started with another model: start one with this model "
                          "(tcw.start_session(lm, transcoders, prompt)).")
+    transcoders = check_transcoders(lm, transcoders)
+    edits = check_edits(transcoders, edits)
     tokens = session.tokens if session is not None else encode_prompt(lm, prompt)
     length = tokens.shape[1]
     positions = check_positions(positions, length)

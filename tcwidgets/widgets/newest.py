@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -126,4 +127,8 @@ def kernel_deliver() -> Deliver:
 
 
 def _call_now(callback: Callable[[], Any]) -> None:
-    callback()
+    """Call ``callback``; report what it raises as an event loop would, and carry on."""
+    try:
+        callback()
+    except Exception:
+        traceback.print_exc()
