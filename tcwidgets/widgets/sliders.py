@@ -38,6 +38,7 @@ from ..interventions import (EDIT_KINDS, Edit, PromptSession, check_edits, check
                              start_session)
 from ..splicing import check_transcoders
 from .assets import css, esm
+from .messages import whole
 from .newest import NewestWins, Ticket, kernel_deliver
 
 IDENTITY = {"scale": 1.0, "steer": 0.0}  # slider values that change nothing (a clamp always does)
@@ -352,7 +353,8 @@ class AblationSliders(anywidget.AnyWidget):
 
     # -- messages from the page (on the kernel's thread) -------------------------------------------------------
     def _on_message(self, _: Any, content: Any, buffers: list) -> None:
-        """Apply a page message; a malformed one is named in ``error`` (and still answered), never raised."""
+        """Apply a page message. A malformed one is named in ``error`` and answered with ``{"type":
+        "error", request, message}`` (a "set" or "add" also by the run that follows), never raised."""
         try:
             if not isinstance(content, dict):
                 raise ValueError(f"a message must be an object, not {type(content).__name__}")
@@ -379,6 +381,9 @@ class AblationSliders(anywidget.AnyWidget):
         except Exception as error:  # a page (or anyone on the comm) sent something malformed
             self._input_error = f"Ignored a malformed message from the page: {error}"
             self._show_error()
+            request = content.get("request") if isinstance(content, dict) else None
+            self.send({"type": "error", "request": request if isinstance(request, str) else None,
+                       "message": self.error})
 
     def _apply(self, values: dict[str, Any]) -> None:
         """Set traits as the page asks; what is refused is shown in ``error``, not raised."""
@@ -396,13 +401,14 @@ class AblationSliders(anywidget.AnyWidget):
 
     def _add(self, layer: Any, latent: Any) -> None:
         """List another latent (with a slider at 1×) and select it."""
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
-                   for v in (layer, latent)):
+        try:
+            layer, latent = whole(layer), whole(latent)
+        except ValueError:
             self._input_error = "To add a latent, give its layer and its number (a whole number)."
             self._show_error()
             return
         try:
-            entry = self._entry((int(layer), int(latent)))
+            entry = self._entry((layer, latent))
         except ValueError as error:
             self._input_error = f"Cannot add that latent: {error}"
             self._show_error()
