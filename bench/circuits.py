@@ -13,7 +13,7 @@
   Chromium: the page's own time to build and draw it (target: under 1 s), the time from the cell's
   start to the drawn widget, and the redraw after a threshold change and on hover.
 
-``case-study`` (docs/case-study-greater-than.md): on 20 prompts "The war lasted from the year 17YY
+``case-study`` (tutorials/case-study-greater-than.md): on 20 prompts "The war lasted from the year 17YY
 to the year 17", measures how much probability the default model puts on tens digits larger than
 YY's versus smaller ones; attributes the logit difference (mean logit of the larger digits minus
 that of the smaller) through transcoders on 6 layers; then ablates (zeroes, error terms kept) the

@@ -6,7 +6,7 @@ from .circuits import CircuitError, CircuitGraph, LatentTarget, LogitTarget, att
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
 from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
                        logit_effects, transcoder_fingerprint)
-from .interventions import Edit, EditResult, run_with_edits
+from .interventions import Edit, EditResult, PromptSession, run_with_edits, start_session
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
 from .streaming import ActivationStream, train_streaming
@@ -16,7 +16,7 @@ from .widgets import AblationSliders, CircuitView, FeatureDashboard
 
 __all__ = [
     "AblationSliders", "CircuitError", "CircuitGraph", "CircuitView", "Edit", "EditResult", "LatentTarget",
-    "LogitTarget", "attribute", "run_with_edits",
+    "LogitTarget", "PromptSession", "attribute", "run_with_edits", "start_session",
     "ARCHITECTURES", "ActivationStore", "LayerMetrics", "LayerStats", "Metrics", "Model", "Sites", "SplicedRun",
     "StoreError", "Trainer", "TrainingConfig", "Transcoder", "TranscoderConfig", "collect_activations",
     "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FeatureStatsError", "LatentStats",

@@ -14,9 +14,12 @@ Activations, clamp values and steering amounts are in the transcoder's latent un
 ``tc(x).latents``). With ``replace=True`` the error terms are dropped: each MLP is replaced by its
 (edited) reconstruction, which measures how much the transcoders alone carry.
 
-Edits that start at token position p > 0 cannot change what comes before p, so a local run reuses
-the clean model's key/value cache of the prompt (kept for the last prompt seen) and reruns only
-positions p and after: moving a slider on the last token of a prompt costs one token's forward pass.
+A `PromptSession` is a prompt's clean run kept as an object: its tokens, clean logits, every
+transcoder's latents and (local runs) the model's key/value cache. Pass it to `run_with_edits` in
+place of the prompt to edit that prompt again and again: no edits returns the clean logits without a
+run, and edits that start at token position p > 0 (which cannot change what comes before p) rerun
+only positions p and after from the cache, so moving a slider on the last token of a prompt costs one
+token's forward pass.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import numbers
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from .corpus import bos_id
 from .models import RUN_LOCK
@@ -166,27 +170,52 @@ def check_positions(positions: int | Sequence[int] | None, length: int) -> list[
     return sorted(resolved)
 
 
-class _CleanRun(NamedTuple):
-    """The clean model's logits and key/value cache on one prompt."""
+@dataclass(frozen=True, eq=False)
+class PromptSession:
+    """A prompt's clean run, kept to answer edits of that prompt (see `start_session`).
 
-    model: Any
-    tokens: torch.Tensor  # [n, length], CPU
-    logits: torch.Tensor  # [n, length, vocab], CPU
-    cache: Any  # a transformers Cache of the `length` tokens, on the model's device
+    ``tokens``: ``[n, length]``; ``logits``: the clean logits ``[n, length, vocab]``; ``latents``:
+    each transcoder's latents ``{layer: [n, length, n_latents]}`` (all on CPU); ``cache``: the
+    model's key/value cache of the prompt on the model's device (``None`` for remote runs, which
+    cannot reuse it). Give it to `run_with_edits` as its prompt.
+    """
+
+    lm: Any
+    transcoders: dict[int, Any]
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    latents: dict[int, torch.Tensor]
+    cache: Any
+    remote: bool | str
+
+    @property
+    def length(self) -> int:
+        """The number of tokens of the prompt."""
+        return self.tokens.shape[1]
+
+    def cache_before(self, start: int) -> Any:
+        """A copy of the key/value cache of the first ``start`` tokens (the session's stays whole)."""
+        cache = copy.deepcopy(self.cache)
+        cache.crop(start - self.length)  # a negative crop removes that many tokens from the end
+        return cache
 
 
-_CLEAN: list[_CleanRun] = []  # the last prompt's clean run, reused while that prompt is edited
+def start_session(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | torch.Tensor, *,
+                  remote: bool | str | None = None) -> PromptSession:
+    """Run ``prompt`` once, clean, keeping what later edits of it reuse: one forward pass that
+    yields the logits, every transcoder's latents and (locally) the key/value cache.
 
-
-def _clean_run(lm: Any, tokens: torch.Tensor) -> _CleanRun:
-    """The clean run of ``tokens`` (local), computed once per prompt."""
-    if _CLEAN and _CLEAN[0].model is lm and torch.equal(_CLEAN[0].tokens, tokens):
-        return _CLEAN[0]
-    with torch.no_grad(), lm.trace(tokens.to(lm.device), remote=False, use_cache=True):
-        logits = lm.output.logits.save()
-        cache = lm.output.past_key_values.save()
-    _CLEAN[:] = [_CleanRun(lm, tokens, logits.cpu(), cache)]
-    return _CLEAN[0]
+    The transcoders are spliced with their error terms and no edit, so the logits are exactly the
+    clean model's. Arguments as for `run_with_edits`.
+    """
+    transcoders = check_transcoders(lm, transcoders)
+    tokens = encode_prompt(lm, prompt)
+    remote = lm.remote if remote is None else remote
+    cache = None if remote else DynamicCache()
+    with RUN_LOCK:
+        run = splice(lm, transcoders, tokens, mode="error", save_latents=True, batch_size=len(tokens),
+                     progress=False, remote=remote, past_key_values=cache)
+    return PromptSession(lm, transcoders, tokens, run.logits, run.latents, cache, remote)
 
 
 class LatentEditor:
@@ -222,7 +251,7 @@ class LatentEditor:
 def run_with_edits(
     lm: Any,
     transcoders: Mapping[int, Any] | Any,
-    prompt: str | torch.Tensor,
+    prompt: str | torch.Tensor | PromptSession,
     edits: Edit | Iterable[Edit] = (),
     *,
     positions: int | Sequence[int] | None = None,
@@ -238,7 +267,8 @@ def run_with_edits(
     Args:
         lm: a model from `load_model`.
         transcoders: ``{layer: transcoder}`` (or one transcoder).
-        prompt: text (tokenised with BOS first, see `encode_prompt`) or token ids ``[n, length]``.
+        prompt: text (tokenised with BOS first, see `encode_prompt`), token ids ``[n, length]``, or
+            a `PromptSession` of this model (from `start_session`), whose clean run is reused.
         edits: `Edit`\\ s, applied in order; none runs the model unchanged.
         positions: token positions to edit (negative ones count from the end), ``None`` for all.
             When generating, ``None`` also edits the generated tokens.
@@ -251,11 +281,15 @@ def run_with_edits(
         on_step: called as ``on_step(done, total)`` after each forward pass (``total`` is
             ``max(generate, 1)``); raise from it to stop early.
         remote: run on NDIF (``True``) or through its request path in-process (``"local"``);
-            defaults to the model's own setting.
+            defaults to the model's own setting (a session's: the session's).
     """
+    session = prompt if isinstance(prompt, PromptSession) else None
+    if session is not None and session.lm is not lm:
+        raise ValueError("This PromptSession was started with another model: start one with this model "
+                         "(tcw.start_session(lm, transcoders, prompt)).")
     transcoders = check_transcoders(lm, transcoders)
     edits = check_edits(transcoders, edits)
-    tokens = encode_prompt(lm, prompt)
+    tokens = session.tokens if session is not None else encode_prompt(lm, prompt)
     length = tokens.shape[1]
     positions = check_positions(positions, length)
     if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
@@ -266,9 +300,12 @@ def run_with_edits(
     edited_layers = {edit.layer for edit in edits}
     spliced = {layer: tc for layer, tc in transcoders.items()
                if replace or save_latents or layer in edited_layers}
-    remote = lm.remote if remote is None else remote
-    local = not (replace or save_latents or remote)  # local error-term runs can reuse the clean run,
-    start = positions[0] if local and positions is not None else 0  # which holds all before `start`
+    remote = (session.remote if session is not None else lm.remote) if remote is None else remote
+    # what the session's clean run answers: the clean logits, and (locally) the cache of the tokens
+    # before the first edited position, from which an error-term run continues
+    latents_known = session is not None and all(session.transcoders.get(layer) is tc for layer, tc in spliced.items())
+    clean = session is not None and not replace and (not save_latents or latents_known)
+    start = positions[0] if clean and not remote and session.cache is not None and positions is not None else 0
 
     def forward(ids: torch.Tensor, latents: bool) -> Any:
         editor = LatentEditor(edits, positions) if edits else None
@@ -276,19 +313,17 @@ def run_with_edits(
                       batch_size=len(ids), progress=False, remote=remote)
 
     def first_forward() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The logits over the prompt (and latents), reusing the clean run where edits change nothing."""
-        if local and not edits:
-            return _clean_run(lm, tokens).logits, {}
+        """The logits over the prompt (and latents), reusing the session's clean run where it can."""
+        known = {layer: session.latents[layer] for layer in spliced} if clean and save_latents else {}
+        if clean and not edits:
+            return session.logits, known
         if not start:
-            run = forward(tokens, save_latents)
-            return run.logits, run.latents
-        clean = _clean_run(lm, tokens)
-        cache = copy.deepcopy(clean.cache)
-        cache.crop(start - length)  # keep the first `start` tokens
+            run = forward(tokens, save_latents and not known)
+            return run.logits, known or run.latents
         editor = LatentEditor(edits, [position - start for position in positions])
         rest = splice(lm, spliced, tokens[:, start:], mode="error", edit=editor, batch_size=len(tokens),
-                      progress=False, remote=False, past_key_values=cache)
-        return torch.cat([clean.logits[:, :start], rest.logits], dim=1), {}
+                      progress=False, remote=False, past_key_values=session.cache_before(start))
+        return torch.cat([session.logits[:, :start], rest.logits], dim=1), known
 
     total = max(generate, 1)
     with RUN_LOCK:

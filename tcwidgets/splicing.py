@@ -18,6 +18,7 @@ A transcoder (``config.kind`` ``"transcoder"`` or ``"skip"``) reads the MLP's in
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -176,12 +177,23 @@ def _to_cpu(values: dict) -> dict:
             for key, value in values.items()}
 
 
+def _cache_argument(lm: Any) -> str:
+    """The name under which the model's forward takes a key/value cache: ``cache`` (transformers ≥ 5.x,
+    which warns about the old name) or ``past_key_values``."""
+    parameters = inspect.signature(lm._module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mode, zero: list[int],
            edit: LatentEdit | None, save_latents: bool, save_mlp: list[int],
            remote: bool | str, past_key_values: Any) -> tuple[torch.Tensor, dict, dict]:
     """One forward pass of a batch; layers in ascending order (nnsight needs execution order)."""
     layers = sorted(set(transcoders) | set(zero) | set(save_mlp))
-    cache = {} if past_key_values is None else {"past_key_values": past_key_values, "use_cache": True}
+    cache = {}
+    if past_key_values is not None:  # the mask covers the cached tokens and the new ones
+        mask = torch.ones(len(tokens), past_key_values.get_seq_length() + tokens.shape[1], dtype=torch.long,
+                          device=tokens.device)
+        cache = {_cache_argument(lm): past_key_values, "use_cache": True, "attention_mask": mask}
     with lm.trace(tokens, remote=remote, **cache):
         latents, mlp = nnsight.save({}), nnsight.save({})
         for layer in layers:

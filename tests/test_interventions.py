@@ -9,7 +9,7 @@ input and output scales so that model units and latent units differ.
 import pytest
 import torch
 
-from tcwidgets.interventions import Edit, encode_prompt, run_with_edits
+from tcwidgets.interventions import Edit, encode_prompt, run_with_edits, start_session
 from tcwidgets.models import resolve
 from tcwidgets.transcoder import Transcoder, TranscoderConfig
 
@@ -166,20 +166,35 @@ def test_positions_restrict_the_edit(lm, tcs, tokens):
 
 
 def test_an_edit_from_position_p_reruns_only_positions_from_p(lm, tcs, tokens):
-    """The clean run of the prompt is kept: later edits at the last token run one token's forward pass."""
-    lengths = []
+    """A PromptSession keeps the prompt's clean run: edits at the last token run one token's forward pass."""
+    lengths, clean = [], reference(lm, tokens, {})
     hook = resolve(lm._module, lm.sites.mlp_path(0)).register_forward_hook(
         lambda module, args, output: lengths.append(args[0].shape[1]))
     try:
-        run_with_edits(lm, tcs, PROMPT, [Edit(6, 3, scale=0.0)], positions=[-1])
+        session = start_session(lm, tcs, PROMPT)
+        assert lengths == [tokens.shape[1]]  # one pass gives the logits, the latents and the cache
         lengths.clear()
-        got = run_with_edits(lm, tcs, PROMPT, [Edit(6, 4, steer=9.0)], positions=[-1]).logits
+        assert close(run_with_edits(lm, tcs, session).logits, clean)
+        assert lengths == []  # no edit: the clean logits, no run
+        got = run_with_edits(lm, tcs, session, [Edit(6, 4, steer=9.0)], positions=[-1]).logits
         assert lengths == [1]
         lengths.clear()
-        run_with_edits(lm, tcs, PROMPT, [Edit(6, 4, steer=9.0)], positions=[3, -1])
+        run_with_edits(lm, tcs, session, [Edit(6, 4, steer=9.0)], positions=[3, -1])
         assert lengths == [tokens.shape[1] - 3]
+        lengths.clear()
+        run_with_edits(lm, tcs, PROMPT, [Edit(6, 4, steer=9.0)], positions=[-1])
+        assert lengths == [tokens.shape[1]]  # no session, no hidden cache: the whole prompt
     finally:
         hook.remove()
+    again = run_with_edits(lm, tcs, session, [Edit(6, 4, steer=9.0)], positions=[-1]).logits
+    assert torch.equal(again, got), "the session's cache is not changed by the runs that use it"
+    latents = run_with_edits(lm, tcs, session, save_latents=True).latents
+    expected = clean_latents(lm, tokens, tcs)  # by plain forward hooks
+    for layer in tcs:
+        assert torch.equal(latents[layer], session.latents[layer])
+        assert close(session.latents[layer], expected[layer])
+    with pytest.raises(ValueError, match="another model"):
+        run_with_edits(object(), tcs, session)
     expected = reference(lm, tokens, {6: set_latent(tcs[6], 4, lambda a: a + 9.0, positions=[tokens.shape[1] - 1])})
     assert close(got, expected)
 

@@ -111,6 +111,20 @@ def test_copying_never_overwrites_a_learners_edits(tmp_path):
     assert (tmp_path / "02-tracing.ipynb").read_bytes() == (shipped_notebooks() / "02-tracing.ipynb").read_bytes()
 
 
+def test_every_relative_link_works_in_the_copied_folder(tmp_path):
+    """Notebook 7 links to the case study: the folder `tcwidgets tutorials` creates has it."""
+    copy_tutorials(tmp_path)
+    links = []
+    for path in sorted(tmp_path.glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "markdown":
+                links += [(path.name, target) for target in re.findall(r"\]\(([^)\s]+)\)", cell.source)
+                          if not re.match(r"[a-z]+:|#", target)]
+    assert ("07-circuits.ipynb", "case-study-greater-than.md") in links
+    missing = [(name, target) for name, target in links if not (tmp_path / target.split("#")[0]).is_file()]
+    assert not missing, f"links to files that are not in the copied folder: {missing}"
+
+
 def test_tutorials_command_opens_jupyterlab_on_the_notebooks(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -134,7 +148,7 @@ def test_tutorials_command_opens_jupyterlab_on_the_notebooks(tmp_path):
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=30)
-    shipped = len([*shipped_notebooks().glob("*.ipynb"), *shipped_notebooks().glob("README.md")])
+    shipped = len([*shipped_notebooks().glob("*.ipynb"), *shipped_notebooks().glob("*.md")])
     assert f"{shipped} copied, 0 already there" in output
 
 

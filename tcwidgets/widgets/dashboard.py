@@ -19,8 +19,10 @@ import traitlets
 
 from ..features import SORT_KEYS, Example, FeatureStats, FeatureStatsError
 from .assets import css, esm
+from .messages import whole
 
 LIST_PAGE = 50  # rows per page of the latent list
+MAX_QUERY = 200  # characters of a token search
 
 
 def _round(value: float) -> float:
@@ -118,23 +120,44 @@ class FeatureDashboard(anywidget.AnyWidget):
             self._latent = payload
 
     # -- messages from the page ----------------------------------------------------------------------
-    def _on_message(self, _: Any, content: dict, buffers: list) -> None:
-        kind = content.get("type")
-        if kind == "select":
-            try:
-                self.feature = int(content["feature"])
-            except (traitlets.TraitError, TypeError, ValueError, KeyError):
-                if not self.error:
-                    self.error = f"Cannot show latent {content.get('feature')!r}: give a whole number."
-        elif kind == "list":
-            self.send({"type": "list", "request": content.get("request"), **self.rows(
-                content.get("query", ""), content.get("sort", "density"), bool(content.get("descending", True)),
-                int(content.get("offset", 0)))})
+    def _on_message(self, _: Any, content: Any, buffers: list) -> None:
+        """Answer a page message. A malformed one (or a latent out of range) is named in ``error``
+        and answered with ``{"type": "error", request, message}``, never raised."""
+        request = content.get("request") if isinstance(content, dict) else None
+        try:
+            if not isinstance(content, dict):
+                raise ValueError(f"a message must be an object, not {type(content).__name__}")
+            kind = content.get("type")
+            if kind == "select":
+                feature = content.get("feature")
+                try:
+                    number = whole(feature)
+                except ValueError:
+                    raise ValueError(f"cannot show latent {feature!r:.100}: give a whole number") from None
+                self.feature = number
+            elif kind == "list":
+                query, sort = content.get("query", ""), content.get("sort", "density")
+                descending, offset = content.get("descending", True), content.get("offset", 0)
+                if not isinstance(query, str) or not isinstance(sort, str) or not isinstance(descending, bool):
+                    raise ValueError("a list request needs query and sort as text and descending as true or false")
+                self.send({"type": "list", "request": request, **self.rows(query, sort, descending, whole(offset))})
+            else:
+                raise ValueError(f"unknown message type {kind!r:.100}: expected 'select' or 'list'")
+        except traitlets.TraitError:
+            self._reply_error(request)  # the validator named the problem in `error`
+        except Exception as error:  # a page (or anyone on the comm) sent something malformed
+            self.error = f"Ignored a malformed message from the page: {error}"
+            self._reply_error(request)
+
+    def _reply_error(self, request: Any) -> None:
+        self.send({"type": "error", "request": request if isinstance(request, str) else None, "message": self.error})
 
     def rows(self, query: str = "", sort: str = "density", descending: bool = True,
              offset: int = 0) -> dict[str, Any]:
         """One page of the latent list: all latents sorted by ``sort``, or the results of a token
         search when ``query`` is not empty. Rows are ``[latent, density, max, hits]``."""
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the search has {len(query)} characters: search for at most {MAX_QUERY}")
         if query.strip():
             found = self.stats.search(query)
             order, hits = [i for i, _ in found], [h for _, h in found]

@@ -12,45 +12,84 @@ sets a trait; it sends messages that Python validates and applies (failures go t
     {type: "select", layer, latent}            the latent being looked at
     {type: "cancel"}                           abandon the running computation
 
-Model work runs in one worker thread per widget, and the newest state wins: a change only raises a
-flag, the worker computes the state as it is when it starts, and drops a result that a newer
-change has superseded (a generation stops at its next step). ``_result["request"]`` names the page
-request it answers, so a page also ignores answers older than its latest request. The clean run of
-the prompt (its logits and every transcoder's latents) is cached, and so is its key/value cache (by
-`run_with_edits`): a slider change reruns the tokens from the edited position on (none when no
-slider edits anything), a position change runs nothing.
+Model work runs on a worker thread (`NewestWins`), and the newest state wins: each change takes a
+snapshot of the state on the kernel's thread and submits it; a snapshot still waiting when a newer
+one comes never runs, a running one stops at its next step, and results are applied to the traits
+on the kernel's thread (through its event loop), only while they answer the newest state.
+``_result["request"]`` names the page request it answers, so a page also ignores answers older than
+its latest request. The prompt's clean run is a `PromptSession` kept by the widget: a slider change
+reruns the tokens from the edited position on (none when no slider edits anything), a position
+change with no edit runs nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import anywidget
 import torch
 import traitlets
 
-from ..interventions import EDIT_KINDS, Edit, check_edits, check_positions, encode_prompt, run_with_edits
+from ..interventions import (EDIT_KINDS, Edit, PromptSession, check_edits, check_positions, run_with_edits,
+                             start_session)
 from ..splicing import check_transcoders
 from .assets import css, esm
+from .messages import whole
+from .newest import NewestWins, Ticket, kernel_deliver
 
 IDENTITY = {"scale": 1.0, "steer": 0.0}  # slider values that change nothing (a clamp always does)
 MAX_CONTINUATION = 64
+MAX_EDIT = 1e6  # slider values beyond this are refused (they only make the model's numbers overflow)
+MAX_PINNED = 1_000  # characters of a pinned text
 
 
-class _Superseded(Exception):
-    """A newer change (or a cancel) made the running computation pointless."""
+class _Snapshot(NamedTuple):
+    """What to compute, taken on the kernel's thread when a change is submitted."""
+
+    request: str  # the page request answered
+    prompt: str
+    session: PromptSession | None  # the current prompt's clean run (None: start one for ``prompt``)
+    version: int  # the session's version, or the next one for a new session
+    position: int  # the position to edit (resolved for a new session by `_Snapshot.position_in`)
+    keep_position: bool  # a new session keeps ``position`` if it fits (else: ``start_position``)
+    start_position: int
+    scope: str
+    edits: list[Edit]
+    pinned: list[str]
+    continuation: int
+    clean_continuation: str | None  # already known for this session and length
+
+    def position_in(self, length: int) -> int:
+        if self.keep_position and self.position < length:
+            return self.position
+        start = self.start_position
+        return start % length if -length <= start < length else length - 1
 
 
-class _Prompt(NamedTuple):
-    """The cached clean run of the current prompt."""
+class _Outcome(NamedTuple):
+    """A finished computation, applied on the kernel's thread."""
 
+    session: PromptSession
     version: int
-    tokens: torch.Tensor  # [1, length]
-    log_probs: torch.Tensor  # [vocab] next-token log-probabilities after the last token
-    latents: dict[int, torch.Tensor]  # {layer: [length, n_latents]}, unedited
+    position: int
+    result: dict[str, Any]
+    clean_continuation: str | None
+
+
+class _Inline:
+    """A `Ticket` stand-in for the first state, computed while the widget is built."""
+
+    current = True
+
+    def check(self) -> None:
+        pass
+
+    def deliver(self, callback: Any) -> None:
+        callback()
 
 
 def _usable(lm: Any, transcoders: Mapping[int, Any] | Any) -> tuple[dict[int, Any], list[str]]:
@@ -122,13 +161,15 @@ class AblationSliders(anywidget.AnyWidget):
         self.lm, self.remote = lm, remote
         self.transcoders, self._problems = _usable(lm, transcoders)
         self.top_latents, self.top_tokens = top_latents, top_tokens
-        self._prompt: _Prompt | None = None
+        self._session: PromptSession | None = None  # the clean run of `prompt`
+        self._session_prompt = ""  # the text it is of
         self._version = 0
-        self._continuations: dict[tuple[int, int], str] = {}  # (prompt version, n) -> clean continuation
-        self._wanted = threading.Condition()
-        self._need_prompt = self._need_run = self._cancelled = self._closed = False
-        self._thread: threading.Thread | None = None
-        self._working: int | None = None  # the thread computing, whose own changes ask for nothing
+        self._clean_continuation: tuple[PromptSession, int, str] | None = None
+        self._deliver = kernel_deliver()
+        self._runner: NewestWins | None = None
+        self._holding = 0  # > 0: changes are collected, then submitted once (`_collected`)
+        self._pending = False  # a change was collected
+        self._applying: int | None = None  # the thread applying a result: its trait changes ask for nothing
         self._start_position = position
         self._request = ""  # the page request that the next result answers
         self._input_error = self._run_error = ""
@@ -142,12 +183,17 @@ class AblationSliders(anywidget.AnyWidget):
                 problems.append(f"Feature {feature!r} left out: {error}")
         self._problems += problems
         self._show_error()
-        with self.hold_trait_notifications():
-            self.sliders, self.pinned, self.scope, self.continuation = sliders, list(pinned), scope, continuation
-        self.prompt = prompt
-        self._work()  # the first state synchronously: the widget is complete when displayed
-        self._thread = threading.Thread(target=self._loop, name="AblationSliders", daemon=True)
-        self._thread.start()
+        with self._collected(submit=False):
+            with self.hold_trait_notifications():
+                self.sliders, self.pinned, self.scope, self.continuation = sliders, list(pinned), scope, continuation
+            self.prompt = prompt
+        # the first state synchronously: the widget is complete when displayed
+        snapshot = self._snapshot()
+        try:
+            self._done(snapshot, self._compute(snapshot, _Inline()))
+        except Exception as error:  # shown in the widget
+            self._failed(snapshot, error)
+        self._runner = NewestWins(self._deliver, name="AblationSliders")
 
     # -- what the page shows, in code ---------------------------------------------------------------------
     @property
@@ -162,9 +208,8 @@ class AblationSliders(anywidget.AnyWidget):
         return None if self.scope == "all" else [self.position]
 
     def close(self) -> None:
-        with self._wanted:
-            self._closed = True
-            self._wanted.notify()
+        if self._runner is not None:
+            self._runner.close()
         super().close()
 
     # -- validation ---------------------------------------------------------------------------------------
@@ -184,11 +229,14 @@ class AblationSliders(anywidget.AnyWidget):
         entries, seen = [], set()
         for entry in proposal["value"]:
             try:
+                entry = dict(entry)
                 if entry["kind"] not in EDIT_KINDS:
                     raise ValueError(f"its kind must be one of {EDIT_KINDS}.")
                 checked = self._entry(Edit(entry["layer"], entry["latent"], **{entry["kind"]: entry["value"]}))
+                if abs(checked["value"]) > MAX_EDIT:
+                    raise ValueError(f"its value must be within ±{MAX_EDIT:g}.")
             except (KeyError, TypeError, ValueError) as error:
-                raise self._invalid(f"Bad slider {entry!r}: {error}") from None
+                raise self._invalid(f"Bad slider {entry!r:.200}: {error}") from None
             key = (checked["layer"], checked["latent"])
             if key in seen:
                 raise self._invalid(f"Latent {key[1]} of layer {key[0]} has two sliders: keep one.")
@@ -220,6 +268,8 @@ class AblationSliders(anywidget.AnyWidget):
     def _check_pinned(self, proposal: dict) -> list[str]:
         pinned = list(dict.fromkeys(proposal["value"]))
         for text in pinned:
+            if len(text) > MAX_PINNED:
+                raise self._invalid(f"Cannot pin a text of {len(text)} characters: pin a word, e.g. ' Paris'.")
             if not self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]:
                 raise self._invalid(f"Cannot pin {text!r}: it is no token. Type a word, e.g. ' Paris'.")
         return pinned
@@ -231,17 +281,17 @@ class AblationSliders(anywidget.AnyWidget):
         return proposal["value"]
 
     def _length(self) -> int:
-        return self._prompt.tokens.shape[1] if self._prompt is not None else 0
+        return self._session.length if self._session is not None else 0
 
     def _show_error(self) -> None:
         """Show the problems found at construction (they stay), then the last bad input (until the next
         good one), then the last computation's failure (until one succeeds)."""
         self.error = "\n".join(m for m in (*self._problems, self._input_error, self._run_error) if m)
 
-    # -- changes ------------------------------------------------------------------------------------------
+    # -- changes (on the kernel's thread) -------------------------------------------------------------------
     @traitlets.observe("prompt")
     def _on_prompt(self, change: dict) -> None:
-        self._changed(prompt=True)
+        self._changed()
 
     @traitlets.observe("position", "sliders")
     def _on_rows(self, change: dict) -> None:
@@ -258,40 +308,82 @@ class AblationSliders(anywidget.AnyWidget):
         if key != (-1, -1) and key not in self._listed() | {(s["layer"], s["latent"]) for s in self.sliders}:
             self.sliders = [*self.sliders, self._entry(key)]
 
-    def _changed(self, prompt: bool = False) -> None:
-        """A good change (the worker's own aside): forget the last bad input, ask for the new state."""
-        if threading.get_ident() == self._working:
+    def _changed(self) -> None:
+        """A good change (not one of ours): forget the last bad input, ask for the new state."""
+        if self._applying == threading.get_ident():
             return
         if self._input_error:
             self._input_error = ""
             self._show_error()
-        self._schedule(prompt)
+        if self._holding:
+            self._pending = True
+        else:
+            self._submit()
 
-    def _schedule(self, prompt: bool = False) -> None:
-        with self._wanted:
-            self._need_prompt |= prompt
-            self._need_run = True
-            self._status = "loading" if self._need_prompt else "running"
-            self._wanted.notify()
+    @contextmanager
+    def _collected(self, submit: bool = True) -> Iterator[None]:
+        """Collect the changes made inside, then submit once (always, with ``submit``: every page
+        request is answered, changed or not)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            pending, self._pending = self._pending, False
+            if not self._holding and self._runner is not None and (submit or pending):
+                self._submit()
 
-    def _on_message(self, _: Any, content: dict, buffers: list) -> None:
-        kind = content.get("type")
-        if kind in ("set", "add"):
-            # The state first, then the request it answers, under the worker's lock: a run labelled
-            # with a request has read that request's state (or a newer one), never an older one.
-            with self._wanted:
-                if kind == "set":
-                    self._apply(content.get("values") or {})
-                else:
-                    self._add(content.get("layer"), content.get("latent"))
-                self._request = str(content.get("request", ""))
-                self._schedule()  # every request is answered, changed or not
-        elif kind == "select":
-            self._apply({"selected": (content.get("layer"), content.get("latent"))})
-        elif kind == "cancel":
-            with self._wanted:
-                self._cancelled = True
+    def _submit(self) -> None:
+        """Compute the state as it is now, on the worker; superseded by any later change."""
+        snapshot = self._snapshot()
+        self._status = "loading" if snapshot.session is None else "running"
+        self._runner.submit(lambda ticket: self._compute(snapshot, ticket),
+                            lambda outcome: self._done(snapshot, outcome),
+                            lambda error: self._failed(snapshot, error))
+
+    def _snapshot(self) -> _Snapshot:
+        session = self._session if self._session is not None and self._session_prompt == self.prompt else None
+        context_tokens = self._context.get("tokens") or []
+        keep = bool(context_tokens) and self.position != len(context_tokens) - 1
+        known = self._clean_continuation
+        clean = known[2] if known and known[0] is session and known[1] == self.continuation else None
+        return _Snapshot(self._request, self.prompt, session, self._version + (session is None), self.position,
+                         keep, self._start_position, self.scope, self.edits, list(self.pinned), self.continuation,
+                         clean)
+
+    # -- messages from the page (on the kernel's thread) -------------------------------------------------------
+    def _on_message(self, _: Any, content: Any, buffers: list) -> None:
+        """Apply a page message. A malformed one is named in ``error`` and answered with ``{"type":
+        "error", request, message}`` (a "set" or "add" also by the run that follows), never raised."""
+        try:
+            if not isinstance(content, dict):
+                raise ValueError(f"a message must be an object, not {type(content).__name__}")
+            kind = content.get("type")
+            if kind in ("set", "add"):
+                request = content.get("request", "")
+                with self._collected():
+                    self._request = request if isinstance(request, str) else str(request)[:100]
+                    if kind == "set":
+                        values = content.get("values") or {}
+                        if not isinstance(values, dict):
+                            raise ValueError(f"'values' must be an object of trait values, not {values!r:.100}")
+                        self._apply(values)
+                    else:
+                        self._add(content.get("layer"), content.get("latent"))
+            elif kind == "select":
+                self._apply({"selected": (content.get("layer"), content.get("latent"))})
+            elif kind == "cancel":
+                if self._runner is not None:
+                    self._runner.cancel()
                 self._status = ""
+            else:
+                raise ValueError(f"unknown message type {kind!r:.100}: expected 'set', 'add', 'select' or 'cancel'")
+        except Exception as error:  # a page (or anyone on the comm) sent something malformed
+            self._input_error = f"Ignored a malformed message from the page: {error}"
+            self._show_error()
+            request = content.get("request") if isinstance(content, dict) else None
+            self.send({"type": "error", "request": request if isinstance(request, str) else None,
+                       "message": self.error})
 
     def _apply(self, values: dict[str, Any]) -> None:
         """Set traits as the page asks; what is refused is shown in ``error``, not raised."""
@@ -299,9 +391,9 @@ class AblationSliders(anywidget.AnyWidget):
         for name, value in values.items():
             try:
                 if name not in self._SETTABLE:
-                    raise traitlets.TraitError(f"The page cannot set {name!r}.")
+                    raise traitlets.TraitError(f"The page cannot set {name!r:.100}.")
                 setattr(self, name, value)
-            except traitlets.TraitError as error:
+            except (traitlets.TraitError, TypeError, ValueError, KeyError, OverflowError) as error:
                 refused.append(str(error))
         if refused:
             self._input_error = "\n".join(refused)
@@ -310,8 +402,8 @@ class AblationSliders(anywidget.AnyWidget):
     def _add(self, layer: Any, latent: Any) -> None:
         """List another latent (with a slider at 1×) and select it."""
         try:
-            layer, latent = int(layer), int(latent)
-        except (TypeError, ValueError):
+            layer, latent = whole(layer), whole(latent)
+        except ValueError:
             self._input_error = "To add a latent, give its layer and its number (a whole number)."
             self._show_error()
             return
@@ -326,85 +418,91 @@ class AblationSliders(anywidget.AnyWidget):
             self.sliders = [*self.sliders, entry]
         self.selected = key
 
-    # -- the worker ---------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._wanted:
-                while not (self._need_prompt or self._need_run or self._closed):
-                    self._wanted.wait()
-                if self._closed:
-                    return
-            self._work()
+    # -- the computation (on the worker thread: reads its snapshot only, sets no trait) --------------------
+    def _compute(self, snapshot: _Snapshot, ticket: Ticket | _Inline) -> _Outcome:
+        """The prompt's clean run if it is new, then the edited run: bars and pinned tokens (delivered at
+        once when a continuation follows), then the continuations if asked for."""
+        remote = self.lm.remote if self.remote is None else self.remote
+        session, version = snapshot.session, snapshot.version
+        if session is None:
+            session = start_session(self.lm, self.transcoders, snapshot.prompt, remote=remote)
+            ticket.check()
+        position = snapshot.position_in(session.length)
+        positions = None if snapshot.scope == "all" else [position]
+        edits = snapshot.edits
+        before = torch.log_softmax(session.logits[0, -1].double(), -1)
+        after, model_ms = before, 0.0
+        if edits:
+            start = time.perf_counter()
+            result = run_with_edits(self.lm, self.transcoders, session, edits, positions=positions,
+                                    on_step=lambda done, total: ticket.check())
+            model_ms = 1000 * (time.perf_counter() - start)
+            after = torch.log_softmax(result.logits[0, -1].double(), -1)
+        ticket.check()
+        bars = {"request": snapshot.request, "version": version, "edits": len(edits), "model_ms": round(model_ms, 1),
+                "top": self._top(before, after), "pinned": self._pinned(snapshot.pinned, before, after),
+                "continuation": None}
+        n, clean = snapshot.continuation, snapshot.clean_continuation
+        if not n:
+            return _Outcome(session, version, position, bars, None)
+        ticket.deliver(lambda: self._show_bars(bars))
 
-    def _work(self) -> None:
-        """Compute the current state: the prompt's clean run if it changed, then the edited run."""
-        with self._wanted:
-            prompt, self._need_prompt, self._need_run, self._cancelled = self._need_prompt, False, False, False
-            request, self._working = self._request, threading.get_ident()
+        def step(done: int, total: int) -> None:
+            ticket.check()
+            ticket.deliver(lambda: setattr(self, "_status", f"generating {done}/{total}"))
+        if clean is None:
+            clean = self._continue(session, [], None, n, step)
+        edited = self._continue(session, edits, positions, n, step) if edits else clean
+        ticket.check()
+        return _Outcome(session, version, position, {**bars, "continuation": {"before": clean, "after": edited}}, clean)
+
+    def _continue(self, session: PromptSession, edits: list[Edit], positions: list[int] | None, n: int,
+                  step: Any) -> str:
+        result = run_with_edits(self.lm, self.transcoders, session, edits, positions=positions, generate=n,
+                                on_step=step)
+        return self.lm.tokenizer.decode(result.continuation[0])
+
+    # -- results (on the kernel's thread, only while they answer the newest state) -------------------------
+    @contextmanager
+    def _own_changes(self) -> Iterator[None]:
+        self._applying = threading.get_ident()
         try:
-            loaded = prompt or self._prompt is None
-            if loaded:
-                self._load_prompt()
-            self._run(request)
-            if loaded and not (self.lm.remote if self.remote is None else self.remote):
-                self._idle()  # the page is up to date; what follows only prepares the next edits
-                # an unedited local run keeps the prompt's key/value cache: the edits to come then
-                # rerun only the tokens from the edited position on (see interventions)
-                run_with_edits(self.lm, self.transcoders, self._prompt.tokens, on_step=self._check)
-            failure = ""
-        except _Superseded:
-            failure = self._run_error
-        except Exception as error:  # shown in the widget, which keeps working
-            failure = str(error) if isinstance(error, (ValueError, IndexError)) else f"{type(error).__name__}: {error}"
-        if failure != self._run_error:
-            self._run_error = failure
-            self._show_error()
-        self._working = None
-        self._idle()
-
-    def _idle(self) -> None:
-        """Clear the busy status unless more work is waiting."""
-        with self._wanted:
-            if not (self._need_prompt or self._need_run):
-                self._status = ""
-
-    def _check(self, done: int = 0, total: int = 0) -> None:
-        """Stop if a newer change or a cancel came in; otherwise report progress."""
-        with self._wanted:
-            if self._need_prompt or self._need_run or self._cancelled or self._closed:
-                raise _Superseded
-            if total > 1:
-                self._status = f"generating {done}/{total}"
-
-    def _load_prompt(self) -> None:
-        """Tokenise the prompt, run it clean once and cache its logits and latents."""
-        self._prompt = None
-        try:
-            tokens = encode_prompt(self.lm, self.prompt)
-        except ValueError:
             with self.hold_sync():
+                yield
+        finally:
+            self._applying = None
+
+    def _show_bars(self, bars: dict[str, Any]) -> None:
+        self._result = bars
+
+    def _done(self, snapshot: _Snapshot, outcome: _Outcome) -> None:
+        with self._own_changes():
+            if outcome.session is not self._session:
+                self._session, self._session_prompt, self._version = outcome.session, snapshot.prompt, outcome.version
+                self._start_position = -1
+                self._context = {"version": outcome.version, "tokens": self._strings(outcome.session.tokens[0].tolist()),
+                                 "layers": [[layer, tc.n_latents] for layer, tc in self.transcoders.items()],
+                                 "remote": bool(outcome.session.remote)}
+                self.position = outcome.position
+                self._rows = self._rows_at()
+                if tuple(self.selected) == (-1, -1) and self._rows:
+                    self.selected = (self._rows[0]["layer"], self._rows[0]["latent"])
+            if outcome.clean_continuation is not None:
+                self._clean_continuation = (outcome.session, snapshot.continuation, outcome.clean_continuation)
+            self._result = outcome.result
+            if self._run_error:
+                self._run_error = ""
+                self._show_error()
+            self._status = ""
+
+    def _failed(self, snapshot: _Snapshot, error: Exception) -> None:
+        with self._own_changes():
+            if snapshot.session is None:  # the prompt itself failed: nothing of the old one is shown
+                self._session, self._session_prompt = None, ""
                 self._context, self._rows, self._result = {}, [], {}
-            raise
-        clean = run_with_edits(self.lm, self.transcoders, tokens, save_latents=True, remote=self.remote,
-                               on_step=self._check)
-        self._check()
-        length, old = tokens.shape[1], dict(self._context)
-        if old and self.position != len(old["tokens"]) - 1 and self.position < length:
-            position = self.position  # keep a chosen position; follow the last token otherwise
-        else:
-            position = self._start_position % length if -length <= self._start_position < length else length - 1
-        self._start_position = -1
-        self._version += 1
-        self._prompt = _Prompt(self._version, tokens, torch.log_softmax(clean.logits[0, -1].double(), -1),
-                               {layer: z[0] for layer, z in clean.latents.items()})
-        with self.hold_sync():
-            self._context = {"version": self._version, "tokens": self._strings(tokens[0].tolist()),
-                             "layers": [[layer, tc.n_latents] for layer, tc in self.transcoders.items()],
-                             "remote": bool(self.lm.remote if self.remote is None else self.remote)}
-            self.position = position
-            self._rows = self._rows_at()
-            if tuple(self.selected) == (-1, -1) and self._rows:
-                self.selected = (self._rows[0]["layer"], self._rows[0]["latent"])
+            self._run_error = str(error) if isinstance(error, (ValueError, IndexError)) else f"{type(error).__name__}: {error}"
+            self._show_error()
+            self._status = ""
 
     def _strings(self, ids: list[int]) -> list[str]:
         return self.lm.tokenizer.batch_decode([[i] for i in ids])
@@ -414,49 +512,19 @@ class AblationSliders(anywidget.AnyWidget):
 
     def _rows_at(self) -> list[dict[str, Any]]:
         """The most active latents at the position (all layers), then the other latents with a slider."""
-        prompt, position = self._prompt, self.position
-        if prompt is None or position >= prompt.tokens.shape[1]:
+        session, position = self._session, self.position
+        if session is None or position >= session.length:
             return []
+        latents = {layer: z[0] for layer, z in session.latents.items()}
         active = []
-        for layer, latents in prompt.latents.items():
-            values, ids = latents[position].topk(min(self.top_latents, latents.shape[1]))
-            active += [(float(v), layer, int(i)) for v, i in zip(values, ids) if v > 0]
+        for layer, values in latents.items():
+            top, ids = values[position].topk(min(self.top_latents, values.shape[1]))
+            active += [(float(v), layer, int(i)) for v, i in zip(top, ids) if v > 0]
         top = [(layer, latent) for _, layer, latent in sorted(active, reverse=True)[:self.top_latents]]
         others = [key for key in ((s["layer"], s["latent"]) for s in self.sliders) if key not in top]
-        return [{"layer": layer, "latent": latent, "act": _round(prompt.latents[layer][position, latent]),
-                 "max": _round(prompt.latents[layer][:, latent].max()), "active": (layer, latent) in top}
+        return [{"layer": layer, "latent": latent, "act": _round(latents[layer][position, latent]),
+                 "max": _round(latents[layer][:, latent].max()), "active": (layer, latent) in top}
                 for layer, latent in top + others]
-
-    def _run(self, request: str) -> None:
-        """The edited run answering page ``request``: bars and pinned tokens first, then the
-        continuations if asked for."""
-        prompt, edits, positions = self._prompt, self.edits, self.edit_positions
-        model_ms = 0.0
-        after = prompt.log_probs
-        if edits:
-            start = time.perf_counter()
-            result = run_with_edits(self.lm, self.transcoders, prompt.tokens, edits, positions=positions,
-                                    remote=self.remote, on_step=self._check)
-            model_ms = 1000 * (time.perf_counter() - start)
-            after = torch.log_softmax(result.logits[0, -1].double(), -1)
-        self._check()
-        self._result = {"request": request, "version": prompt.version, "edits": len(edits),
-                        "model_ms": round(model_ms, 1), "top": self._top(prompt.log_probs, after),
-                        "pinned": self._pinned(prompt.log_probs, after), "continuation": None}
-        n = self.continuation
-        if n:
-            clean = self._continuations.get((prompt.version, n))
-            if clean is None:
-                clean = self._continue(prompt, [], None, n)
-                self._continuations = {(prompt.version, n): clean}
-            edited = self._continue(prompt, edits, positions, n) if edits else clean
-            self._check()
-            self._result = {**self._result, "continuation": {"before": clean, "after": edited}}
-
-    def _continue(self, prompt: _Prompt, edits: list[Edit], positions: list[int] | None, n: int) -> str:
-        result = run_with_edits(self.lm, self.transcoders, prompt.tokens, edits, positions=positions, generate=n,
-                                remote=self.remote, on_step=self._check)
-        return self.lm.tokenizer.decode(result.continuation[0])
 
     def _top(self, before: torch.Tensor, after: torch.Tensor) -> list[dict[str, Any]]:
         """The most likely next tokens before or after, by the larger of the two probabilities."""
@@ -467,10 +535,10 @@ class AblationSliders(anywidget.AnyWidget):
         return [{"id": i, "token": text, "before": float(before[i].exp()), "after": float(after[i].exp())}
                 for i, text in zip(ids, self._strings(ids))]
 
-    def _pinned(self, before: torch.Tensor, after: torch.Tensor) -> list[dict[str, Any]]:
+    def _pinned(self, pinned: list[str], before: torch.Tensor, after: torch.Tensor) -> list[dict[str, Any]]:
         """Log-probabilities of each pinned text's first token."""
         rows = []
-        for text in self.pinned:
+        for text in pinned:
             ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
             rows.append({"text": text, "id": ids[0], "token": self._strings(ids[:1])[0], "parts": len(ids),
                          "before": float(before[ids[0]]), "after": float(after[ids[0]])})

@@ -29,5 +29,25 @@ function svg(tag, attrs = {}, text) {
 /** Make invisible characters visible; the text stays text. */
 const shown = (token) => String(token).replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍") || "∅";
 
+/** A token as a compact label for lists and tables: every whitespace character visible (a space is
+ * "·"), other invisible characters as \u escapes, and runs of four or more of one glyph counted
+ * ("·×46"), so a token of a newline and 46 spaces reads "↵·×46" instead of blank or very wide. */
+function label(token) {
+  const glyphs = Array.from(String(token), (c) => {
+    if (c === " ") return "·";
+    if (c === "\u00a0") return "⍽";
+    if (/[\p{Cc}\p{Cf}\p{Z}]/u.test(c) && !"\n\t\r".includes(c)) return `\\u${c.codePointAt(0).toString(16).padStart(4, "0")}`;
+    return shown(c);
+  });
+  let out = "";
+  for (let i = 0; i < glyphs.length;) {
+    let j = i;
+    while (j < glyphs.length && glyphs[j] === glyphs[i]) j++;
+    out += j - i >= 4 && /^[·↵⇥␍⍽]$/.test(glyphs[i]) ? `${glyphs[i]}×${j - i}` : glyphs.slice(i, j).join("");
+    i = j;
+  }
+  return out || "∅";
+}
+
 /** A number to 3 significant digits, or a dash for a missing one. */
 const fmt = (v) => (v === null || v === undefined ? "–" : Number(Number(v).toPrecision(3)).toString());

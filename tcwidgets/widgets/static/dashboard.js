@@ -53,7 +53,7 @@ function tokenTable(title, pairs, cls) {
   return h("table", { class: `tcw-table ${cls}` },
     h("caption", {}, title),
     h("tbody", {}, pairs.map(([token, value]) =>
-      h("tr", {}, h("td", { class: "tcw-tok-cell", title: JSON.stringify(token) }, shown(token)),
+      h("tr", {}, h("td", { class: "tcw-tok-cell", title: JSON.stringify(token) }, label(token)),
         h("td", { class: "tcw-num" }, fmt(value))))));
 }
 
@@ -106,6 +106,9 @@ function render({ model, el }) {
   } }, "↓");
   order.dataset.descending = "true";
   const listTitle = h("div", { class: "tcw-list-title" });
+  const lastColumn = h("span", { class: "tcw-num" }, "max");
+  const columns = h("div", { class: "tcw-columns", "aria-hidden": "true" },
+    h("span", {}, "latent"), h("span", { class: "tcw-num", title: "share of tokens it fires on" }, "density"), lastColumn);
   const list = h("ol", { class: "tcw-list" });
   const pagePrev = h("button", { class: "tcw-page-prev", onclick: () => ask(offset - limit) }, "‹");
   const pageNext = h("button", { class: "tcw-page-next", onclick: () => ask(offset + limit) }, "›");
@@ -118,7 +121,7 @@ function render({ model, el }) {
     h("div", { class: "tcw-body" },
       h("aside", { class: "tcw-side" },
         h("div", { class: "tcw-list-head" }, "sort by ", sort, order),
-        listTitle, list, h("div", { class: "tcw-pager" }, pagePrev, pageLabel, pageNext)),
+        listTitle, columns, list, h("div", { class: "tcw-pager" }, pagePrev, pageLabel, pageNext)),
       main));
   el.append(root);
 
@@ -145,6 +148,8 @@ function render({ model, el }) {
   function showList(msg) {
     ({ offset, limit } = msg);
     listTitle.textContent = msg.query ? `“${msg.query}”: ${msg.total} latents` : `${msg.total} latents`;
+    lastColumn.textContent = msg.query ? "matches" : "max";
+    lastColumn.title = msg.query ? "how often the searched text is among its examples' tokens" : "largest activation";
     list.replaceChildren(...msg.rows.map(([latent, density, max, hits]) =>
       h("li", { dataset: { latent: String(latent) } },
         h("button", { class: "tcw-row", onclick: () => select(latent),

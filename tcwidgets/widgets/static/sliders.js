@@ -315,7 +315,7 @@ function render({ model, el }) {
     const pinned = model.get("pinned");
     bars.replaceChildren(...top.map((t) => h("div", { class: "tcw-bar-row", role: "row", dataset: { id: String(t.id) } },
       h("button", { class: "tcw-bar-token" + (pinned.includes(t.token) ? " tcw-pinned" : ""), role: "rowheader",
-        title: `${JSON.stringify(t.token)}: click to pin or unpin`, onclick: () => pin(t.token) }, shown(t.token)),
+        title: `${JSON.stringify(t.token)}: click to pin or unpin`, onclick: () => pin(t.token) }, label(t.token)),
       h("div", { class: "tcw-bar-pair", role: "cell" },
         bar("before", t.before, most), bar("after", t.after, most)))));
     pins.replaceChildren(...(result.pinned || []).map((p) => {
@@ -342,7 +342,7 @@ function render({ model, el }) {
 
   function bar(which, p, most) {
     return h("div", { class: `tcw-bar tcw-${which}`, title: `${which}: ${percent(p)}` },
-      h("span", { class: "tcw-fill", style: `width: ${(100 * p) / most}%` }),
+      h("span", { class: "tcw-track" }, h("span", { class: "tcw-fill", style: `width: ${(100 * p) / most}%` })),
       h("span", { class: `tcw-p tcw-p-${which}` }, percent(p)));
   }
 

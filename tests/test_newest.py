@@ -1,0 +1,169 @@
+"""NewestWins: only the newest request runs to the end and is delivered, on the delivering thread."""
+
+import threading
+import time
+
+import pytest
+
+from tcwidgets.widgets.newest import NewestWins, Superseded, kernel_deliver
+
+
+class Inbox:
+    """A ``deliver`` that queues callbacks for the test's thread to run (as a kernel's loop would)."""
+
+    def __init__(self) -> None:
+        self.callbacks, self.lock = [], threading.Lock()
+
+    def __call__(self, callback) -> None:
+        with self.lock:
+            self.callbacks.append(callback)
+
+    def drain(self, until, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "nothing delivered in time"
+            with self.lock:
+                callbacks, self.callbacks = self.callbacks, []
+            for callback in callbacks:
+                callback()
+            time.sleep(0.005)
+
+
+@pytest.fixture
+def inbox():
+    return Inbox()
+
+
+@pytest.fixture
+def runner(inbox):
+    runner = NewestWins(inbox)
+    yield runner
+    runner.close()
+
+
+def blocking_job(started: threading.Event, release: threading.Event, ran: list, name: str):
+    def job(ticket):
+        ran.append(name)
+        started.set()
+        while not release.wait(0.005):
+            ticket.check()  # between steps
+        ticket.check()
+        return name
+    return job
+
+
+def test_a_burst_runs_the_first_and_the_last_and_delivers_only_the_last(runner, inbox):
+    started, release, ran, done, failed = threading.Event(), threading.Event(), [], [], []
+    runner.submit(blocking_job(started, release, ran, "first"), done.append, failed.append)
+    assert started.wait(5)
+    for name in ("b", "c", "d", "last"):  # b, c and d are superseded while waiting: never run
+        runner.submit(lambda ticket, name=name: ran.append(name) or name, done.append, failed.append)
+    release.set()
+    inbox.drain(lambda: done)
+    time.sleep(0.05)
+    inbox.drain(lambda: True)
+    assert ran == ["first", "last"] and done == ["last"] and not failed
+
+
+def test_the_running_job_stops_at_its_next_check_when_superseded(runner, inbox):
+    started, release, ran, done, stopped = threading.Event(), threading.Event(), [], [], threading.Event()
+
+    def job(ticket):
+        started.set()
+        try:
+            while True:
+                ticket.check()
+                time.sleep(0.005)
+        except Superseded:
+            stopped.set()
+            raise
+    runner.submit(job, done.append, done.append)
+    assert started.wait(5)
+    runner.submit(lambda ticket: "newer", done.append, done.append)
+    assert stopped.wait(5)
+    inbox.drain(lambda: done)
+    assert done == ["newer"]
+
+
+def test_cancel_stops_the_running_job_and_delivers_nothing(runner, inbox):
+    started, release, ran, done = threading.Event(), threading.Event(), [], []
+    runner.submit(blocking_job(started, release, ran, "first"), done.append, done.append)
+    assert started.wait(5)
+    runner.cancel()
+    time.sleep(0.1)
+    inbox.drain(lambda: True)
+    assert done == [] and ran == ["first"]
+    runner.submit(lambda ticket: "after", done.append, done.append)  # still works after a cancel
+    inbox.drain(lambda: done)
+    assert done == ["after"]
+
+
+def test_an_outcome_is_dropped_when_a_newer_request_comes_before_it_is_delivered(runner, inbox):
+    done = []
+    runner.submit(lambda ticket: "old", done.append, done.append)
+    deadline = time.monotonic() + 5
+    while not inbox.callbacks:  # computed and queued, not yet delivered
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    runner.submit(lambda ticket: "new", done.append, done.append)
+    inbox.drain(lambda: done)
+    time.sleep(0.05)
+    inbox.drain(lambda: True)
+    assert done == ["new"]
+
+
+def test_a_failure_goes_to_failed_on_the_delivering_thread(runner, inbox):
+    failed, threads = [], []
+
+    def job(ticket):
+        raise ValueError("bad prompt")
+    runner.submit(job, lambda result: None, lambda error: (failed.append(error), threads.append(threading.get_ident())))
+    inbox.drain(lambda: failed)
+    assert isinstance(failed[0], ValueError) and str(failed[0]) == "bad prompt"
+    assert threads == [threading.get_ident()]
+
+
+def test_progress_is_delivered_only_while_current(runner, inbox):
+    reports, done = [], []
+    gate = threading.Event()
+
+    def job(ticket):
+        ticket.deliver(lambda: reports.append("step 1"))
+        gate.wait(5)
+        ticket.deliver(lambda: reports.append("step 2"))  # superseded by then: dropped
+        return "x"
+    runner.submit(job, done.append, done.append)
+    inbox.drain(lambda: reports)
+    runner.cancel()
+    gate.set()
+    time.sleep(0.1)
+    inbox.drain(lambda: True)
+    assert reports == ["step 1"] and done == []
+
+
+def test_close_ends_the_thread_and_refuses_new_work(inbox):
+    runner = NewestWins(inbox)
+    runner.close()
+    runner._thread.join(5)
+    assert not runner._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.submit(lambda ticket: 1, print, print)
+
+
+def test_without_a_running_event_loop_callbacks_run_at_once():
+    calls = []
+    kernel_deliver()(lambda: calls.append(1))
+    assert calls == [1]
+
+
+def test_inside_a_running_event_loop_callbacks_run_on_the_loop_thread():
+    import asyncio
+
+    async def main():
+        deliver, threads, arrived = kernel_deliver(), [], asyncio.Event()
+        worker = threading.Thread(target=lambda: deliver(lambda: (threads.append(threading.get_ident()), arrived.set())))
+        worker.start()
+        await asyncio.wait_for(arrived.wait(), 5)
+        worker.join()
+        return threads
+    assert asyncio.run(main()) == [threading.get_ident()]
