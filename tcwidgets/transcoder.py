@@ -507,9 +507,18 @@ class Transcoder(nn.Module):
 
     # ---- files ------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, format: str = "tcwidgets", *, n_layers: int | None = None) -> Path:
         """Write ``config.json`` and ``weights.safetensors`` into directory ``path`` (created if
-        needed), each atomically. Returns the directory."""
+        needed), each atomically. Returns the directory.
+
+        ``format="sparsify"``, ``"saelens"`` or ``"circuit-tracer"`` writes files that library loads
+        with its own loaders, computing the same function (``n_layers``: the circuit-tracer set's
+        length, padded with zero transcoders); see `tcwidgets.interop`.
+        """
+        if format != "tcwidgets":
+            from .interop import save_transcoder
+
+            return save_transcoder(self, path, format=format, n_layers=n_layers)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
