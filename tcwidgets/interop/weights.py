@@ -86,8 +86,9 @@ def transcoder_from_weights(weights: Weights, *, kind: str, activation: str, k: 
                             site: dict[str, Any], device: str | torch.device | None = None) -> Transcoder:
     """A `Transcoder` with unit scales computing exactly ``weights``' function.
 
-    JumpReLU thresholds at or below zero become zero: with the ReLU that SAELens applies before its
-    threshold mask (``relu(pre) · (pre > θ)``), θ ≤ 0 keeps exactly the positive pre-activations.
+    JumpReLU thresholds at or below zero become the smallest positive float32 (1.2e-38; ours are stored
+    as finite logarithms): with the ReLU that SAELens applies before its mask (``relu(pre) · (pre > θ)``),
+    θ ≤ 0 keeps the positive pre-activations, and so does this one, but for those below 1.2e-38.
     """
     n, d_in = weights.W_enc.shape
     config = TranscoderConfig(d_in=d_in, d_out=weights.W_dec.shape[1], n_latents=n, kind=kind,
@@ -97,7 +98,7 @@ def transcoder_from_weights(weights: Weights, *, kind: str, activation: str, k: 
     if kind == "skip":
         state["W_skip"] = weights.W_skip
     if activation == "jumprelu":
-        state["log_threshold"] = weights.threshold.double().clamp_min(0).log().float()
+        state["log_threshold"] = weights.threshold.double().clamp_min(torch.finfo(torch.float32).tiny).log().float()
     tc.load_state_dict(state)
     return tc.to(device) if device is not None else tc
 
