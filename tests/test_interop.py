@@ -342,6 +342,16 @@ def test_saelens_features_without_an_exact_equivalent_are_refused(tmp_path):
         tcw.load_transcoders(tmp_path / "gated")
 
 
+def test_negative_circuit_tracer_thresholds_are_refused(tmp_path):
+    """circuit-tracer's JumpReLU has no ReLU: a negative threshold lets negative activations through."""
+    write_transcoder_set(tmp_path / "set", 2)
+    w = load_numpy(tmp_path / "set" / "layer_1.safetensors")
+    w["activation_function.threshold"][:3] = -0.1
+    save_numpy(w, tmp_path / "set" / "layer_1.safetensors")
+    with pytest.raises(TranscoderFormatError, match="3 JumpReLU thresholds are negative"):
+        tcw.load_transcoders(tmp_path / "set")
+
+
 def test_cross_layer_transcoders_and_ambiguous_folders_are_refused(tmp_path):
     write_transcoder_set(tmp_path / "clt", 2)
     config = yaml.safe_load((tmp_path / "clt" / "config.yaml").read_text())

@@ -5,7 +5,8 @@
 optionally ``transcoders``, the list of files (``hf://`` URIs in published sets). Each file holds
 ``W_enc`` [d_transcoder, d_model] (our layout), ``W_dec`` [d_transcoder, d_model], ``b_enc``,
 ``b_dec``, optionally ``W_skip`` [d_model, d_model] and ``activation_function.threshold`` (JumpReLU
-``pre · (pre > θ)``; without it the activation is ReLU). Gemma Scope sets list ``params.npz`` files
+``pre · (pre > θ)``, with no ReLU, so a negative θ, which ours cannot hold, is refused; without it the
+activation is ReLU). Gemma Scope sets list ``params.npz`` files
 (read as Gemma Scope); Gemma Scope 2 files use ``w_enc`` [d_model, d_transcoder], ``w_dec``,
 ``threshold`` and ``affine_skip_connection`` [d_model, d_model] (transposed).
 
@@ -120,8 +121,13 @@ def _weights(tensors: dict[str, torch.Tensor], path: Path) -> Weights:
     missing = sorted({"W_enc", "b_enc", "W_dec", "b_dec"} - set(tensors))
     if missing:
         raise TranscoderFormatError(f"{path} lacks {missing}: {_FIX}")
+    threshold = tensors.get("activation_function.threshold")
+    if threshold is not None and bool((threshold < 0).any()):
+        raise TranscoderFormatError(
+            f"{path}: {int((threshold < 0).sum())} JumpReLU thresholds are negative. circuit-tracer's JumpReLU "
+            "(pre · (pre > θ), no ReLU) then keeps negative activations, which tcwidgets' JumpReLU (θ > 0) cannot.")
     return Weights(W_enc=tensors["W_enc"], b_enc=tensors["b_enc"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"],
-                   W_skip=tensors.get("W_skip"), threshold=tensors.get("activation_function.threshold"))
+                   W_skip=tensors.get("W_skip"), threshold=threshold)
 
 
 def write_circuit_tracer(transcoders: dict[int, Transcoder], folder: Path, *, n_layers: int | None = None) -> Path:
