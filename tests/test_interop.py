@@ -369,3 +369,35 @@ def test_cross_layer_transcoders_and_ambiguous_folders_are_refused(tmp_path):
     write_saelens(tmp_path / "mixed" / "other", "transcoder")
     with pytest.raises(TranscoderFormatError, match="mixes formats"):
         tcw.load_transcoders(tmp_path / "mixed")
+
+
+def test_hub_repositories_download_only_the_wanted_layers(tmp_path, monkeypatch):
+    """The hub is unreachable here: a local folder stands in for a repository, served through the two
+    huggingface_hub calls load_transcoders makes, which records every file downloaded."""
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    weights = {layer: write_sparsify(repo / "sub" / f"layers.{layer}.mlp", transcode=True) for layer in (1, 4, 7)}
+    (repo / "README.md").write_text("a sparsify release")
+    downloaded = []
+
+    def list_repo_files(self, repo_id, revision=None):
+        assert (repo_id, revision) == ("someone/skip-transcoders", "v2")
+        return sorted(path.relative_to(repo).as_posix() for path in repo.rglob("*") if path.is_file())
+
+    def hf_hub_download(repo_id, filename, revision=None):
+        downloaded.append(filename)
+        return str(repo / filename)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    loaded = tcw.load_transcoders("someone/skip-transcoders/sub@v2", layers=[4])
+    assert list(loaded) == [4]
+    assert sorted(downloaded) == ["sub/layers.4.mlp/cfg.json", "sub/layers.4.mlp/sae.safetensors"]
+    assert_same(loaded[4], *sparsify_forward(weights[4], X, transcode=True))
+
+
+def test_an_unreachable_hub_says_what_to_do():
+    """conftest sets HF_HUB_OFFLINE=1: huggingface_hub itself refuses to list the repository."""
+    with pytest.raises(TranscoderFormatError, match="could not be listed.*HF_HUB_OFFLINE.*pass their folder"):
+        tcw.load_transcoders("google/gemma-scope-2b-pt-transcoders")
