@@ -16,6 +16,14 @@ which `read_circuit_tracer` skips. circuit-tracer's loaders have no TopK (its ``
 negative values: no ReLU after the top-k), so TopK transcoders are refused; BatchTopK is written as
 JumpReLU with its threshold on every latent (the same function). All transcoders of a set share their
 width and whether they have a skip path.
+
+Hooks: ours read the MLP input and write the MLP output, circuit-tracer's ``mlp.hook_in`` /
+``mlp.hook_out``. For Gemma 2 and 3 its nnsight mapping names no ``mlp.hook_out``: its Gemma sets
+(Gemma Scope) write ``hook_mlp_out``, *after* ``post_feedforward_layernorm``, a non-linear norm that no
+weight folding can absorb. So a Gemma set written here loads with ``load_transcoder_set`` and computes
+the same function, but circuit-tracer's replacement model of Gemma would splice it after the post-MLP
+norm; and a Gemma Scope transcoder loaded here keeps ``output="hook_mlp_out"`` in its site, while
+`splice` replaces the MLP output before that norm.
 """
 
 from __future__ import annotations
