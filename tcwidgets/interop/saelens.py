@@ -11,7 +11,10 @@ whitening) depend on each input token and are refused, as is ``expected_average_
 factor is not in the files (fold it with SAELens' ``fold_activation_norm_scaling_factor`` and save
 again).
 
-Writing: SAEs as ``standard`` / ``jumprelu`` / ``topk``; transcoders as ``transcoder`` /
+Writing: hooks as TransformerLens names (``blocks.<i>.ln2.hook_normalized`` -> ``blocks.<i>.hook_mlp_out``)
+and, exactly, as our module sites (``hf_hook_name``: ``model.layers.<i>.mlp.input``; for Gemma the MLP
+output is before ``post_feedforward_layernorm``, where TransformerLens' ``hook_mlp_out`` is after it).
+SAEs as ``standard`` / ``jumprelu`` / ``topk``; transcoders as ``transcoder`` /
 ``jumprelu_transcoder`` and skip transcoders as ``skip_transcoder`` / ``jumprelu_skip_transcoder``
 (BatchTopK as JumpReLU with its threshold on every latent: the same function). SAELens has no TopK
 transcoder, so a TopK transcoder or skip transcoder is refused.
@@ -176,9 +179,13 @@ def write_saelens(tc: Transcoder, folder: Path) -> Path:
            "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"model_name": hub_model_id(c.site.get("model")), "hook_name": hook_in,
                         "sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION}}
+    if "input" in c.site and "output" in c.site:  # the exact modules, as Hugging Face names them
+        cfg["metadata"]["hf_hook_name"] = c.site["output" if c.kind == "sae" else "input"]
     if c.kind != "sae":
         cfg["d_out"] = c.d_out
         cfg["metadata"]["hook_name_out"] = hook_out
+        if "output" in c.site:
+            cfg["metadata"]["hf_hook_name_out"] = c.site["output"]
     if activation == "topk":
         cfg["k"], cfg["rescale_acts_by_decoder_norm"] = c.k, False
     folder.mkdir(parents=True, exist_ok=True)
