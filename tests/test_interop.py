@@ -253,7 +253,10 @@ def test_saelens_export_is_what_saelens_computes(tmp_path, kind, activation, arc
     z, y = saelens_forward(w, X, architecture, k=cfg.get("k"))
     np.testing.assert_allclose(z, ours(tc)[0], atol=1e-5)
     np.testing.assert_allclose(y, ours(tc)[1], atol=1e-5)
-    assert_same(tcw.load_transcoders(tmp_path)[3], *ours(tc))
+    loaded = tcw.load_transcoders(tmp_path)[3]
+    assert_same(loaded, *ours(tc))
+    assert loaded.config.site["output"] == tc.config.site["output"]
+    assert loaded.config.site["input"] == tc.config.site["output" if kind == "sae" else "input"]
 
 
 def test_circuit_tracer_export_pads_the_set_and_is_what_circuit_tracer_computes(tmp_path):

@@ -104,7 +104,8 @@ def read_saelens(folder: Path, *, device: Any = None) -> Transcoder:
         layer = cfg.get("hook_layer", metadata.get("hook_layer"))
     if not isinstance(layer, int):
         raise TranscoderFormatError(f"{source}: cannot tell the layer from hook_name {hook_in!r}.")
-    where = site(metadata.get("model_name", cfg.get("model_name")), layer, hook_in, hook_out)
+    where = site(metadata.get("model_name", cfg.get("model_name")), layer, metadata.get("hf_hook_name") or hook_in,
+                 metadata.get("hf_hook_name_out") or metadata.get("hf_hook_name") or hook_out)
     return transcoder_from_weights(weights, kind=kind, activation=activation,
                                    k=positive_int(k, "k", source) if activation == "topk" else None,
                                    site=where, device=device)
