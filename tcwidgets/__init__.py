@@ -6,6 +6,7 @@ from .circuits import CircuitError, CircuitGraph, LatentTarget, LogitTarget, att
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
 from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
                        logit_effects, transcoder_fingerprint)
+from .interop import TranscoderFormatError, UnrepresentableError, load_transcoders, save_transcoders
 from .interventions import Edit, EditResult, PromptSession, run_with_edits, start_session
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
@@ -22,5 +23,6 @@ __all__ = [
     "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FeatureStatsError", "LatentStats",
     "TranscoderMismatchError", "analyze_features", "logit_effects", "transcoder_fingerprint", "load_model", "plot_frontier", "splice", "spliced_logits", "train_transcoder",
     "ActivationStream", "train_streaming",
+    "TranscoderFormatError", "UnrepresentableError", "load_transcoders", "save_transcoders",
 ]
 __version__ = "0.1.0"

@@ -542,9 +542,18 @@ class Transcoder(nn.Module):
 
     # ---- files ------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, format: str = "tcwidgets", *, n_layers: int | None = None) -> Path:
         """Write ``weights.safetensors``, then ``config.json`` (with the weights' checksum) into
-        directory ``path`` (created if needed), each atomically. Returns the directory."""
+        directory ``path`` (created if needed), each atomically. Returns the directory.
+
+        ``format="sparsify"``, ``"saelens"`` or ``"circuit-tracer"`` writes files that library loads
+        with its own loaders, computing the same function (``n_layers``: the circuit-tracer set's
+        length, padded with zero transcoders); see `tcwidgets.interop`.
+        """
+        if format != "tcwidgets":
+            from .interop import save_transcoder
+
+            return save_transcoder(self, path, format=format, n_layers=n_layers)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         weights = save_tensors(path / WEIGHTS_FILE, self.state_dict(), metadata={"format": "pt"})

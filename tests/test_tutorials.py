@@ -23,7 +23,7 @@ from tcwidgets.tutorials.runner import fill_in_solutions, run_notebook, tags
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01-quickstart", "02-tracing", "03-training", "04-comparison", "05-dashboard", "06-sliders",
-             "07-circuits", "08-feature-absorption", "09-scaling-up"]
+             "07-circuits", "08-feature-absorption", "09-scaling-up", "10-bring-your-own"]
 PATHS = [ROOT / "tutorials" / f"{name}.ipynb" for name in NOTEBOOKS]
 INSTALL_CELL = '''# On Colab: install tcwidgets and the default model (about a minute). Elsewhere this does nothing.
 import sys
