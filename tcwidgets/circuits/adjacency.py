@@ -232,7 +232,7 @@ def cumulative_ranks(scores: Tensor) -> Tensor:
     largest first (circuit-tracer's node ``influence`` field: small = most influential)."""
     ordered, order = torch.sort(scores, descending=True)
     ranks = torch.zeros_like(scores)
-    ranks[order] = torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-300)
+    ranks[order] = (torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-300)).clamp(max=1.0)
     return ranks
 
 

@@ -54,7 +54,7 @@ def save_circuit_tracer(graph: CircuitGraph, folder: Path, slug: str) -> Path:
             ids[node.node_id] = converted["node_id"]
             nodes.setdefault(converted["node_id"], converted)
     links = _folded_links(graph, ids)
-    if any(n["influence"] is None for n in nodes.values()):
+    if any(n["influence"] is None for n in nodes.values() if n["feature_type"] != LOGIT):
         _rank(nodes, links, ids[graph.target_id])
     ranked = [n["influence"] for n in nodes.values() if n["feature_type"] not in (EMBEDDING, LOGIT)]
     threshold = max([graph.settings.get("node_threshold") or 0.0, *ranked])
@@ -101,6 +101,7 @@ def _node(graph: CircuitGraph, node: Any) -> dict[str, Any] | None:
         shown = node.label.removeprefix("logit ").replace("'", "")
         return {**common, "node_id": f"{layer}_{token}_{p}", "jsNodeId": f"L_{token}-{p}", "feature": token,
                 "layer": layer, "feature_type": LOGIT, "is_target_logit": True, "token_prob": probability,
+                "influence": None,  # as circuit-tracer's logit nodes: the frontend always keeps them
                 "clerp": f'Output "{shown}" (p={probability:.3f})'}
     return None
 
@@ -132,7 +133,8 @@ def _rank(nodes: dict[str, dict[str, Any]], links: dict[tuple[str, str], float],
     weights[order[target]] = 1.0
     ranks = cumulative_ranks(influence(normalize(matrix), weights))
     for node_id, i in order.items():
-        nodes[node_id]["influence"] = float(ranks[i])
+        if nodes[node_id]["feature_type"] != LOGIT:
+            nodes[node_id]["influence"] = float(ranks[i])
 
 
 def load_circuit_tracer(data: dict[str, Any]) -> CircuitGraph:
