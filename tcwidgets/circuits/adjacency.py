@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .replay import CircuitError, FrozenRun, _Reader
 
 MAX_NODES = 30_000  # a dense float64 matrix of this many nodes takes 7.2 GB
+CHUNK = 256  # rows per backward pass: bounds the memory (rows × positions × d_model float64 tensors)
 
 
 @dataclass
@@ -98,7 +100,17 @@ def build_adjacency(run: FrozenRun, target: tuple[_Reader, float], target_value:
     matrix = torch.zeros(n_nodes, n_nodes, dtype=torch.float64)
     bias = torch.zeros(n_nodes, dtype=torch.float64)
     bias[rows] = torch.cat(latent_constants + [torch.tensor([constant], dtype=torch.float64)])
-    _Backward(run, matrix, bias, rows, vectors, positions, stages, n_latents, n_writers).sweep()
+    columns, offset = {}, 0  # each layer's latent columns, in node order
+    for layer, (_, latent_positions, _) in zip([l for l in range(n_writers) if run.layers[l].tc is not None],
+                                                latent_rows):
+        columns[layer] = torch.arange(offset, offset + len(latent_positions))
+        offset += len(latent_positions)
+    # chunks of rows by position, so that each pass covers only the positions its rows can see
+    order = torch.argsort(positions, stable=True)
+    for chunk in tqdm(order.split(CHUNK), desc="full graph", unit="chunk", leave=False,
+                      disable=len(order) <= CHUNK):
+        _Backward(run, matrix, bias, columns, rows[chunk], vectors[chunk], positions[chunk], stages[chunk],
+                  n_latents, n_writers).sweep()
     values = torch.full((n_nodes,), float("nan"), dtype=torch.float64)
     if n_latents:
         values[:n_latents] = torch.cat(pre)
@@ -110,31 +122,33 @@ def build_adjacency(run: FrozenRun, target: tuple[_Reader, float], target_value:
 
 
 class _Backward:
-    """The backward pass of `build_adjacency`: ``grad[r, q]`` is row r's derivative with respect to the
-    residual stream at position q, at the point reached; rows join when the pass reaches where they read."""
+    """The backward pass of `build_adjacency` for a chunk of rows whose positions are below ``span``:
+    ``grad[r, q]`` is row r's derivative with respect to the residual stream at position q (q < span;
+    later positions cannot reach an earlier one), at the point the pass has reached. Rows join when
+    the pass reaches the stage they read."""
 
-    def __init__(self, run: FrozenRun, matrix: Tensor, bias: Tensor, rows: Tensor, vectors: Tensor,
-                 positions: Tensor, stages: Tensor, n_latents: int, n_writers: int) -> None:
-        self.run, self.matrix, self.bias = run, matrix, bias
+    def __init__(self, run: FrozenRun, matrix: Tensor, bias: Tensor, columns: dict[int, Tensor], rows: Tensor,
+                 vectors: Tensor, positions: Tensor, stages: Tensor, n_latents: int, n_writers: int) -> None:
+        self.run, self.matrix, self.bias, self.columns = run, matrix, bias, columns
         self.rows, self.vectors, self.positions, self.stages = rows, vectors, positions, stages
         self.n_latents, self.n_writers, self.n = n_latents, n_writers, len(run.tokens)
+        self.span = int(positions.max()) + 1
         self.live = torch.zeros(0, dtype=torch.long)  # indices into rows/vectors, in grad's order
-        self.grad = torch.zeros(0, self.n, vectors.shape[1], dtype=torch.float64)
+        self.grad = torch.zeros(0, self.span, vectors.shape[1], dtype=torch.float64)
 
     def join(self, stage: int) -> None:
         """Rows that read the residual stream at ``stage`` join the pass."""
         joining = torch.nonzero(self.stages == stage).flatten()
         if not len(joining):
             return
-        grad = torch.zeros(len(joining), self.n, self.vectors.shape[1], dtype=torch.float64)
+        grad = torch.zeros(len(joining), self.span, self.vectors.shape[1], dtype=torch.float64)
         grad[torch.arange(len(joining)), self.positions[joining]] = self.vectors[joining]
         self.live = torch.cat([self.live, joining])
         self.grad = torch.cat([self.grad, grad])
 
     def sweep(self) -> None:
-        run, parallel = self.run, self.run.layers and self.run.layers[0].mlp_stage == 0
-        top = max(self.n_writers, len(run.layers) - 1)
-        for layer in range(top, -1, -1):
+        run, parallel = self.run, self.run.layers[0].mlp_stage == 0
+        for layer in range(max(self.n_writers, len(run.layers) - 1), -1, -1):
             self.join(2 * layer + 2)
             if layer >= len(run.layers):
                 continue
@@ -149,57 +163,59 @@ class _Backward:
             else:
                 self.grad = after + self._skip(frozen, after) + self._attention(frozen, after)
         self.join(0)
-        embedding = run.token_embedding if run.position_embedding is None else \
-            run.token_embedding + run.position_embedding
+        span = self.span
+        embedding = run.token_embedding[:span] if run.position_embedding is None else \
+            run.token_embedding[:span] + run.position_embedding[:span]
         tokens = self.n_latents + self.n_writers * self.n
-        self._write(slice(tokens, tokens + self.n), torch.einsum("rqd,qd->rq", self.grad, embedding))
+        self._write(torch.arange(tokens, tokens + span), torch.einsum("rqd,qd->rq", self.grad, embedding))
 
-    def _write(self, columns: slice | Tensor, edges: Tensor) -> None:
-        self.matrix[self.rows[self.live][:, None], torch.arange(self.matrix.shape[1])[columns][None]] = edges
+    def _write(self, columns: Tensor, edges: Tensor) -> None:
+        self.matrix[self.rows[self.live][:, None], columns[None]] = edges
 
     def _mlp_writers(self, layer: int, grad: Tensor) -> None:
-        """Edges from layer ``layer``'s latents and error node, and its decoder bias."""
-        frozen = self.run.layers[layer]
-        seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None]
+        """Edges from layer ``layer``'s latents and error nodes, and its decoder bias."""
+        frozen, span = self.run.layers[layer], self.span
+        seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None, :span]
         written = frozen.mlp_out if frozen.tc is None else frozen.error
         start = self.n_latents + layer * self.n
-        self._write(slice(start, start + self.n), torch.einsum("rqd,qd->rq", seen, written))
+        self._write(torch.arange(start, start + span), torch.einsum("rqd,qd->rq", seen, written[:span]))
         if frozen.tc is None:
             return
         tc = frozen.tc
         self.bias[self.rows[self.live]] += seen.sum(1) @ tc.b_dec.detach() / tc.config.output_scale
-        positions, indices = torch.nonzero(frozen.latents, as_tuple=True)
-        offset = sum(int((self.run.layers[l].latents != 0).sum()) for l in range(layer)
-                     if self.run.layers[l].tc is not None)
+        positions, indices = torch.nonzero(frozen.latents[:span], as_tuple=True)
         decoder = tc.W_dec.detach() / tc.config.output_scale
         edges = torch.empty(len(seen), len(indices), dtype=torch.float64)
         for position in positions.unique().tolist():  # one matrix product per position
             here = torch.nonzero(positions == position).flatten()
             edges[:, here] = seen[:, position] @ decoder[indices[here]].T * frozen.latents[position, indices[here]]
-        self._write(torch.arange(offset, offset + len(indices)), edges)
+        self._write(self.columns[layer][:len(indices)], edges)  # node order: by position, then latent
 
     def _skip(self, frozen, grad: Tensor) -> Tensor:
         """What the layer's skip path (skip transcoders) sends back to its input; its norm bias's part to ``bias``."""
         if frozen.tc is None or frozen.skip is None:
             return torch.zeros_like(grad)
-        c = frozen.tc.config
-        seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None]
+        c, span = frozen.tc.config, self.span
+        seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None, :span]
         back = seen @ frozen.tc.W_skip.detach() * (c.input_scale / c.output_scale)  # [rows, positions, d_model]
         self.bias[self.rows[self.live]] += (back @ frozen.mlp_norm.bias).sum(1)
-        return frozen.mlp_norm.pullback(back) / frozen.mlp_norm.scale[None, :, None]
+        return frozen.mlp_norm.pullback(back) / frozen.mlp_norm.scale[None, :span, None]
 
     def _attention(self, frozen, grad: Tensor) -> Tensor:
         """What the layer's attention sends back to its input; its biases' part to ``bias``."""
-        seen = grad if frozen.attn_gain is None else grad * frozen.attn_gain[None]
-        ov = frozen.ov
-        rows, n, d = seen.shape
+        span = self.span
+        seen = grad if frozen.attn_gain is None else grad * frozen.attn_gain[None, :span]
+        ov, pattern = frozen.ov, frozen.pattern[:, :span, :span]
+        rows, _, d = seen.shape
         heads, d_head = ov.W_O.shape[:2]
-        out = (seen @ ov.W_O.flatten(0, 1).T).view(rows, n, heads, d_head)  # what each head's values receive
+        out = (seen @ ov.W_O.flatten(0, 1).T).view(rows, span, heads, d_head)  # what each head's values receive
         self.bias[self.rows[self.live]] += seen.sum(1) @ ov.b_O + \
-            (out * frozen.value_bias).sum(-1).flatten(1) @ frozen.pattern.sum(-1).T.flatten()
-        mixed = torch.stack([frozen.pattern[h].T @ out[:, :, h] for h in range(heads)], 2)  # [rows, sources, heads, d_head]
-        back = (mixed.flatten(2) @ ov.W_V.flatten(0, 1)).view(rows, n, d)
-        return frozen.attn_norm.pullback(back) / frozen.attn_norm.scale[None, :, None]
+            (out * frozen.value_bias).sum(-1).flatten(1) @ pattern.sum(-1).T.flatten()
+        mixed = torch.empty_like(out)  # [rows, sources, heads, d_head]
+        for h in range(heads):
+            mixed[:, :, h] = pattern[h].T @ out[:, :, h]
+        back = (mixed.flatten(2) @ ov.W_V.flatten(0, 1)).view(rows, span, d)
+        return frozen.attn_norm.pullback(back) / frozen.attn_norm.scale[None, :span, None]
 
 
 # -- circuit-tracer's influence, pruning and scores -----------------------------------------------------------

@@ -153,6 +153,7 @@ function render({ model, el }) {
       const circle = svg("circle", { class: `tcw-cv-node tcw-cv-${g.nodes.kind[i]}` });
       circle.dataset.index = String(i);
       circle.dataset.id = g.nodes.id[i];
+      circle.dataset.position = String(g.nodes.position[i]);
       circle.setAttribute("aria-label", g.nodes.label[i]);
       if (i === g.target) circle.classList.add("tcw-cv-target");
       if (g.nodes.expandable[i] && !g.nodes.expanded[i]) circle.classList.add("tcw-cv-open");
