@@ -124,3 +124,43 @@ def test_click_selects_hover_summarises_and_expand_grows(open_notebook, model_fi
     selector = json.dumps(f".tcw-circuit circle[data-id='{latent}']")
     notebook.page.wait_for_function(f"() => document.querySelector({selector}).classList.contains('tcw-cv-pinned')")
     assert value(notebook, "view.pinned") == f"[{latent!r}]"
+
+
+def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebook, model_files):
+    """A pruned full graph (latents at every position): each node sits in its token's column; the
+    scores and thresholds are shown; the hover summary stays inside the widget and the viewport,
+    even for the rightmost and the lowest nodes."""
+    notebook = open_notebook([SETUP.replace("view = CircuitView(graph)\nview", "pruned = graph.prune(0.8, 0.98)\n"
+                                            "view = CircuitView(pruned)\nview")])
+    notebook.run_all()
+    view = widget(notebook)
+    columns = view.locator(".tcw-cv-token").evaluate_all(
+        "els => els.map(e => { const b = e.getBoundingClientRect(); return [b.left + b.width / 2, b.width]; })")
+    nodes = view.locator("circle.tcw-cv-node").evaluate_all(
+        "cs => cs.map(c => { const b = c.getBoundingClientRect(); return [Number(c.dataset.position), "
+        "b.left + b.width / 2, b.top + b.height / 2]; })")
+    positions = {p for p, _, _ in nodes}
+    assert len(positions) >= len(columns) // 2  # spread over the prompt, not one column
+    for p, x, _ in nodes:  # each node is nearest to its own token's label
+        nearest = min(range(len(columns)), key=lambda i: abs(columns[i][0] - x))
+        assert nearest == p
+    scores = view.locator(".tcw-cv-scores").inner_text()
+    replacement = float(value(notebook, "round(pruned.scores().replacement, 4)"))
+    assert "replacement score" in scores and "completeness score" in scores and "80% of the node influence" in scores
+    assert f"{replacement:.3g}"[:4] in scores
+    notebook.screenshot("circuit-view-pruned", view)
+
+    size = notebook.page.viewport_size
+    rightmost = max(range(len(nodes)), key=lambda i: nodes[i][1])
+    lowest = max(range(len(nodes)), key=lambda i: nodes[i][2])
+    for index in (rightmost, lowest):
+        view.locator("circle.tcw-cv-node").nth(index).hover()  # scrolled into view, the pointer on it
+        tooltip = view.locator(".tcw-cv-tooltip")
+        tooltip.wait_for()
+        notebook.page.wait_for_timeout(300)  # the summary arrives and the tooltip is placed again
+        box, tip = view.bounding_box(), tooltip.bounding_box()
+        assert box["x"] - 1 <= tip["x"] and tip["x"] + tip["width"] <= box["x"] + box["width"] + 1
+        assert 0 <= tip["y"] and tip["y"] + tip["height"] <= size["height"] + 1
+        assert 0 <= tip["x"] and tip["x"] + tip["width"] <= size["width"] + 1
+        notebook.screenshot(f"circuit-view-tooltip-{'right' if index == rightmost else 'low'}")
+        notebook.page.mouse.move(0, 0)

@@ -212,7 +212,8 @@ class FrozenModel:
             open_layer: int | None = None, open_head: int | None = None, read) -> float:
         """The target (``read(logits, mlp_inputs)``) with ``delta`` added to layer ``layer``'s MLP
         output at ``position``; every MLP output and every attention output is frozen except the
-        attention of ``open_layer``, where only ``open_head``'s values may change."""
+        attention of ``open_layer`` (every layer's with ``"all"``), where only ``open_head``'s
+        values may change (every head's when ``None``)."""
         self.state["open_head"] = open_head
         mlp_inputs = {}
         hooks = [norm.register_forward_hook(self._frozen_norm) for norm in self.norms]
@@ -223,7 +224,7 @@ class FrozenModel:
             mlp = self.block(each, self.sites.mlp)
             hooks.append(mlp.register_forward_pre_hook(lambda m, i, each=each: mlp_inputs.__setitem__(each, i[0])))
             hooks.append(mlp.register_forward_hook(lambda m, i, o, each=each, added=added: self.state["mlp"][each] + added))
-            if each != open_layer:
+            if open_layer != "all" and each != open_layer:
                 hooks.append(self.block(each, self.sites.attention).register_forward_hook(
                     lambda m, i, o, each=each: (self.state["attn"][each], o[1])))
         self.model.set_attn_implementation("tcw_test_frozen")
@@ -282,13 +283,13 @@ def check_edges(lm, transcoders, prompt: str, target, source_layer: int, head_la
     assert measured == pytest.approx(c.invariant * c.dependent / activation, rel=1e-4, abs=1e-7)
 
     heads = [e for e in graph.predecessors(graph.target_id) if graph.nodes[e.source].kind == "head"
-             and graph.nodes[e.source].layer == head_layer and graph.nodes[e.source].source_ctx_idx < p]
+             and graph.nodes[e.source].layer == head_layer and graph.nodes[e.source].source_position < p]
     head = graph.nodes[max(heads, key=lambda e: abs(e.weight)).source]
     through = [c for c in graph.contributions(head.node_id)
                if c.source["kind"] == "latent" and c.source["layer"] == source_layer]
     assert through
     c = max(through, key=lambda c: abs(c.weight))
-    activation = float(graph._run.layers[source_layer].latents[head.source_ctx_idx, c.source["latent"]])
+    activation = float(graph._run.layers[source_layer].latents[head.source_position, c.source["latent"]])
     measured = finite_difference(frozen, graph, transcoders, c.source, open_layer=head.layer, open_head=head.head)
     assert measured == pytest.approx(c.invariant * c.dependent / activation, rel=1e-4, abs=1e-7)
 
@@ -334,7 +335,7 @@ def test_path_search_respects_its_limits(tiny):
     assert_exact(graph)
 
 
-def test_json_round_trip_and_circuit_tracer_export(tiny):
+def test_json_round_trip(tiny):
     lm, transcoders = tiny
     graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3", minus="1"), depth=1, top_k=None, threshold=0)
     heads = [e.source for e in graph.predecessors(graph.target_id) if graph.nodes[e.source].kind == "head"]
@@ -343,34 +344,8 @@ def test_json_round_trip_and_circuit_tracer_export(tiny):
     data = json.loads(json.dumps(graph.to_json()))
     back = CircuitGraph.from_json(data)
     assert back.to_json() == data
-    with pytest.raises(CircuitError, match="read back from JSON"):
+    with pytest.raises(CircuitError, match="read from a file or JSON"):
         back.expand(next(n for n in back.nodes if back.nodes[n].expandable))
-
-    exported = json.loads(json.dumps(graph.to_circuit_tracer_json(slug="war")))
-    assert set(exported) == {"metadata", "qParams", "nodes", "links"}
-    assert exported["metadata"]["prompt_tokens"] == graph.token_strings
-    ids = {n["node_id"] for n in exported["nodes"]}
-    assert len(ids) == len(exported["nodes"])
-    for node in exported["nodes"]:
-        assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "activation"} <= set(node)
-        assert node["feature_type"] in ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")
-    assert all(link["source"] in ids and link["target"] in ids for link in exported["links"])
-    logit = [n for n in exported["nodes"] if n["feature_type"] == "logit"]
-    assert len(logit) == 1 and logit[0]["is_target_logit"]
-
-    def reaching(node_id: str) -> float:  # what exported nodes send into node_id, through heads
-        total = 0.0
-        for edge in graph.predecessors(node_id):
-            kind = graph.nodes[edge.source].kind
-            if kind in ("latent", "error", "mlp", "embedding"):
-                total += edge.weight
-            elif kind in ("head", "skip"):
-                total += reaching(edge.source)
-        return total
-
-    folded = sum(link["weight"] for link in exported["links"] if link["target"] == logit[0]["node_id"])
-    assert folded == pytest.approx(reaching(graph.target_id), abs=1e-9)
-
 
 # -- bad input -----------------------------------------------------------------------------------------------------
 
@@ -392,11 +367,13 @@ def test_bad_input_gives_clear_errors(lm, tiny, default_transcoders):
     sae = random_transcoder(small, 1, kind="sae")
     with pytest.raises(CircuitError, match="SAEs"):
         attribute(small, {1: sae}, PROMPTS[0], LogitTarget("3"))
-    gemma = tcw.load_model(transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+    phi = tcw.load_model(transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16)), tokenizer=lm.tokenizer)
-    with pytest.raises(CircuitError, match="does not support 'gemma2'"):
-        attribute(gemma, {}, PROMPTS[0], LogitTarget("3"))
+        num_key_value_heads=2, pad_token_id=0)), tokenizer=lm.tokenizer, sites=tcw.Sites(
+        layers="model.layers", mlp="mlp", pre_mlp_norm="post_attention_layernorm", attention="self_attn",
+        pre_attention_norm="input_layernorm", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head"))
+    with pytest.raises(CircuitError, match="does not support 'phi3'"):
+        attribute(phi, {}, PROMPTS[0], LogitTarget("3"))
 
 
 # -- CircuitView, Python side (the browser tests are in test_circuit_view_browser.py) -----------------------
@@ -415,7 +392,7 @@ def test_circuit_view_payload_and_messages(tiny):
 
     latent = next(n for n in graph.nodes.values() if n.kind == "latent" and n.node_id != graph.target_id)
     view._on_message(None, {"type": "select", "id": latent.node_id}, [])
-    assert view.selected == latent.node_id and view.selected_latent == (latent.layer, latent.feature)
+    assert view.selected == latent.node_id and view.selected_latent == (latent.layer, latent.latent)
     view._on_message(None, {"type": "select", "id": "nope"}, [])
     assert view.selected == latent.node_id and "No node 'nope'" in view.error
     view._on_message(None, {"type": "pin", "id": latent.node_id, "pinned": True}, [])
@@ -444,6 +421,6 @@ def test_circuit_view_payload_and_messages(tiny):
     view.link_dashboard(dashboard, latent.layer)
     view.selected = ""
     view.selected = latent.node_id
-    assert dashboard.feature == latent.feature
+    assert dashboard.feature == latent.latent
     with pytest.raises(TypeError, match="CircuitGraph"):
         CircuitView(graph.to_json())

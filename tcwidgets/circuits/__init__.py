@@ -28,13 +28,23 @@ predecessors preserves the total of every path through it.
 
 Modules: `replay` (one forward pass, nnsight with eager attention so the patterns are returned;
 the residual stream replayed in float64 from the modules' own weights and checked against the
-model; the exact decomposition), `graph` (`CircuitGraph`: path search, paths, JSON and
-circuit-tracer exports), `attribution` (targets and `attribute`).
+model; the exact decomposition), `adjacency` (the full graph of every active latent, error node
+and token as a matrix of direct effects, and circuit-tracer's influence, pruning and scores),
+`graph` (`CircuitGraph`: path search, paths, scores, pruning, files), `export` (circuit-tracer's
+graph files), `attribution` (targets and `attribute`).
+
+Gemma 2 and 3 work too: their post-attention and post-MLP norms are frozen like the pre-norms,
+the token embedding (scaled by sqrt(d_model)) is the first block's input, and with final logit
+soft-capping (``cap · tanh(logit / cap)``) a logit target is the logit *before* the cap, which is
+linear in the residual stream (the capped one is a monotone function of it).
 """
 
 from .attribution import LatentTarget, LogitTarget, Target, attribute
-from .graph import EXPANDABLE, FORMAT, KINDS, VERSION, CircuitGraph, Contribution, Edge, Node
+from .adjacency import Adjacency
+from .graph import EXPANDABLE, FORMAT, GRAPH_FORMATS, KINDS, VERSION, CircuitGraph, Contribution, Edge, GraphFileError, \
+    Node, Scores
 from .replay import ATTENTION_OV, CircuitError, FrozenRun
 
-__all__ = ["ATTENTION_OV", "EXPANDABLE", "FORMAT", "KINDS", "VERSION", "CircuitError", "CircuitGraph", "Contribution",
-           "Edge", "FrozenRun", "LatentTarget", "LogitTarget", "Node", "Target", "attribute"]
+__all__ = ["ATTENTION_OV", "EXPANDABLE", "FORMAT", "GRAPH_FORMATS", "KINDS", "VERSION", "Adjacency", "CircuitError",
+           "CircuitGraph", "Contribution", "Edge", "FrozenRun", "GraphFileError", "LatentTarget", "LogitTarget", "Node",
+           "Scores", "Target", "attribute"]

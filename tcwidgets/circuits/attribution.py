@@ -34,7 +34,8 @@ class LogitTarget:
     """The logit of ``token`` at ``position`` (default: the last), minus that of ``minus``.
 
     ``token`` and ``minus`` are token ids, single-token strings, or sequences of them (then the
-    mean of their logits: e.g. larger digits minus smaller digits).
+    mean of their logits: e.g. larger digits minus smaller digits). For a model that soft-caps its
+    logits (Gemma 2: ``cap · tanh(logit / cap)``), the logit before the cap.
     """
 
     token: TokenSpec
@@ -131,7 +132,9 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
     elif isinstance(target, LogitTarget):
         plus, minus = _token_ids(lm, target.token, "token"), _token_ids(lm, target.minus, "minus")
         run = FrozenRun(lm, transcoders, tokens, lm.n_layers - 1, final=True)
-        target_info = {"type": "logit", "token": plus, "minus": minus, "position": position}
+        probabilities = torch.softmax(run.logits[position], -1)
+        target_info = {"type": "logit", "token": plus, "minus": minus, "position": position,
+                       "probability": float(probabilities[plus].sum())}
     else:
         raise CircuitError(f"target must be a LatentTarget or a LogitTarget, not {type(target).__name__}.")
 

@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 from ..features import logit_effects
+from ..files import FileFormatError, inside, read_json, write_json
+from .adjacency import Adjacency, build_adjacency, cumulative_ranks, node_influence
+from .adjacency import prune as prune_adjacency
+from .adjacency import scores as graph_scores
 from .replay import CircuitError, FrozenRun, _Reader
 
 FORMAT = "tcwidgets.circuit"
-VERSION = 1
+VERSION = 2  # 2: nodes' ``position``/``latent``/``source_position`` (were ``ctx_idx``/``feature``/``source_ctx_idx``), ``influence``
+GRAPH_FILE = "graph.json"
+GRAPH_FORMATS = ("tcwidgets", "circuit-tracer")
+
+
+class GraphFileError(FileFormatError, CircuitError):
+    """A graph file is missing, unreadable, or in no format `CircuitGraph.load` knows."""
+
+
+class Scores(NamedTuple):
+    """circuit-tracer's graph scores (see `CircuitGraph.scores`)."""
+
+    replacement: float
+    completeness: float
 
 #: Kinds of graph nodes. Expandable ones have predecessors: latents (shared by every consumer),
 #: attention heads and skip paths (linear, one node per consumer).
@@ -39,22 +58,28 @@ class Contribution:
 class Node:
     """A node of a `CircuitGraph`.
 
-    ``value``: a latent's pre-activation, a head's or skip path's contribution to its consumer,
-    the target's value; ``activation``: a latent's activation. ``attribution``: the node's total
-    effect on the target along the graph's edges (``value`` for the target).
+    ``position``: the token position it sits at (a head's destination; ``source_position`` its
+    source); ``latent``: a latent's index in its layer's transcoder. ``value``: a latent's
+    pre-activation, a head's or skip path's contribution to its consumer, the target's value;
+    ``activation``: a latent's activation. ``attribution``: the node's total effect on the target
+    along the graph's edges (``value`` for the target). ``influence``: circuit-tracer's
+    cumulative-influence rank in [0, 1] over the prompt's full graph (small: among the most
+    influential nodes; ``None`` for heads, skip paths, biases and position embeddings, which are not
+    nodes there).
     """
 
     node_id: str
     kind: str
     layer: int
-    ctx_idx: int
-    feature: int | None = None
+    position: int
+    latent: int | None = None
     head: int | None = None
-    source_ctx_idx: int | None = None
+    source_position: int | None = None
     name: str | None = None
     value: float | None = None
     activation: float | None = None
     attribution: float = 0.0
+    influence: float | None = None
     expanded: bool = False
     label: str = ""
 
@@ -90,8 +115,9 @@ class CircuitGraph:
     position) and edges carrying direct contributions. Built by `attribute`.
 
     ``expand(node_id)`` adds a node's largest predecessors (needs the run it was built from, kept
-    in memory; a graph read back with `from_json` cannot expand). ``to_json`` and
-    ``to_circuit_tracer_json`` export it.
+    in memory; a graph read back with `load` or `from_json` cannot expand). ``scores`` and
+    ``prune`` follow circuit-tracer over the prompt's full graph (`adjacency`); ``save`` writes
+    tcwidgets' or circuit-tracer's files, ``load`` reads both.
     """
 
     model: str
@@ -106,6 +132,7 @@ class CircuitGraph:
     settings: dict[str, Any] = field(default_factory=dict)
     _run: FrozenRun | None = field(default=None, repr=False)
     _readers: dict[str, tuple[_Reader, float]] = field(default_factory=dict, repr=False)
+    _adjacency: Adjacency | None = field(default=None, repr=False)
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -172,8 +199,8 @@ class CircuitGraph:
         if node is None or node.kind != "latent":
             raise CircuitError(f"{node_id!r} is not a latent of this graph: only latents have logit effects.")
         if self._run is None:
-            raise CircuitError("This graph was read back from JSON: it has no model to compute logit effects with.")
-        effects = logit_effects(self._run.lm, self._run.layers[node.layer].tc, k, latents=[node.feature])
+            raise CircuitError("This graph was read from a file or JSON: it has no model to compute logit effects with.")
+        effects = logit_effects(self._run.lm, self._run.layers[node.layer].tc, k, latents=[node.latent])
         return {kind: list(zip(effects[f"{kind}_ids"][0].tolist(), effects[f"{kind}_values"][0].tolist()))
                 for kind in ("promoted", "suppressed")}
 
@@ -241,12 +268,12 @@ class CircuitGraph:
             return []
         node = self.nodes[node_id]
         name = {"latent": "encoder", "logit": "unembedding", "skip": "skip"}[node.kind]
-        return [Contribution({"kind": "bias", "layer": node.layer, "position": node.ctx_idx, "name": name},
+        return [Contribution({"kind": "bias", "layer": node.layer, "position": node.position, "name": name},
                              constant, constant, 1.0)]
 
     def _reader(self, node_id: str) -> tuple[_Reader, float]:
         if self._run is None:
-            raise CircuitError("This graph was read back from JSON: it has no forward pass to expand or "
+            raise CircuitError("This graph was read from a file or JSON: it has no forward pass to expand or "
                                "decompose nodes with. Run tcw.attribute again.")
         if node_id not in self._readers:
             node = self.nodes.get(node_id)
@@ -254,7 +281,7 @@ class CircuitGraph:
                 raise KeyError(f"No node {node_id!r} in this graph.")
             if node.kind != "latent":
                 raise CircuitError(f"{node_id} is a {node.kind} node: it has no predecessors.")
-            self._readers[node_id] = self._run.latent_reader(node.layer, node.feature, node.ctx_idx)
+            self._readers[node_id] = self._run.latent_reader(node.layer, node.latent, node.position)
         return self._readers[node_id]
 
     def _add_node(self, source: dict[str, Any], consumer: tuple[str, _Reader] | None = None) -> str:
@@ -275,14 +302,14 @@ class CircuitGraph:
             node_id = f"{kind}/{layer}/{p}" if kind in ("error", "mlp") else f"{kind}/{p}"
         if node_id in self.nodes:
             return node_id
-        node = Node(node_id, kind, layer, p, feature=source.get("latent"), head=source.get("head"),
-                    source_ctx_idx=source.get("source_position"), name=source.get("name"))
+        node = Node(node_id, kind, layer, p, latent=source.get("latent"), head=source.get("head"),
+                    source_position=source.get("source_position"), name=source.get("name"))
         if kind == "latent":
             frozen = run.layers[layer]
-            node.value = float(frozen.pre[p, node.feature])
-            node.activation = float(frozen.latents[p, node.feature])
+            node.value = float(frozen.pre[p, node.latent])
+            node.activation = float(frozen.latents[p, node.latent])
         elif kind == "head":
-            self._readers[node_id] = (run.head_reader(consumer[1], layer, node.head, node.source_ctx_idx), 0.0)
+            self._readers[node_id] = (run.head_reader(consumer[1], layer, node.head, node.source_position), 0.0)
         elif kind == "skip":
             self._readers[node_id] = run.skip_reader(consumer[1], layer)
         node.label = _label(node, self.token_strings)
@@ -326,11 +353,102 @@ class CircuitGraph:
         for node_id, total in totals.items():
             self.nodes[node_id].attribution = total
 
-    # -- export --------------------------------------------------------------------------------------------
+    # -- the full graph: influence, scores, pruning ------------------------------------------------------------
+
+    def adjacency(self) -> Adjacency:
+        """The direct effects between every node of the prompt's full graph (all active latents, error
+        nodes, tokens, the target), computed once from the frozen run (see `adjacency.Adjacency`)."""
+        if self._adjacency is None:
+            if self._run is None:
+                raise CircuitError("This graph was read from a file: it has no forward pass to build the full "
+                                   "graph from. Run tcw.attribute again.")
+            n_writers = self.target["layer"] if self.target["type"] == "latent" else self.n_layers
+            self._adjacency = build_adjacency(self._run, self._reader(self.target_id), self.target_value, n_writers)
+        return self._adjacency
+
+    def scores(self) -> Scores:
+        """circuit-tracer's replacement and completeness scores of the prompt's full graph.
+
+        ``replacement``: the share of the target's influence that starts at tokens rather than at
+        error nodes (MLP outputs a transcoder does not explain, and MLPs without a transcoder);
+        ``completeness``: the share of every node's input that does not come from error nodes,
+        weighted by the node's influence on the target. Both are in [0, 1]; 1 means the latents
+        explain everything. A graph read from a file has the scores saved with it, if any.
+        """
+        if self._run is None:
+            saved = self.settings.get("scores")
+            if not saved:
+                raise CircuitError("This graph was read from a file without scores: run tcw.attribute again.")
+            return Scores(**saved)
+        return Scores(*graph_scores(self.adjacency()))
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> CircuitGraph:
+        """The prompt's full graph pruned as circuit-tracer prunes: the nodes holding ``node_threshold``
+        of the total influence on the target, the edges holding ``edge_threshold`` of the edge
+        influence among them (tokens and the target always kept). A new graph of latents, error nodes,
+        token nodes and the target, whose edges are direct effects through frozen attention, norms
+        and skip paths; each node's ``influence`` is its cumulative-influence rank. It can be
+        expanded like any graph (head nodes appear then) and saved for circuit-tracer."""
+        adjacency = self.adjacency()
+        node_mask, edge_mask, ranks = prune_adjacency(adjacency, node_threshold, edge_threshold)
+        replacement, completeness = graph_scores(adjacency)
+        settings = {"depth": 0, "top_k": None, "threshold": 0.0, "scale": self.settings.get("scale", 1.0),
+                    "node_threshold": node_threshold, "edge_threshold": edge_threshold,
+                    "scores": {"replacement": replacement, "completeness": completeness}}
+        pruned = CircuitGraph(self.model, self.prompt, self.tokens, self.token_strings, self.n_layers, self.target,
+                              self.target_id, settings=settings, _run=self._run,
+                              _readers={self.target_id: self._reader(self.target_id)}, _adjacency=adjacency)
+        ids = self._adjacency_ids(adjacency)
+        for index in torch.nonzero(node_mask).flatten().tolist():
+            node_id = ids[index]
+            if index == len(ids) - 1:
+                pruned.nodes[node_id] = replace(self.nodes[self.target_id], expanded=True)
+            else:
+                pruned._add_node(self._adjacency_source(adjacency, index))
+            pruned.nodes[node_id].influence = float(ranks[index])
+        targets, sources = torch.nonzero(edge_mask, as_tuple=True)
+        for t, s in zip(targets.tolist(), sources.tolist()):
+            if node_mask[t] and node_mask[s]:
+                weight = float(adjacency.matrix[t, s])
+                dependent = float(adjacency.activations[s]) if s < adjacency.n_latents else 1.0
+                pruned.edges[(ids[s], ids[t])] = Edge(ids[s], ids[t], weight, weight / dependent, dependent)
+                pruned.nodes[ids[t]].expanded = True
+        pruned._update_attributions()
+        return pruned
+
+    def fill_influence(self) -> None:
+        """Set ``influence`` (circuit-tracer's cumulative-influence rank over the full graph) on the
+        nodes the full graph has: latents, error nodes, MLPs without a transcoder, tokens, the target."""
+        adjacency = self.adjacency()
+        ranks = cumulative_ranks(node_influence(adjacency)).tolist()
+        for node_id, rank in zip(self._adjacency_ids(adjacency), ranks):
+            for each in (node_id, node_id.replace("embedding/", "position/")):  # a token node holds both
+                if each in self.nodes:
+                    self.nodes[each].influence = rank
+
+    def _adjacency_ids(self, adjacency: Adjacency) -> list[str]:
+        """The node id of each row of ``adjacency``."""
+        ids = [f"latent/{layer}/{latent}/{p}" for layer, p, latent in adjacency.latents.tolist()]
+        ids += [f"{'mlp' if self._run.layers[layer].tc is None else 'error'}/{layer}/{p}"
+                for layer, p in adjacency.errors.tolist()]
+        return ids + [f"embedding/{p}" for p in range(adjacency.n_tokens)] + [self.target_id]
+
+    def _adjacency_source(self, adjacency: Adjacency, index: int) -> dict[str, Any]:
+        if index < adjacency.n_latents:
+            layer, p, latent = adjacency.latents[index].tolist()
+            return {"kind": "latent", "layer": layer, "latent": latent, "position": p}
+        if index < adjacency.token_slice.start:
+            layer, p = adjacency.errors[index - adjacency.n_latents].tolist()
+            return {"kind": "mlp" if self._run.layers[layer].tc is None else "error", "layer": layer, "position": p}
+        return {"kind": "embedding", "position": index - adjacency.token_slice.start}
+
+    # -- files ---------------------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        """The whole graph as JSON-ready data: metadata, ``nodes`` and ``links`` (circuit-tracer's
-        key names where they exist, plus each link's ``invariant`` and ``dependent`` factors)."""
+        """The whole graph as JSON-ready data in tcwidgets' own format (``format``
+        ``"tcwidgets.circuit"``): metadata, settings, every node with all its fields, and ``links``
+        with each edge's ``weight``, ``invariant`` and ``dependent`` factors. `from_json` reads it back.
+        Not circuit-tracer's schema: ``save(folder, format="circuit-tracer")`` writes that."""
         nodes = []
         for node in self.nodes.values():
             data = asdict(node)
@@ -357,74 +475,64 @@ class CircuitGraph:
             graph.edges[(item["source"], item["target"])] = Edge(**item)
         return graph
 
-    def to_circuit_tracer_json(self, slug: str = "tcwidgets-graph") -> dict[str, Any]:
-        """The attribution-graph JSON that circuit-tracer's frontend and Neuronpedia read.
+    def save(self, folder: str | os.PathLike, *, format: str = "tcwidgets", slug: str = "tcwidgets-graph") -> Path:
+        """Write the graph into ``folder`` (created if needed) and return the file written.
 
-        Its schema has no attention or skip nodes: with frozen attention those are linear, so
-        expanded ones are folded into direct edges between their predecessors and their consumer
-        (as in circuit-tracer's own graphs); unexpanded ones, biases and position embeddings are
-        left out. Latents become ``"cross layer transcoder"`` nodes, errors and MLPs without a
-        transcoder ``"mlp reconstruction error"``, the target latent or logit is marked.
+        ``format="tcwidgets"``: ``graph.json`` (`to_json`). ``format="circuit-tracer"``: ``{slug}.json``
+        and ``graph-metadata.json``, which circuit-tracer's ``start-server`` frontend and Neuronpedia
+        read (see `export.save_circuit_tracer`; ``graph.prune().save(...)`` writes the graph
+        circuit-tracer itself would). `CircuitGraph.load` reads both.
         """
-        ids, nodes = {}, []
-        for node in self.nodes.values():
-            converted = self._circuit_tracer_node(node)
-            if converted is not None:
-                ids[node.node_id] = converted["node_id"]
-                nodes.append(converted)
-        consumer = {e.source: e.target for e in self.edges.values() if self.nodes[e.source].kind in ("head", "skip")}
-        links: dict[tuple[str, str], float] = {}
-        for edge in self.edges.values():
-            if edge.source not in ids:
-                continue
-            target = edge.target
-            while target in consumer:  # a head or skip path passes its inputs on whole
-                target = consumer[target]
-            if target in ids:
-                key = (ids[edge.source], ids[target])
-                links[key] = links.get(key, 0.0) + edge.weight
-        return {
-            "metadata": {"slug": slug, "scan": self.model, "transcoder_list": [],
-                         "prompt_tokens": self.token_strings, "prompt": self.prompt,
-                         "node_threshold": self.settings.get("threshold"), "schema_version": 1},
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-            "nodes": nodes,
-            "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
-        }
+        from .export import save_circuit_tracer
 
-    def _circuit_tracer_node(self, node: Node) -> dict[str, Any] | None:
-        common = {"ctx_idx": node.ctx_idx, "influence": node.attribution, "clerp": node.label,
-                  "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0}
-        if node.kind == "latent":
-            node_id = f"{node.layer}_{node.feature}_{node.ctx_idx}"
-            return {**common, "node_id": node_id, "jsNodeId": node_id, "feature": node.feature,
-                    "layer": str(node.layer), "feature_type": "cross layer transcoder",
-                    "activation": node.activation}
-        if node.kind in ("error", "mlp"):
-            return {**common, "node_id": f"{node.layer}_-1_{node.ctx_idx}", "jsNodeId": f"{node.layer}_-1-{node.ctx_idx}",
-                    "feature": -1, "layer": str(node.layer), "feature_type": "mlp reconstruction error",
-                    "activation": None}
-        if node.kind == "embedding":
-            token = self.tokens[node.ctx_idx]
-            return {**common, "node_id": f"E_{token}_{node.ctx_idx}", "jsNodeId": f"E_{token}-{node.ctx_idx}",
-                    "feature": node.ctx_idx, "layer": "E", "feature_type": "embedding", "activation": None}
-        if node.kind == "logit":
-            token = self.target["token"][0]
-            layer = str(self.n_layers + 1)
-            return {**common, "node_id": f"{layer}_{token}_{node.ctx_idx}", "jsNodeId": f"L_{token}-{node.ctx_idx}",
-                    "feature": token, "layer": layer, "feature_type": "logit", "is_target_logit": True,
-                    "activation": None}
-        return None
+        if format not in GRAPH_FORMATS:
+            raise CircuitError(f"format={format!r} is not a graph format: use one of {', '.join(GRAPH_FORMATS)}.")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if format == "circuit-tracer":
+            return save_circuit_tracer(self, folder, slug)
+        write_json(folder / GRAPH_FILE, self.to_json())
+        return folder / GRAPH_FILE
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, slug: str | None = None) -> CircuitGraph:
+        """A graph from a folder (or a file) written by `save`, in tcwidgets' format or circuit-tracer's
+        (by tcwidgets or by circuit-tracer itself: ``{slug}.json`` next to ``graph-metadata.json``;
+        ``slug`` picks one when the folder holds several). It can be drawn, pruned graphs' scores
+        read, not expanded."""
+        from .export import load_circuit_tracer
+
+        path = Path(path)
+        fix = "pass a folder written by graph.save(...) or by circuit-tracer's create_graph_files."
+        if path.is_dir():
+            if (path / GRAPH_FILE).exists():
+                path = path / GRAPH_FILE
+            else:
+                metadata = read_json(path / "graph-metadata.json", fix=fix, error=GraphFileError)
+                slugs = [g.get("slug") for g in metadata.get("graphs", [])] if isinstance(metadata, dict) else []
+                if slug is None and len(slugs) != 1:
+                    raise GraphFileError(f"{path} holds {len(slugs)} circuit-tracer graphs ({slugs}): pass slug=... "
+                                         "to choose one.")
+                chosen = slug if slug is not None else slugs[0]
+                if chosen not in slugs:
+                    raise GraphFileError(f"{path} has no graph {chosen!r}; it has {slugs}.")
+                path = inside(path, f"{chosen}.json", error=GraphFileError)
+        data = read_json(path, fix=fix, error=GraphFileError)
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return cls.from_json(data)
+        if isinstance(data, dict) and {"metadata", "nodes", "links"} <= set(data):
+            return load_circuit_tracer(data)
+        raise GraphFileError(f"{path} is neither a tcwidgets graph nor a circuit-tracer graph: {fix}")
 
 
 def _label(node: Node, tokens: list[str]) -> str:
-    token = tokens[node.ctx_idx] if 0 <= node.ctx_idx < len(tokens) else ""
+    token = tokens[node.position] if 0 <= node.position < len(tokens) else ""
     return {
-        "latent": lambda: f"L{node.layer}/{node.feature}",
-        "head": lambda: f"L{node.layer}.H{node.head} {node.source_ctx_idx}→{node.ctx_idx}",
+        "latent": lambda: f"L{node.layer}/{node.latent}",
+        "head": lambda: f"L{node.layer}.H{node.head} {node.source_position}→{node.position}",
         "skip": lambda: f"skip L{node.layer}",
         "embedding": lambda: f"token {token!r}",
-        "position": lambda: f"position {node.ctx_idx}",
+        "position": lambda: f"position {node.position}",
         "error": lambda: f"error L{node.layer}",
         "mlp": lambda: f"MLP L{node.layer}",
         "bias": lambda: f"{node.name} bias" + ("" if node.name == "unembedding" else f" L{node.layer}"),

@@ -46,7 +46,8 @@ class _FrozenNorm:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         else:
             raise CircuitError(f"circuits cannot freeze a {name}: it knows RMSNorm and LayerNorm.")
-        self.weight = _float64(module.weight)
+        # Gemma's RMSNorms scale by (1 + weight)
+        self.weight = _float64(module.weight) + (1.0 if name.startswith("Gemma") else 0.0)
         self.bias = _param(module, "bias", len(self.weight))
         self.scale = (self.center(x).pow(2).mean(-1) + eps).sqrt()  # [positions]
 
@@ -63,6 +64,10 @@ class _FrozenNorm:
     def pullback(self, w: Tensor) -> Tensor:
         """The vector u with ``u · x = w · (weight ⊙ C·x)``; divide by ``scale[p]`` for position p."""
         return self.center(self.weight * w)
+
+    def gains(self) -> Tensor:
+        """``[positions, d_model]``: a post-norm (Gemma's, no centering, no bias) as per-position factors."""
+        return self.weight / self.scale[:, None]
 
 
 @dataclass
@@ -115,7 +120,13 @@ def _ov_neox(attn: torch.nn.Module, config: Any) -> _OV:
 
 #: ``config.model_type`` -> how to read an attention layer's OV weights.
 ATTENTION_OV = {"llama": _ov_llama, "mistral": _ov_llama, "qwen2": _ov_llama, "qwen3": _ov_llama,
-                "gpt2": _ov_gpt2, "gpt_neox": _ov_neox}
+                "gemma2": _ov_llama, "gemma3_text": _ov_llama, "gpt2": _ov_gpt2, "gpt_neox": _ov_neox}
+
+#: ``config.model_type`` -> the block's norm applied to the attention output (Gemma's post-norms).
+POST_ATTENTION_NORM = {"gemma2": "post_attention_layernorm", "gemma3_text": "post_attention_layernorm"}
+
+#: Families whose first block reads the token embedding scaled by sqrt(d_model) (no position embedding).
+SCALED_EMBEDDING = ("gemma2", "gemma3_text")
 
 
 # -- the frozen forward pass ---------------------------------------------------------------------------
@@ -145,7 +156,9 @@ class _Layer:
     value_bias: Tensor  # [heads, d_head]: b_V + W_V · norm bias
     mlp_norm: _FrozenNorm
     mlp_stage: int  # where the MLP reads the residual stream
-    mlp_out: Tensor  # [positions, d_model]
+    mlp_out: Tensor  # [positions, d_model], the MLP module's output (before a post-norm)
+    attn_gain: Tensor | None = None  # [positions, d_model]: frozen post-attention norm (Gemma), else None
+    mlp_gain: Tensor | None = None  # [positions, d_model]: frozen post-MLP norm (Gemma), else None
     tc: Any = None  # the layer's transcoder, float64 copy
     pre: Tensor | None = None  # [positions, n_latents] encoder pre-activations
     latents: Tensor | None = None  # [positions, n_latents] activations
@@ -183,7 +196,7 @@ class FrozenRun:
         module, sites = lm._module, lm.sites
         captured = _capture(lm, tokens, last_layer, final)
 
-        self.token_embedding = captured["embed"]
+        self.token_embedding = captured["resid"] if model_type in SCALED_EMBEDDING else captured["embed"]
         remainder = captured["resid"] - self.token_embedding
         self.position_embedding = remainder if remainder.abs().max() > 0 else None
         resid = captured["resid"] if self.position_embedding is not None else self.token_embedding
@@ -201,17 +214,25 @@ class FrozenRun:
             value_bias = ov.b_V + ov.W_V @ attn_norm.bias
             mixed = pattern @ (values.transpose(1, 2) + value_bias[:, None])  # [heads, positions, d_head]
             attn_out = mixed.transpose(0, 1).flatten(1) @ ov.W_O.flatten(0, 1) + ov.b_O
+            attn_gain = None
+            if model_type in POST_ATTENTION_NORM:
+                attn_gain = _FrozenNorm(resolve(block, POST_ATTENTION_NORM[model_type]), attn_out).gains()
+                attn_out = attn_out * attn_gain
             mlp_stage = 2 * layer if parallel else 2 * layer + 1
             mlp_resid = resid if parallel else resid + attn_out
             self.resid[mlp_stage] = mlp_resid
             mlp_norm = _FrozenNorm(resolve(block, sites.pre_mlp_norm), mlp_resid)
             x = mlp_norm(mlp_resid)
             _check_replay(lm, x, captured["mlp_in"][layer], f"the MLP input of layer {layer}")
-            frozen = _Layer(pattern, attn_norm, ov, values, value_bias, mlp_norm, mlp_stage, captured["mlp_out"][layer])
+            mlp_out = captured["mlp_out"][layer]
+            mlp_gain = None if sites.post_mlp_norm is None else \
+                _FrozenNorm(resolve(block, sites.post_mlp_norm), mlp_out).gains()
+            frozen = _Layer(pattern, attn_norm, ov, values, value_bias, mlp_norm, mlp_stage, mlp_out,
+                            attn_gain, mlp_gain)
             if layer in transcoders:
                 self._encode(frozen, transcoders[layer], x)
             self.layers.append(frozen)
-            resid = resid + attn_out + frozen.mlp_out
+            resid = resid + attn_out + (mlp_out if mlp_gain is None else mlp_out * mlp_gain)
         if final:
             self.resid[2 * self.n_layers] = resid
             self.final_norm = _FrozenNorm(resolve(module, sites.final_norm), resid)
@@ -219,6 +240,7 @@ class FrozenRun:
             self.unembed_weight = unembed.weight.detach()
             self.unembed_bias = getattr(unembed, "bias", None)
             self.logits = captured["logits"]  # the model's own, to check the replay
+            self.softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma: cap · tanh(logit / cap)
 
     @staticmethod
     def _encode(frozen: _Layer, tc: Any, x: Tensor) -> None:
@@ -261,7 +283,7 @@ class FrozenRun:
     def head_reader(self, consumer: _Reader, layer: int, head: int, source: int) -> _Reader:
         """What head ``head`` of ``layer`` reads at ``source`` on behalf of ``consumer``."""
         frozen = self.layers[layer]
-        o = frozen.ov.W_O[head] @ consumer.w
+        o = frozen.ov.W_O[head] @ _through(frozen.attn_gain, consumer.w, consumer.position)
         sigma = consumer.sigma * float(frozen.pattern[head, consumer.position, source])
         return _Reader(sigma / float(frozen.attn_norm.scale[source]),
                        frozen.attn_norm.pullback(frozen.ov.W_V[head].T @ o), 2 * layer, source)
@@ -270,8 +292,8 @@ class FrozenRun:
         """What a skip path reads at the consumer's position, and the part its norm's bias adds."""
         frozen = self.layers[layer]
         c = frozen.tc.config
-        w = frozen.tc.W_skip.detach().T @ consumer.w * (c.input_scale / c.output_scale)
         p = consumer.position
+        w = frozen.tc.W_skip.detach().T @ _through(frozen.mlp_gain, consumer.w, p) * (c.input_scale / c.output_scale)
         return (_Reader(consumer.sigma / float(frozen.mlp_norm.scale[p]), frozen.mlp_norm.pullback(w),
                         frozen.mlp_stage, p), consumer.sigma * float(w @ frozen.mlp_norm.bias))
 
@@ -282,6 +304,8 @@ class FrozenRun:
         logits = (weight @ normed.to(weight.device, weight.dtype)).cpu().double()
         if self.unembed_bias is not None:
             logits = logits + _float64(self.unembed_bias)
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         _check_replay(self.lm, logits, self.logits[position], f"the logits at position {position}")
 
     def read(self, reader: _Reader) -> float:
@@ -298,14 +322,15 @@ class FrozenRun:
             segments.append(_leaf(reader, self.position_embedding[p], {"kind": "position", "position": p}))
         for layer, frozen in enumerate(self.layers):
             if 2 * layer < stage:
-                o = frozen.ov.W_O @ w  # [heads, d_head]
+                w_attn = _through(frozen.attn_gain, w, p)
+                o = frozen.ov.W_O @ w_attn  # [heads, d_head]
                 invariant = (o[:, None] @ frozen.values[:, :, :p + 1])[:, 0]  # [heads, sources]
                 dependent = sigma * frozen.pattern[:, p, :p + 1]
                 segments.append(_Segment(
                     (invariant * dependent).flatten(), invariant.flatten(), dependent.flatten(),
                     lambda i, layer=layer: {"kind": "head", "layer": layer, "head": i // (p + 1),
                                             "source_position": i % (p + 1), "position": p}))
-                bias = float(frozen.ov.b_O @ w + (frozen.pattern[:, p].sum(-1) * (o * frozen.value_bias).sum(-1)).sum())
+                bias = float(frozen.ov.b_O @ w_attn + (frozen.pattern[:, p].sum(-1) * (o * frozen.value_bias).sum(-1)).sum())
                 segments.append(_Segment(torch.tensor([bias * sigma]), torch.tensor([bias]), torch.tensor([sigma]),
                                          lambda i, layer=layer: {"kind": "bias", "layer": layer, "position": p,
                                                                  "name": "attention"}))
@@ -318,6 +343,8 @@ class FrozenRun:
         """What one MLP writes: its latents, error, decoder bias and skip path; or itself, whole."""
         p = reader.position
         where = {"layer": layer, "position": p}
+        if frozen.mlp_gain is not None:  # what the MLP module outputs passes through the frozen post-norm
+            reader = _Reader(reader.sigma, reader.w * frozen.mlp_gain[p], reader.stage, p)
         if frozen.tc is None:
             return [_leaf(reader, frozen.mlp_out[p], {"kind": "mlp", **where})]
         tc = frozen.tc
@@ -333,6 +360,11 @@ class FrozenRun:
         if frozen.skip is not None:
             segments.append(_leaf(reader, frozen.skip[p], {"kind": "skip", **where}))
         return segments
+
+
+def _through(gain: Tensor | None, w: Tensor, position: int) -> Tensor:
+    """A reader's vector seen through a frozen post-norm at ``position`` (unchanged without one)."""
+    return w if gain is None else w * gain[position]
 
 
 def _leaf(reader: _Reader, vector: Tensor, source: dict[str, Any]) -> _Segment:

@@ -50,17 +50,33 @@ def _level(node: Any, n_layers: int) -> int:
     return 2 * node.layer + 2
 
 
+def _drawn_at(node: Any) -> int:
+    """The token column a node is drawn in: its position, a head's source position (what it reads
+    sits there; its edge to its consumer shows the move)."""
+    return node.source_position if node.kind == "head" else node.position
+
+
+def _scores(graph: CircuitGraph) -> dict[str, float] | None:
+    try:
+        return {name: _round(value) for name, value in graph.scores()._asdict().items()}
+    except CircuitError:  # read from a file without scores, or a full graph too large for a dense matrix
+        return None
+
+
 def graph_payload(graph: CircuitGraph) -> dict[str, Any]:
-    """What the page needs to draw ``graph``: node fields as columns, edges as index arrays."""
+    """What the page needs to draw ``graph``: node fields as columns, edges as index arrays, and
+    circuit-tracer's scores and pruning thresholds when known."""
     nodes = list(graph.nodes.values())
     index = {node.node_id: i for i, node in enumerate(nodes)}
     edges = list(graph.edges.values())
     return {
         "tokens": graph.token_strings, "n_layers": graph.n_layers, "target": index[graph.target_id],
-        "can_expand": graph._run is not None, "value": _round(graph.target_value),
+        "can_expand": graph._run is not None, "value": _round(graph.target_value), "scores": _scores(graph),
+        "pruning": {key: graph.settings[key] for key in ("node_threshold", "edge_threshold")}
+        if graph.settings.get("edge_threshold") is not None else None,
         "nodes": {
             "id": [n.node_id for n in nodes], "kind": [n.kind for n in nodes], "layer": [n.layer for n in nodes],
-            "position": [n.ctx_idx for n in nodes], "level": [_level(n, graph.n_layers) for n in nodes],
+            "position": [_drawn_at(n) for n in nodes], "level": [_level(n, graph.n_layers) for n in nodes],
             "label": [n.label for n in nodes],
             "attribution": [_round(n.attribution) for n in nodes],
             "expanded": [n.expanded for n in nodes], "expandable": [n.expandable for n in nodes],
@@ -171,7 +187,7 @@ class CircuitView(anywidget.AnyWidget):
     @traitlets.observe("selected")
     def _on_selected(self, change: dict) -> None:
         node = self.graph.nodes.get(change["new"])
-        self.selected_latent = (node.layer, node.feature) if node is not None and node.kind == "latent" else (-1, -1)
+        self.selected_latent = (node.layer, node.latent) if node is not None and node.kind == "latent" else (-1, -1)
 
     # -- messages from the page ----------------------------------------------------------------------------------
 
@@ -212,8 +228,8 @@ class CircuitView(anywidget.AnyWidget):
                     for e in items]
 
         summary = {
-            "id": node_id, "label": node.label, "kind": node.kind, "layer": node.layer, "position": node.ctx_idx,
-            "token": graph.token_strings[node.ctx_idx], "value": _round(node.value),
+            "id": node_id, "label": node.label, "kind": node.kind, "layer": node.layer, "position": node.position,
+            "token": graph.token_strings[node.position], "value": _round(node.value),
             "activation": _round(node.activation), "attribution": _round(node.attribution),
             "incoming": edges([e for e in graph.edges.values() if e.target == node_id], "source"),
             "outgoing": edges([e for e in graph.edges.values() if e.source == node_id], "target"),
@@ -222,7 +238,7 @@ class CircuitView(anywidget.AnyWidget):
         if node.kind == "latent":
             stats = self.stats.get(node.layer)
             if stats is not None:
-                latent = stats.latent(node.feature)
+                latent = stats.latent(node.latent)
                 summary["promoted"] = [[stats.vocab[i], _round(v)] for i, v in latent.promoted[:N_LOGITS]]
                 summary["suppressed"] = [[stats.vocab[i], _round(v)] for i, v in latent.suppressed[:N_LOGITS]]
                 if latent.top:

@@ -2,7 +2,7 @@
 //
 // Python owns the graph. The synced trait `_graph` holds the drawing payload: node fields as
 // columns (id, kind, layer, position, level, label, attribution, expanded, expandable) and edges
-// as index arrays (source, target, weight). `threshold`, `selected`, `pinned`, `error` are synced
+// as index arrays (source, target, weight), plus `scores` and `pruning` (null when unknown). `threshold`, `selected`, `pinned`, `error` are synced
 // too; the page changes them only through messages that Python validates:
 //   page -> Python  {type: "select", id} | {type: "pin", id, pinned} | {type: "threshold", value}
 //   page -> Python  {type: "expand", request, id}    Python -> page {type: "expanded", request, added}
@@ -14,6 +14,7 @@
 const MARGIN = { left: 72, right: 16, top: 14, bottom: 8 };
 const MAX_RADIUS = 11;
 const MIN_RADIUS = 2.5;
+const MIN_COLUMN = 44;  // px: a token's column when it holds at most one node per row
 const KIND_NAMES = { logit: "logit", latent: "transcoder latent", head: "attention head", skip: "skip path",
   embedding: "token embedding", position: "position embedding", error: "transcoder error",
   mlp: "MLP (no transcoder)", bias: "bias" };
@@ -52,31 +53,42 @@ function prepare(g) {
     cells.get(key).push(i);
   }
   const slot = new Int32Array(n), cellSize = new Int32Array(n);
+  const busiest = new Int32Array(g.tokens.length);  // the most nodes a cell of each position holds
   for (const members of cells.values()) {
     members.sort((a, b) => Math.abs(g.nodes.attribution[b] || 0) - Math.abs(g.nodes.attribution[a] || 0));
     members.forEach((i, k) => { slot[i] = k; cellSize[i] = members.length; });
+    const position = g.nodes.position[members[0]];
+    busiest[position] = Math.max(busiest[position], members.length);
   }
   return { g, n, m, absWeight, incoming, order, levels, row, index, maxWeight: maxWeight || 1,
-    maxAttribution: maxAttribution || 1, slot, cellSize };
+    maxAttribution: maxAttribution || 1, slot, cellSize, busiest };
 }
 
-/** Pixel positions for a given plot width. */
+/** Pixel positions for a given plot width. Each token's column is as wide as its busiest cell needs
+ * (nodes side by side, as circuit-tracer's frontend spreads them), at least MIN_COLUMN; the columns
+ * then share the width available. */
 function layout(p, width) {
   const tokens = p.g.tokens.length;
-  const colWidth = Math.max(44, (width - MARGIN.left - MARGIN.right) / Math.max(tokens, 1));
+  const wanted = Array.from(p.busiest, (k) => Math.max(MIN_COLUMN, k * (2 * MAX_RADIUS + 2) + 6));
+  const total = wanted.reduce((a, b) => a + b, 0) || 1;
+  const spread = Math.max(1, (width - MARGIN.left - MARGIN.right) / total);
+  const columns = wanted.map((w) => w * spread);
+  const left = [];
+  columns.reduce((start, w, position) => { left[position] = start; return start + w; }, MARGIN.left);
+  const colWidth = Math.min(...columns, Infinity);
   const rowGap = Math.max(16, Math.min(40, 560 / Math.max(p.levels.length, 1)));
-  const plotWidth = MARGIN.left + MARGIN.right + colWidth * tokens;
+  const plotWidth = MARGIN.left + MARGIN.right + columns.reduce((a, b) => a + b, 0);
   const plotHeight = MARGIN.top + MARGIN.bottom + rowGap * Math.max(p.levels.length - 1, 0) + 2 * MAX_RADIUS;
   const x = new Float64Array(p.n), y = new Float64Array(p.n), r = new Float64Array(p.n);
   for (let i = 0; i < p.n; i++) {
-    const k = p.cellSize[i];
-    const step = Math.min((colWidth - 6) / k, 2 * MAX_RADIUS + 2);
-    x[i] = MARGIN.left + colWidth * (p.g.nodes.position[i] + 0.5) + (p.slot[i] - (k - 1) / 2) * step;
+    const k = p.cellSize[i], position = p.g.nodes.position[i];
+    const step = Math.min((columns[position] - 6) / k, 2 * MAX_RADIUS + 2);
+    x[i] = left[position] + columns[position] / 2 + (p.slot[i] - (k - 1) / 2) * step;
     y[i] = plotHeight - MARGIN.bottom - MAX_RADIUS - rowGap * p.row.get(p.g.nodes.level[i]);
     const share = Math.abs(p.g.nodes.attribution[i] || 0) / p.maxAttribution;
     r[i] = i === p.g.target ? MAX_RADIUS : MIN_RADIUS + (MAX_RADIUS - MIN_RADIUS) * Math.sqrt(share);
   }
-  return { colWidth, rowGap, plotWidth, plotHeight, x, y, r };
+  return { colWidth, columns, left, rowGap, plotWidth, plotHeight, x, y, r };
 }
 
 /** Which edges pass the threshold and still reach the target (or a pinned / the selected node). */
@@ -108,6 +120,7 @@ function render({ model, el }) {
     "aria-label": "edge threshold", oninput: () => setThreshold(toThreshold(Number(slider.value)), true) });
   const thresholdLabel = h("span", { class: "tcw-cv-threshold-label" });
   const counts = h("span", { class: "tcw-cv-counts" });
+  const scoresLine = h("div", { class: "tcw-cv-scores tcw-cv-muted" });
   const expandButton = h("button", { class: "tcw-cv-expand", title: "add the selected node's largest predecessors (e)",
     onclick: () => expandSelected() }, "Expand");
   const pinButton = h("button", { class: "tcw-cv-pin", title: "keep the selected node drawn (p)",
@@ -124,7 +137,7 @@ function render({ model, el }) {
   const root = h("div", { class: "tcw-circuit", tabIndex: 0, "data-lm-suppress-shortcuts": "true" },
     h("div", { class: "tcw-bar" }, h("label", {}, "threshold ", slider), thresholdLabel, counts,
       h("span", { class: "tcw-cv-spacer" }), expandButton, pinButton),
-    banner, scroller, tooltip, details);
+    scoresLine, banner, scroller, tooltip, details);
   el.append(root);
 
   // -- drawing ------------------------------------------------------------------------------------------
@@ -134,11 +147,13 @@ function render({ model, el }) {
     const g = model.get("_graph");
     if (!g || !g.nodes) return;
     prepared = prepare(g);
+    showScores(g);
     const circles = [];
     for (let i = 0; i < prepared.n; i++) {
       const circle = svg("circle", { class: `tcw-cv-node tcw-cv-${g.nodes.kind[i]}` });
       circle.dataset.index = String(i);
       circle.dataset.id = g.nodes.id[i];
+      circle.dataset.position = String(g.nodes.position[i]);
       circle.setAttribute("aria-label", g.nodes.label[i]);
       if (i === g.target) circle.classList.add("tcw-cv-target");
       if (g.nodes.expandable[i] && !g.nodes.expanded[i]) circle.classList.add("tcw-cv-open");
@@ -158,6 +173,23 @@ function render({ model, el }) {
     root.dataset.totalEdges = String(prepared.m);
     root.dataset.renderMs = (performance.now() - start).toFixed(1);
     root.dataset.builtAt = String(Date.now());
+  }
+
+  /** circuit-tracer's scores of the prompt's full graph, and the pruning thresholds of a pruned graph. */
+  function showScores(g) {
+    const parts = [];
+    if (g.scores) {
+      parts.push(`replacement score ${fmt(g.scores.replacement)} · completeness score ${fmt(g.scores.completeness)}`);
+    }
+    if (g.pruning) {
+      parts.push(`pruned to ${fmt(100 * g.pruning.node_threshold)}% of the node influence, ` +
+        `${fmt(100 * g.pruning.edge_threshold)}% of the edge influence`);
+    }
+    scoresLine.textContent = parts.join(" · ");
+    scoresLine.hidden = !parts.length;
+    scoresLine.title = "replacement: share of the target's influence that starts at tokens rather than at " +
+      "error nodes; completeness: share of each node's input not from error nodes, weighted by influence " +
+      "(circuit-tracer's definitions, over every active latent of the prompt)";
   }
 
   /** Positions for the current width; token and layer labels. */
@@ -186,8 +218,8 @@ function render({ model, el }) {
     tokensRow.classList.toggle("tcw-cv-tilted", tilt);
     tokensRow.replaceChildren(...prepared.g.tokens.map((token, position) => h("span", {
       class: "tcw-cv-token", title: `position ${position}: ${JSON.stringify(token)}`,
-      style: `left:${(MARGIN.left + placed.colWidth * (position + 0.5)).toFixed(1)}px;` +
-        (tilt ? "" : `width:${placed.colWidth.toFixed(0)}px`) }, dotted(token))));
+      style: `left:${(placed.left[position] + placed.columns[position] / 2).toFixed(1)}px;` +
+        (tilt ? "" : `width:${placed.columns[position].toFixed(0)}px`) }, dotted(token))));
     draw();
   }
 
@@ -355,9 +387,21 @@ function render({ model, el }) {
       tokenList("suppresses", s.suppressed, "tcw-cv-suppressed"), snippet(s.example)]);
     tooltip.dataset.id = prepared.g.nodes.id[i];
     tooltip.hidden = false;
-    const box = root.getBoundingClientRect();
-    tooltip.style.left = `${Math.min(event.clientX - box.left + 14, box.width - 340)}px`;
-    tooltip.style.top = `${event.clientY - box.top + 14}px`;
+    placeTooltip(event.clientX, event.clientY);
+  }
+
+  /** Next to the pointer, inside the widget's width and the browser's viewport (above or left of the
+   * pointer when there is no room below or right of it). */
+  function placeTooltip(clientX, clientY) {
+    const box = root.getBoundingClientRect(), size = tooltip.getBoundingClientRect();
+    const right = Math.min(box.right, window.innerWidth), bottom = window.innerHeight;
+    let x = clientX + 14, y = clientY + 14;
+    if (x + size.width > right) x = Math.max(clientX - 14 - size.width, Math.max(box.left, 0));
+    if (x + size.width > right) x = Math.max(right - size.width, 0);
+    if (y + size.height > bottom) y = Math.max(clientY - 14 - size.height, 0);
+    tooltip.style.left = `${(x - box.left).toFixed(0)}px`;
+    tooltip.style.top = `${(y - box.top).toFixed(0)}px`;
+    tooltip.dataset.pointer = `${clientX},${clientY}`;
   }
 
   function showSelection() {
@@ -427,10 +471,8 @@ function render({ model, el }) {
       pending.delete(msg.id);
       const i = prepared.index.get(msg.id);
       if (!tooltip.hidden && tooltip.dataset.id === msg.id && i !== undefined) {
-        const left = tooltip.style.left, top = tooltip.style.top;
-        showTooltip(i, { clientX: 0, clientY: 0 });
-        tooltip.style.left = left;
-        tooltip.style.top = top;
+        const [clientX, clientY] = tooltip.dataset.pointer.split(",").map(Number);
+        showTooltip(i, { clientX, clientY });  // the summary made it larger: place it again
       }
       if (msg.id === model.get("selected")) showDetails(i);
     } else if (msg.type === "expanded" && msg.request === latestExpand) {

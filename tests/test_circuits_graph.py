@@ -1,0 +1,328 @@
+"""Tests for the full graph (adjacency), circuit-tracer's scores and pruning, graph files, and the
+Gemma family in the exact replay.
+
+The adjacency is checked against the existing exact decomposition (contributions through heads and
+skip paths, summed), against finite differences through a float64 copy of the model frozen by
+hooks written in test_circuits.py, and by its rows summing exactly to each node's value. Scores
+are checked against a hand computation; circuit-tracer's JSON against a schema written from its
+source (circuit_tracer/frontend/graph_models.py, 0.5.0), since circuit-tracer is not installed in CI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import tcwidgets as tcw
+from tcwidgets.circuits import CircuitError, CircuitGraph, GraphFileError, LatentTarget, LogitTarget, attribute
+from tcwidgets.circuits.adjacency import Adjacency, find_threshold, node_influence, prune, scores
+from tcwidgets.circuits.export import cantor
+
+from test_circuits import PROMPTS, FrozenModel, model_value, random_transcoder  # noqa: F401 (the tiny fixture)
+from test_circuits import tiny  # noqa: F401
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- scores and pruning on a hand-made graph --------------------------------------------------------------
+
+
+def hand_graph() -> Adjacency:
+    """Nodes [latent, error, token, target]: latent <- token 3, error -1; target <- latent 2, error 1, token 1."""
+    matrix = torch.zeros(4, 4, dtype=torch.float64)
+    matrix[0, 2], matrix[0, 1] = 3.0, -1.0
+    matrix[3, 0], matrix[3, 1], matrix[3, 2] = 2.0, 1.0, 1.0
+    return Adjacency(matrix, torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                     torch.tensor([[0, 0, 5]]), torch.tensor([1.0], dtype=torch.float64), torch.tensor([[0, 0]]), 1)
+
+
+def test_scores_equal_a_hand_computation():
+    # normalised |rows|: latent <- token .75, error .25; target <- latent .5, error .25, token .25
+    # influence on the target: latent .5, error .25 + .5 × .25 = .375, token .25 + .5 × .75 = .625
+    assert node_influence(hand_graph()).tolist() == pytest.approx([0.5, 0.375, 0.625, 0.0])
+    replacement, completeness = scores(hand_graph())
+    assert replacement == pytest.approx(0.625 / (0.625 + 0.375))
+    # non-error share of each row's input: latent .75, error 1, token 1, target .75; weights .5, .375, .625, 1
+    assert completeness == pytest.approx((0.5 * 0.75 + 0.375 + 0.625 + 0.75) / 2.5)
+
+
+def test_pruning_keeps_the_stated_share_of_influence():
+    torch.manual_seed(0)
+    values = torch.rand(50, dtype=torch.float64) ** 4
+    for share in (0.5, 0.8, 0.95):
+        kept = values >= find_threshold(values, share)
+        assert values[kept].sum() >= share * values.sum()
+        smallest = values[kept].min()
+        assert values[kept].sum() - smallest < share * values.sum()  # no smaller set of the largest does
+    with pytest.raises(CircuitError, match="between 0 and 1"):
+        prune(hand_graph(), node_threshold=1.5)
+
+
+# -- the adjacency of a real run ----------------------------------------------------------------------------------
+
+
+def folded(graph: CircuitGraph, node_id: str) -> dict[tuple, float]:
+    """The direct effects on ``node_id`` from latents, errors, MLPs and tokens, with heads and skip
+    paths expanded recursively through `contributions` (the existing exact decomposition)."""
+    found: dict[tuple, float] = {}
+
+    def walk(node: str, gain: float) -> None:
+        for c in graph.contributions(node):
+            kind = c.source["kind"]
+            if kind in ("head", "skip"):
+                source = graph._add_node(c.source, consumer=(node, graph._reader(node)[0]))
+                walk(source, gain)
+            elif kind != "bias":
+                key = ("embedding", c.source["position"]) if kind in ("embedding", "position") else \
+                    (kind, c.source["layer"], c.source["position"], c.source.get("latent"))
+                found[key] = found.get(key, 0.0) + c.weight * gain
+
+    walk(node_id, 1.0)
+    return found
+
+
+def adjacency_row(graph: CircuitGraph, node_id: str) -> dict[tuple, float]:
+    adjacency = graph.adjacency()
+    row = graph._adjacency_ids(adjacency).index(node_id)
+    found = {}
+    for column, node in enumerate(graph._adjacency_ids(adjacency)):
+        weight = float(adjacency.matrix[row, column])
+        if weight:
+            kind, *rest = node.split("/")
+            if kind == "latent":
+                found[("latent", int(rest[0]), int(rest[2]), int(rest[1]))] = weight
+            elif kind == "embedding":
+                found[("embedding", int(rest[0]))] = weight
+            else:
+                found[(kind, int(rest[0]), int(rest[1]), None)] = weight
+    return found
+
+
+@pytest.mark.parametrize("prompt, target", [(PROMPTS[2], LatentTarget(1, 7, -1)),
+                                            ("a b c", LogitTarget("3", minus="1"))])  # short: the check recurses
+def test_adjacency_matches_the_exact_decomposition(tiny, prompt, target):
+    lm, transcoders = tiny
+    graph = attribute(lm, transcoders, prompt, target, depth=0)
+    adjacency = graph.adjacency()
+    # every row sums to its value: direct effects plus the biases
+    rows = torch.isfinite(adjacency.values)
+    assert torch.allclose((adjacency.matrix.sum(1) + adjacency.bias)[rows], adjacency.values[rows], atol=1e-9)
+    assert float(adjacency.values[-1]) == pytest.approx(graph.target_value, abs=1e-12)
+    expected = folded(graph, graph.target_id)
+    got = adjacency_row(graph, graph.target_id)
+    assert set(got) <= set(expected)
+    for key, weight in expected.items():
+        assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-10), key
+    # a latent's row too
+    layer, p, latent = adjacency.latents[-1].tolist()
+    node = graph._add_node({"kind": "latent", "layer": layer, "latent": latent, "position": p})
+    expected, got = folded(graph, node), adjacency_row(graph, node)
+    for key, weight in expected.items():
+        assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-10), key
+
+
+def test_adjacency_edges_match_finite_differences(tiny):
+    """A latent's edge to the target: activation × the target's change per unit of the latent's
+    activation, every MLP output frozen and every attention head open (values flow, patterns frozen).
+    Sources at layers 1 and 2 only: a layer-0 latent's effect also flows through layer 1's skip
+    path, which the replacement model has and the real model (MLP frozen) has not."""
+    lm, transcoders = tiny
+    graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3", minus="1"), depth=0)
+    adjacency = graph.adjacency()
+    frozen = FrozenModel(lm)
+    tokens = torch.tensor(graph.tokens)
+    p = graph.target["position"]
+    row = adjacency.matrix[-1, :adjacency.n_latents] * (adjacency.latents[:, 0] >= 1)
+    earlier = torch.nonzero((adjacency.latents[:, 1] < p) & (row != 0)).flatten()
+    for index in row.abs().topk(2).indices.tolist() + [int(earlier[row[earlier].abs().argmax()])]:
+        layer, position, latent = adjacency.latents[index].tolist()
+        tc = transcoders[layer].double()
+        step = tc.W_dec[latent].detach() / tc.config.output_scale * 0.5
+
+        def read(logits, mlp_inputs):
+            return float(logits[p, graph.target["token"]].mean() - logits[p, graph.target["minus"]].mean())
+
+        frozen.record(tokens)
+        base = frozen.run(tokens, layer=layer, position=position, delta=0 * step, open_layer="all", read=read)
+        moved = frozen.run(tokens, layer=layer, position=position, delta=step, open_layer="all", read=read)
+        measured = (moved - base) / 0.5 * float(adjacency.activations[index])
+        assert float(row[index]) == pytest.approx(measured, rel=1e-6, abs=1e-9)
+
+
+def test_scores_and_pruning_of_a_real_graph(tiny):
+    lm, transcoders = tiny
+    graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3", minus="1"), depth=2, top_k=4, threshold=0)
+    replacement, completeness = graph.scores()
+    assert 0 < replacement < 1 and 0 < completeness < 1
+    pruned = graph.prune(node_threshold=0.6, edge_threshold=0.9)
+    assert pruned.scores() == graph.scores()
+    kinds = {n.kind for n in pruned.nodes.values()}
+    assert kinds <= {"latent", "error", "embedding", "logit"} and "embedding" in kinds
+    assert all(0 <= n.influence <= 1 for n in pruned.nodes.values())
+    ids = graph._adjacency_ids(graph.adjacency())
+    assert len(pruned.nodes) < len(ids)
+    # every kept latent and error sends an edge, every kept latent receives one
+    for node in pruned.nodes.values():
+        if node.kind in ("latent", "error"):
+            assert any(e.source == node.node_id for e in pruned.edges.values())
+        if node.kind == "latent":
+            assert any(e.target == node.node_id for e in pruned.edges.values())
+    # the largest influences survive node pruning
+    ranks = {node_id: float(r) for node_id, r in zip(ids, prune(graph.adjacency(), 0.6, 0.9)[2])}
+    best = min((i for i in ids if i.startswith("latent")), key=ranks.get)
+    assert best in pruned.nodes
+
+
+# -- graph files -------------------------------------------------------------------------------------------------
+
+#: circuit-tracer 0.5.0's pydantic models (frontend/graph_models.py), as {field: (types, required)}
+CT_METADATA = {"slug": ((str,), True), "scan": ((str,), True), "transcoder_list": ((list,), True),
+               "prompt_tokens": ((list,), True), "prompt": ((str,), True),
+               "node_threshold": ((float, int, type(None)), False), "schema_version": ((int, type(None)), False)}
+CT_QPARAMS = {"pinnedIds": ((list,), True), "supernodes": ((list,), True), "linkType": ((str,), True),
+              "clickedId": ((str,), True), "sg_pos": ((str,), True)}
+CT_NODE = {"node_id": ((str,), True), "feature": ((int,), True), "layer": ((str,), True), "ctx_idx": ((int,), True),
+           "feature_type": ((str,), True), "token_prob": ((float, int), False), "is_target_logit": ((bool,), False),
+           "run_idx": ((int,), False), "reverse_ctx_idx": ((int,), False), "jsNodeId": ((str,), True),
+           "clerp": ((str,), False), "influence": ((float, int, type(None)), False),
+           "activation": ((float, int, type(None)), False)}
+CT_LINK = {"source": ((str,), True), "target": ((str,), True), "weight": ((float, int), True)}
+
+
+def check_schema(item: dict, schema: dict, what: str) -> None:
+    for name, (types, required) in schema.items():
+        assert name in item or not required, f"{what} lacks {name}"
+        if name in item:
+            assert isinstance(item[name], types) and not (int in types and isinstance(item[name], bool)
+                                                          and bool not in types), (what, name, item[name])
+
+
+def test_circuit_tracer_files_follow_its_schema_and_round_trip(tiny, tmp_path):
+    lm, transcoders = tiny
+    graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3", minus="1"), depth=2, top_k=5, threshold=0)
+    for head in [n for n in graph.nodes.values() if n.kind == "head"][:2]:
+        graph.expand(head.node_id, top_k=3, threshold=0)
+    path = graph.save(tmp_path / "ct", format="circuit-tracer", slug="war")
+    data = json.loads(path.read_text())
+    check_schema(data["metadata"], CT_METADATA, "metadata")
+    check_schema(data["qParams"], CT_QPARAMS, "qParams")
+    for node in data["nodes"]:
+        check_schema(node, CT_NODE, node["node_id"])
+    for link in data["links"]:
+        check_schema(link, CT_LINK, "link")
+    listed = json.loads((tmp_path / "ct" / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in listed["graphs"]] == ["war"] and listed["graphs"][0] == data["metadata"]
+
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids)) and all(l["source"] in ids and l["target"] in ids for l in data["links"])
+    # what the frontend needs to draw every node: the logit's "(p=…)", influences within the threshold
+    logit = next(n for n in data["nodes"] if n["feature_type"] == "logit")
+    assert logit["is_target_logit"] and f"(p={graph.target['probability']:.3f})" in logit["clerp"]
+    assert graph.target["probability"] == pytest.approx(float(torch.softmax(
+        graph._run.logits[graph.target["position"]], -1)[graph.target["token"]].sum()))
+    threshold = data["metadata"]["node_threshold"]
+    assert all(n["influence"] <= threshold for n in data["nodes"] if n["feature_type"] not in ("embedding", "logit"))
+    latent = next(n for n in graph.nodes.values() if n.kind == "latent")
+    exported = next(n for n in data["nodes"] if n["node_id"] == f"{latent.layer}_{latent.latent}_{latent.position}")
+    assert exported["feature"] == cantor(latent.layer, latent.latent) and exported["layer"] == str(latent.layer)
+    # influence ranks are those of the full graph
+    ranks = dict(zip(graph._adjacency_ids(graph.adjacency()), prune(graph.adjacency())[2].tolist()))
+    assert exported["influence"] == pytest.approx(ranks[latent.node_id])
+
+    back = CircuitGraph.load(tmp_path / "ct")
+    assert back.target_id == f"logit/{graph.target['token'][0]}/{graph.target['position']}"
+    kept = {n.node_id for n in graph.nodes.values() if n.kind in ("latent", "error", "mlp")}
+    assert kept <= set(back.nodes)
+    folded = sum(l["weight"] for l in data["links"] if l["target"] == logit["node_id"])
+    assert back.target_value == pytest.approx(folded)
+    assert len(back.edges) == len(data["links"])
+
+    # our own format round-trips whole
+    graph.save(tmp_path / "ours")
+    again = CircuitGraph.load(tmp_path / "ours")
+    assert again.to_json() == json.loads(json.dumps(graph.to_json()))
+    # and a pruned graph carries its scores and thresholds
+    pruned = graph.prune(0.7, 0.95)
+    pruned.save(tmp_path / "pruned")
+    assert CircuitGraph.load(tmp_path / "pruned").scores() == pruned.scores()
+
+
+def test_loading_bad_graph_files_says_why(tmp_path, tiny):
+    with pytest.raises(GraphFileError, match="missing"):
+        CircuitGraph.load(tmp_path)
+    (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(GraphFileError, match="neither a tcwidgets graph nor a circuit-tracer graph"):
+        CircuitGraph.load(tmp_path / "x.json")
+    lm, transcoders = tiny
+    graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=1, top_k=3)
+    graph.save(tmp_path / "two", format="circuit-tracer", slug="a")
+    graph.save(tmp_path / "two", format="circuit-tracer", slug="b")
+    with pytest.raises(GraphFileError, match="pass slug"):
+        CircuitGraph.load(tmp_path / "two")
+    assert CircuitGraph.load(tmp_path / "two", slug="b").prompt == graph.prompt
+    with pytest.raises(CircuitError, match="not a graph format"):
+        graph.save(tmp_path / "x", format="neuronpedia")
+
+
+# -- Gemma 2 and Gemma 3 in the exact replay -------------------------------------------------------------------------
+
+GEMMA = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+
+
+def gemma_sites(post_mlp_norm: str = "post_feedforward_layernorm") -> tcw.Sites:
+    return tcw.Sites(layers="model.layers", mlp="mlp", pre_mlp_norm="pre_feedforward_layernorm", attention="self_attn",
+                     pre_attention_norm="input_layernorm", embed="model.embed_tokens", final_norm="model.norm",
+                     unembed="lm_head", post_mlp_norm=post_mlp_norm)
+
+
+def tiny_gemma(lm, config):
+    torch.manual_seed(2)
+    module = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norm weights, so that (1 + weight) is visibly not the identity
+        for name, parameter in module.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0, 0.3)
+    model = tcw.load_model(module, tokenizer=lm.tokenizer, sites=gemma_sites())
+    return model, {0: random_transcoder(model, 0), 1: random_transcoder(model, 1, kind="skip", activation="relu")}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_contributions_sum_exactly(lm, family):
+    if family == "gemma2":
+        config = transformers.Gemma2Config(**GEMMA, final_logit_softcapping=5.0, attn_logit_softcapping=20.0)
+    else:
+        config = transformers.Gemma3TextConfig(**GEMMA, sliding_window=4, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention"])
+    model, transcoders = tiny_gemma(lm, config)
+    prompt = "The cat 17 sat"  # short: the decomposition check recurses through every head
+    for target in (LogitTarget("3", minus="1"), LatentTarget(1, 5, -1), LogitTarget(" the", position=3)):
+        graph = attribute(model, transcoders, prompt, target, depth=1, top_k=None, threshold=0)
+        direct = graph.predecessors(graph.target_id)
+        assert sum(e.weight for e in direct) == pytest.approx(graph.target_value, abs=1e-10)
+        adjacency = graph.adjacency()
+        rows = torch.isfinite(adjacency.values)
+        assert torch.allclose((adjacency.matrix.sum(1) + adjacency.bias)[rows], adjacency.values[rows], atol=1e-9)
+        if isinstance(target, LatentTarget):
+            assert graph.target_value == pytest.approx(model_value(model, transcoders, graph), abs=1e-4)
+        else:  # the pre-cap logit: the model's logit is cap · tanh(it / cap)
+            cap = getattr(config, "final_logit_softcapping", None)
+            p = graph.target["position"]
+            logits = graph._run.logits[p]
+            if cap:
+                logits = cap * torch.atanh(logits / cap)
+            expected = float(logits[graph.target["token"]].mean() - (logits[graph.target["minus"]].mean()
+                                                                     if graph.target["minus"] else 0))
+            assert graph.target_value == pytest.approx(expected, abs=1e-4)
+        expected, got = folded(graph, graph.target_id), adjacency_row(graph, graph.target_id)
+        for key, weight in expected.items():
+            assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-9), key
