@@ -4,8 +4,11 @@ from .activations import ActivationStore, LayerStats, StoreError, collect_activa
 from .corpus import load_corpus
 from .circuits import CircuitError, CircuitGraph, LatentTarget, LogitTarget, attribute
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
+from .finetuning import FineTuneConfig, JointFineTuner, finetune_transcoders
 from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
                        logit_effects, transcoder_fingerprint)
+from .interpretability import (Explanation, HeldOutContext, InterpretabilityScores, LatentScore, OpenAIExplainer,
+                               TokenExplainer, detection_score, interpretability_scores)
 from .interventions import Edit, EditResult, run_with_edits
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
@@ -15,10 +18,11 @@ from .widgets import AblationSliders, CircuitView, FeatureDashboard
 
 __all__ = [
     "AblationSliders", "CircuitError", "CircuitGraph", "CircuitView", "Edit", "EditResult", "LatentTarget",
-    "LogitTarget", "attribute", "run_with_edits",
+    "LogitTarget", "attribute", "Explanation", "HeldOutContext", "InterpretabilityScores", "LatentScore",
+    "OpenAIExplainer", "TokenExplainer", "detection_score", "interpretability_scores", "run_with_edits",
     "ARCHITECTURES", "ActivationStore", "LayerMetrics", "LayerStats", "Metrics", "Model", "Sites", "SplicedRun",
     "StoreError", "Trainer", "TrainingConfig", "Transcoder", "TranscoderConfig", "collect_activations",
-    "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FeatureStatsError", "LatentStats",
+    "evaluate", "load_corpus", "FeatureDashboard", "FeatureStats", "FineTuneConfig", "JointFineTuner", "finetune_transcoders", "FeatureStatsError", "LatentStats",
     "TranscoderMismatchError", "analyze_features", "logit_effects", "transcoder_fingerprint", "load_model", "plot_frontier", "splice", "spliced_logits", "train_transcoder",
 ]
 __version__ = "0.1.0"
