@@ -52,11 +52,14 @@ __all__ = ["Explanation", "HeldOutContext", "InterpretabilityScores", "LatentSco
 class HeldOutContext:
     """A held-out window of text that ends at the scored token.
 
+    ``context``/``position``: where the scored token is in the held-out token contexts;
     ``tokens``/``strings``: token ids and their display strings, the scored token last;
     ``activation``: the latent's activation there (0: it does not fire); ``quantile``: the
     activation quantile group it was drawn from (``None`` for a non-activating context).
     """
 
+    context: int
+    position: int
     tokens: tuple[int, ...]
     strings: tuple[str, ...]
     activation: float
@@ -251,11 +254,11 @@ def _token_counts(stats: FeatureStats) -> Counter:
 
 _EXPLAIN_PROMPT = (
     "You explain latents of a sparse dictionary trained on a language model's activations. You are shown "
-    "text excerpts where the latent fires; the token it fires on is marked <<like this>>, followed by the "
-    "activation. Answer with one short phrase that says what the latent detects, nothing else.")
+    "text excerpts (JSON strings) where the latent fires; the token it fires on is marked <<like this>>, "
+    "followed by the activation. Answer with one short phrase that says what the latent detects, nothing else.")
 _DETECT_PROMPT = (
     "A latent of a language model is explained as: {explanation}\n"
-    "For each numbered excerpt below, say whether the latent fires on the marked <<token>>, the last "
+    "For each numbered excerpt (a JSON string) below, say whether the latent fires on the marked <<token>>, the last "
     "token of the excerpt. Answer with a JSON list of {n} numbers, 1 (fires) or 0 (does not), in order, "
     "nothing else.")
 
@@ -288,9 +291,10 @@ class OpenAIExplainer:
     def __call__(self, latent: LatentStats, stats: FeatureStats) -> Explanation:
         excerpts = []
         for example in latent.top[:self.n_examples]:
-            strings = [stats.vocab[int(t)] for t in example.tokens[:example.center + 1]]
-            excerpts.append(HeldOutContext(tuple(example.tokens[:example.center + 1]), tuple(strings),
-                                           example.value).marked() + f"  ({example.value:.2f})")
+            ids = [int(t) for t in example.tokens[:example.center + 1]]
+            window = HeldOutContext(example.context, example.position, tuple(ids),
+                                    tuple(stats.vocab[t] for t in ids), example.value)
+            excerpts.append(f"{json.dumps(window.marked())} ({example.value:.2f})")
         if not excerpts:
             return Explanation("never fires in the analysed text", _predict_tokens(frozenset()))
         text = self.chat([{"role": "system", "content": _EXPLAIN_PROMPT},
@@ -299,7 +303,7 @@ class OpenAIExplainer:
 
     def detect(self, explanation: str, contexts: Sequence[HeldOutContext]) -> list[bool]:
         """Ask the endpoint which ``contexts`` make a latent explained by ``explanation`` fire."""
-        listing = "\n".join(f"{i + 1}. {context.marked()}" for i, context in enumerate(contexts))
+        listing = "\n".join(f"{i + 1}. {json.dumps(context.marked())}" for i, context in enumerate(contexts))
         answer = self.chat([{"role": "system", "content": _DETECT_PROMPT.format(explanation=explanation,
                                                                                n=len(contexts))},
                             {"role": "user", "content": listing}])
@@ -449,7 +453,7 @@ def interpretability_scores(
     def held_out(index: int, activation: float, quantile: int | None) -> HeldOutContext:
         row, position = divmod(index, width)
         ids = tuple(int(t) for t in token_rows[row, max(0, position - context + 1):position + 1])
-        return HeldOutContext(ids, tuple(stats.vocab[t] for t in ids), activation, quantile)
+        return HeldOutContext(row, position, ids, tuple(stats.vocab[t] for t in ids), activation, quantile)
 
     scored = {}
     for i, latent in enumerate(tqdm(latents.tolist(), desc="scoring latents", disable=not progress, leave=False)):
