@@ -326,3 +326,20 @@ def test_gemma_contributions_sum_exactly(lm, family):
         expected, got = folded(graph, graph.target_id), adjacency_row(graph, graph.target_id)
         for key, weight in expected.items():
             assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_gemma3_270m_attribution_is_exact():
+    """The real Gemma 3 270M (`load_model("gemma3-270m")`): the replay reproduces the model, the
+    contributions into the target sum to its value, the full graph's rows to theirs (about 1 min)."""
+    lm = tcw.load_model("gemma3-270m")
+    transcoders = {3: random_transcoder(lm, 3, n_latents=512), 9: random_transcoder(lm, 9, kind="skip", n_latents=512)}
+    digits = [str(d) for d in range(10)]
+    for target in (LogitTarget(digits[5:], minus=digits[:5]), LatentTarget(9, 11, -1)):
+        graph = attribute(lm, transcoders, PROMPTS[0], target, depth=1, top_k=None, threshold=0)
+        assert sum(e.weight for e in graph.predecessors(graph.target_id)) == pytest.approx(graph.target_value, abs=1e-9)
+        assert graph.target_value == pytest.approx(model_value(lm, transcoders, graph), abs=1e-4)
+        adjacency = graph.adjacency()
+        rows = torch.isfinite(adjacency.values)
+        assert torch.allclose((adjacency.matrix.sum(1) + adjacency.bias)[rows], adjacency.values[rows], atol=1e-9)
+        assert 0 < graph.scores().replacement < 1
