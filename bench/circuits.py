@@ -154,19 +154,19 @@ def synthetic_graph(n_nodes: int = 2000, n_edges: int = 20_000, n_tokens: int = 
     """`CircuitGraph.to_json` data of a random graph that looks like a big attribution graph."""
     rng = random.Random(seed)
     kinds = ["latent"] * 80 + ["head"] * 12 + ["error"] * 4 + ["embedding", "bias", "mlp", "position"]
-    nodes = [{"node_id": "logit/19", "kind": "logit", "layer": n_layers, "ctx_idx": n_tokens - 1, "value": 1.0,
+    nodes = [{"node_id": "logit/19", "kind": "logit", "layer": n_layers, "position": n_tokens - 1, "value": 1.0,
               "attribution": 1.0}]
     while len(nodes) < n_nodes:
         kind = rng.choice(kinds)
         layer = -1 if kind in ("embedding", "position") else rng.randrange(n_layers)
         position = rng.randrange(n_tokens)
-        nodes.append({"node_id": f"{kind}/{len(nodes)}", "kind": kind, "layer": layer, "ctx_idx": position,
-                      "feature": rng.randrange(4608) if kind == "latent" else None,
+        nodes.append({"node_id": f"{kind}/{len(nodes)}", "kind": kind, "layer": layer, "position": position,
+                      "latent": rng.randrange(4608) if kind == "latent" else None,
                       "head": rng.randrange(9) if kind == "head" else None,
                       "name": "decoder" if kind == "bias" else None,
                       "attribution": rng.lognormvariate(-3, 1.5) * rng.choice((-1, 1))})
     for node in nodes:
-        node.update({key: node.get(key) for key in ("feature", "head", "source_ctx_idx", "name", "value",
+        node.update({key: node.get(key) for key in ("latent", "head", "source_position", "name", "value", "influence",
                                                       "activation")})
         node.update(expanded=node["kind"] in ("latent", "head"), label=node["node_id"])
     order = sorted(range(n_nodes), key=lambda i: (nodes[i]["layer"], nodes[i]["kind"] != "head"))
@@ -293,7 +293,7 @@ def quality(lm: tcw.Model, tcs: dict, tokens: torch.Tensor) -> dict[int, dict[st
 def describe(lm: tcw.Model, graph, limit: int = 8) -> dict:
     """The example graph's strongest latents (with logit effects) and heads, for the write-up."""
     def token(node):
-        return graph.token_strings[node.ctx_idx]
+        return graph.token_strings[node.position]
 
     latents = sorted((n for n in graph.nodes.values() if n.kind == "latent"), key=lambda n: -abs(n.attribution))
     heads = sorted((n for n in graph.nodes.values() if n.kind == "head"), key=lambda n: -abs(n.attribution))
@@ -303,13 +303,13 @@ def describe(lm: tcw.Model, graph, limit: int = 8) -> dict:
     return {
         "target_value": graph.target_value, "direct_by_kind": by_kind,
         "nodes": len(graph.nodes), "edges": len(graph.edges),
-        "paths": [(a, [graph.nodes[n].label + f" @{graph.nodes[n].ctx_idx}" for n in path])
+        "paths": [(a, [graph.nodes[n].label + f" @{graph.nodes[n].position}" for n in path])
                   for a, path in graph.paths(12)],
         "latents": [{"node": n.node_id, "token": token(n), "attribution": n.attribution, "activation": n.activation,
                      "promotes": [lm.tokenizer.decode([i]) for i, _ in graph.logit_effects(n.node_id, 6)["promoted"]]}
                     for n in latents[:limit]],
-        "heads": [{"node": n.label, "from": graph.token_strings[n.source_ctx_idx], "to": token(n),
-                   "pattern": float(graph._run.layers[n.layer].pattern[n.head, n.ctx_idx, n.source_ctx_idx]),
+        "heads": [{"node": n.label, "from": graph.token_strings[n.source_position], "to": token(n),
+                   "pattern": float(graph._run.layers[n.layer].pattern[n.head, n.position, n.source_position]),
                    "attribution": n.attribution} for n in heads[:limit]],
     }
 
@@ -353,7 +353,7 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
         seconds = time.perf_counter() - start
         latents = sorted((n for n in graph.nodes.values() if n.kind == "latent" and n.attribution > 0),
                          key=lambda n: -n.attribution)[:n_ablate]
-        chosen = [(n.layer, n.feature, n.ctx_idx) for n in latents]
+        chosen = [(n.layer, n.latent, n.position) for n in latents]
         active = [(layer, int(j), p) for layer in tcs for p, j in torch.nonzero(clean.latents[layer][i]).tolist()
                   if p > 0]  # random active latents, BOS left out
         random_sets = [rng.sample(active, len(chosen)) for _ in range(n_random)]

@@ -53,7 +53,7 @@ def _level(node: Any, n_layers: int) -> int:
 def _drawn_at(node: Any) -> int:
     """The token column a node is drawn in: its position, a head's source position (what it reads
     sits there; its edge to its consumer shows the move)."""
-    return node.source_position if node.kind == "head" else node.position
+    return node.source_position if node.kind == "head" and node.source_position is not None else node.position
 
 
 def _scores(graph: CircuitGraph) -> dict[str, float] | None:
