@@ -21,16 +21,8 @@ from tcwidgets.circuits import CircuitError, CircuitGraph, GraphFileError, Laten
 from tcwidgets.circuits.adjacency import Adjacency, find_threshold, node_influence, prune, scores
 from tcwidgets.circuits.export import cantor
 
-from test_circuits import PROMPTS, FrozenModel, model_value, random_transcoder  # noqa: F401 (the tiny fixture)
-from test_circuits import tiny  # noqa: F401
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_circuits import PROMPTS, FrozenModel, model_value, random_transcoder
+from test_circuits import _one_thread, tiny  # noqa: F401 (fixtures: one torch thread here too; the tiny GPT-2)
 
 
 # -- scores and pruning on a hand-made graph --------------------------------------------------------------
