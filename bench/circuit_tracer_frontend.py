@@ -6,11 +6,13 @@ circuit-tracer 0.5.0 installed) on 127.0.0.1 over a folder written by
 Playwright, and counts the node marks (``.link-graph text.node``) drawn for the graph.
 
 Its page loads d3, its "jetpack" d3 helpers, dagre and pako from CDNs this machine cannot reach; they
-are served from the npm registry's packages instead (``npm pack`` into a cache folder), through
-Playwright's request routing: transformer-circuits.pub's ``d3.js`` is ``d3@7``, its
-``jetpack_2024-07-20.js`` is ``d3-jetpack``'s ``d3v7+jetpack`` build, unpkg's dagre and pako are
-the same versions from npm. Its hot-reload client and ``.npy`` reader (unused for graphs) get empty
-stand-ins. Every other request off 127.0.0.1 is refused.
+are served from the npm registry's packages instead (into a cache folder), through Playwright's
+request routing: transformer-circuits.pub's ``d3.js`` is ``d3@7``; its ``jetpack_2024-07-20.js``
+is ``d3@7`` with ``d3-jetpack@2.3.0`` bundled by esbuild into one ``window.d3``, jetpack's selection
+methods applied to d3 7's selections too (jetpack patches d3-selection 1, its peer dependency, and
+its own ``d3v7+jetpack`` build patches a copy of d3-selection other than the one it exports); unpkg's
+dagre and pako are the same versions from npm. Its hot-reload client and ``.npy`` reader (unused
+for graphs) get empty stand-ins. Every other request off 127.0.0.1 is refused.
 
     python bench/circuit_tracer_frontend.py --python /tmp/ct-venv/bin/python FOLDER [--slug SLUG]
 
@@ -32,7 +34,7 @@ LIB = "https://transformer-circuits.pub/2025/attribution-graphs/static_js/lib/"
 #: CDN address -> (npm package, file inside it), or None for an empty stand-in script
 LIBRARIES = {
     LIB + "d3.js": ("d3@7.9.0", "package/dist/d3.min.js"),
-    LIB + "jetpack_2024-07-20.js": ("d3-jetpack@2.3.0", "package/build/d3v7+jetpack.js"),
+    LIB + "jetpack_2024-07-20.js": ("jetpack", "jetpack.js"),  # built by `jetpack_bundle`
     "https://unpkg.com/dagre@0.8.5/dist/dagre.min.js": ("dagre@0.8.5", "package/dist/dagre.min.js"),
     "https://unpkg.com/pako@2.1.0/dist/pako.min.js": ("pako@2.1.0", "package/dist/pako.min.js"),
     LIB + "hotserver-client-ws.js": None,
@@ -60,6 +62,9 @@ def npm_files(cache: Path) -> dict[str, bytes]:
             found[url] = STAND_IN.encode()
             continue
         package, member = source
+        if package == "jetpack":
+            found[url] = jetpack_bundle(cache / "jetpack").read_bytes()
+            continue
         name, version = package.rsplit("@", 1)
         archive = cache / f"{name}-{version}.tgz"
         if not archive.exists():
@@ -68,6 +73,39 @@ def npm_files(cache: Path) -> dict[str, bytes]:
         with tarfile.open(archive) as tar:
             found[url] = tar.extractfile(member).read()
     return found
+
+
+#: d3-jetpack 2.3.0 patches d3-selection 1 (its peer dependency): apply its selection methods to d3 7's too
+JETPACK_ENTRY = """import * as d3 from "d3";
+import * as jetpack from "d3-jetpack";
+""" + "".join(f'import {name} from "./node_modules/d3-jetpack/src/{file}.js";\n' for name, file in (
+    ("translate", "translate-selection"), ("append", "append"), ("insert", "insert"), ("parent", "parent"),
+    ("selectAppend", "selectAppend"), ("tspans", "tspans"), ("appendMany", "appendMany"), ("at", "at"), ("st", "st"))) + """
+Object.assign(d3.selection.prototype, {translate, append, insert, parent, selectAppend, tspans, appendMany, at, st,
+                                       prop: d3.selection.prototype.property});
+Object.assign(d3.transition.prototype, {translate, at, st});
+// the newer jetpack the page was written for hands its conventions a drawAxis(svg = c.svg)
+const conventions = (options) => {
+  const c = jetpack.conventions(options);
+  c.drawAxis = (svg) => jetpack.drawAxis({...c, svg: svg || c.svg});
+  return c;
+};
+window.d3 = Object.assign({}, d3, jetpack, {conventions});
+"""
+
+
+def jetpack_bundle(folder: Path) -> Path:
+    """d3 7 and d3-jetpack 2.3.0 (npm) bundled by esbuild into one script that sets ``window.d3``."""
+    bundle = folder / "jetpack.js"
+    if not bundle.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text('{"name": "jetpack-bundle", "version": "1.0.0", "private": true}')
+        (folder / "entry.js").write_text(JETPACK_ENTRY)
+        subprocess.run(["npm", "install", "--silent", "d3@7.9.0", "d3-jetpack@2.3.0", "esbuild@0.25"], cwd=folder,
+                       check=True, capture_output=True, timeout=600)
+        subprocess.run(["npx", "esbuild", "entry.js", "--bundle", "--format=iife", "--minify",
+                        "--outfile=jetpack.js"], cwd=folder, check=True, capture_output=True, timeout=300)
+    return bundle
 
 
 def count_rendered(python: str, folder: str | Path, *, slug: str | None = None,

@@ -2,6 +2,10 @@
 
     python bench/circuits.py timing      [--out DIR] [--random-transcoders]
     python bench/circuits.py case-study  [--out DIR] [--prompts 20]
+    python bench/circuits.py circuit-tracer [--python /tmp/ct-venv/bin/python]
+
+``circuit-tracer``: circuit-tracer 0.5.0's own ``compute_graph_scores`` and ``prune_graph`` run on our
+adjacency matrix (in its venv) against ours, and its frontend's count of our exported graphs' nodes.
 
 ``timing``:
 
@@ -154,19 +158,19 @@ def synthetic_graph(n_nodes: int = 2000, n_edges: int = 20_000, n_tokens: int = 
     """`CircuitGraph.to_json` data of a random graph that looks like a big attribution graph."""
     rng = random.Random(seed)
     kinds = ["latent"] * 80 + ["head"] * 12 + ["error"] * 4 + ["embedding", "bias", "mlp", "position"]
-    nodes = [{"node_id": "logit/19", "kind": "logit", "layer": n_layers, "ctx_idx": n_tokens - 1, "value": 1.0,
+    nodes = [{"node_id": "logit/19", "kind": "logit", "layer": n_layers, "position": n_tokens - 1, "value": 1.0,
               "attribution": 1.0}]
     while len(nodes) < n_nodes:
         kind = rng.choice(kinds)
         layer = -1 if kind in ("embedding", "position") else rng.randrange(n_layers)
         position = rng.randrange(n_tokens)
-        nodes.append({"node_id": f"{kind}/{len(nodes)}", "kind": kind, "layer": layer, "ctx_idx": position,
-                      "feature": rng.randrange(4608) if kind == "latent" else None,
+        nodes.append({"node_id": f"{kind}/{len(nodes)}", "kind": kind, "layer": layer, "position": position,
+                      "latent": rng.randrange(4608) if kind == "latent" else None,
                       "head": rng.randrange(9) if kind == "head" else None,
                       "name": "decoder" if kind == "bias" else None,
                       "attribution": rng.lognormvariate(-3, 1.5) * rng.choice((-1, 1))})
     for node in nodes:
-        node.update({key: node.get(key) for key in ("feature", "head", "source_ctx_idx", "name", "value",
+        node.update({key: node.get(key) for key in ("latent", "head", "source_position", "name", "value", "influence",
                                                       "activation")})
         node.update(expanded=node["kind"] in ("latent", "head"), label=node["node_id"])
     order = sorted(range(n_nodes), key=lambda i: (nodes[i]["layer"], nodes[i]["kind"] != "head"))
@@ -293,7 +297,7 @@ def quality(lm: tcw.Model, tcs: dict, tokens: torch.Tensor) -> dict[int, dict[st
 def describe(lm: tcw.Model, graph, limit: int = 8) -> dict:
     """The example graph's strongest latents (with logit effects) and heads, for the write-up."""
     def token(node):
-        return graph.token_strings[node.ctx_idx]
+        return graph.token_strings[node.position]
 
     latents = sorted((n for n in graph.nodes.values() if n.kind == "latent"), key=lambda n: -abs(n.attribution))
     heads = sorted((n for n in graph.nodes.values() if n.kind == "head"), key=lambda n: -abs(n.attribution))
@@ -303,13 +307,13 @@ def describe(lm: tcw.Model, graph, limit: int = 8) -> dict:
     return {
         "target_value": graph.target_value, "direct_by_kind": by_kind,
         "nodes": len(graph.nodes), "edges": len(graph.edges),
-        "paths": [(a, [graph.nodes[n].label + f" @{graph.nodes[n].ctx_idx}" for n in path])
+        "paths": [(a, [graph.nodes[n].label + f" @{graph.nodes[n].position}" for n in path])
                   for a, path in graph.paths(12)],
         "latents": [{"node": n.node_id, "token": token(n), "attribution": n.attribution, "activation": n.activation,
                      "promotes": [lm.tokenizer.decode([i]) for i, _ in graph.logit_effects(n.node_id, 6)["promoted"]]}
                     for n in latents[:limit]],
-        "heads": [{"node": n.label, "from": graph.token_strings[n.source_ctx_idx], "to": token(n),
-                   "pattern": float(graph._run.layers[n.layer].pattern[n.head, n.ctx_idx, n.source_ctx_idx]),
+        "heads": [{"node": n.label, "from": graph.token_strings[n.source_position], "to": token(n),
+                   "pattern": float(graph._run.layers[n.layer].pattern[n.head, n.position, n.source_position]),
                    "attribution": n.attribution} for n in heads[:limit]],
     }
 
@@ -353,7 +357,7 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
         seconds = time.perf_counter() - start
         latents = sorted((n for n in graph.nodes.values() if n.kind == "latent" and n.attribution > 0),
                          key=lambda n: -n.attribution)[:n_ablate]
-        chosen = [(n.layer, n.feature, n.ctx_idx) for n in latents]
+        chosen = [(n.layer, n.latent, n.position) for n in latents]
         active = [(layer, int(j), p) for layer in tcs for p, j in torch.nonzero(clean.latents[layer][i]).tolist()
                   if p > 0]  # random active latents, BOS left out
         random_sets = [rng.sample(active, len(chosen)) for _ in range(n_random)]
@@ -391,9 +395,76 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
     results["case_study"] = study
 
 
+CT_SCORES = """
+import json, sys, torch
+from safetensors.torch import load_file
+from circuit_tracer.graph import compute_graph_scores, prune_graph
+saved = load_file(sys.argv[1])
+class Graph:  # the fields circuit-tracer's functions read
+    pass
+graph = Graph()
+graph.adjacency_matrix, graph.logit_probabilities = saved["matrix"].float(), torch.ones(1)
+graph.logit_targets, graph.input_tokens = [0], torch.zeros(int(saved["n_tokens"]))
+graph.selected_features = torch.arange(int(saved["n_latents"]))
+graph.cfg = Graph()
+graph.cfg.n_layers = int(saved["n_layers"])
+replacement, completeness = compute_graph_scores(graph)
+masks = {}
+for node_threshold, edge_threshold in ((0.8, 0.98), (0.6, 0.9)):
+    node_mask, edge_mask, ranks = prune_graph(graph, node_threshold, edge_threshold)
+    masks[f"{node_threshold}/{edge_threshold}"] = [node_mask.tolist(), edge_mask.flatten().nonzero().flatten().tolist(),
+                                                   ranks.tolist()]
+print(json.dumps({"scores": [replacement, completeness], "masks": masks}))
+"""
+
+
+def against_circuit_tracer(python: str, out: Path, results: dict) -> None:
+    """circuit-tracer's own scores and pruning on our adjacency (in ``python``'s venv, float32 there), and
+    its frontend's rendering of our exported graphs (`circuit_tracer_frontend.count_rendered`); on a tiny
+    random GPT-2 with random transcoders, as in the tests."""
+    import subprocess
+
+    import transformers
+    from circuit_tracer_frontend import count_rendered
+    from test_circuits import TINY_GPT2, random_transcoder
+
+    from tcwidgets.circuits.adjacency import prune, scores
+    from tcwidgets.files import save_tensors
+
+    torch.manual_seed(1)
+    lm = tcw.load_model(transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(**TINY_GPT2)),
+                        tokenizer=tcw.load_model().tokenizer)
+    tcs = {0: random_transcoder(lm, 0), 1: random_transcoder(lm, 1, kind="skip", activation="relu"),
+           2: random_transcoder(lm, 2, activation="jumprelu")}
+    graph = attribute(lm, tcs, "The war lasted from the year 1732 to the year 17", LogitTarget("3", minus="1"),
+                      depth=3, top_k=6, threshold=0)
+    adjacency = graph.adjacency()
+    save_tensors(out / "adjacency.safetensors", {
+        "matrix": adjacency.matrix, "n_tokens": torch.tensor(adjacency.n_tokens),
+        "n_latents": torch.tensor(adjacency.n_latents), "n_layers": torch.tensor(len(adjacency.errors) // adjacency.n_tokens)})
+    theirs = json.loads(subprocess.run([python, "-c", CT_SCORES, str(out / "adjacency.safetensors")], check=True,
+                                       capture_output=True, text=True).stdout.splitlines()[-1])
+    ours = scores(adjacency)
+    compared = {"nodes": len(adjacency.matrix), "scores_ours": ours, "scores_circuit_tracer": theirs["scores"],
+                "scores_max_difference": max(abs(a - b) for a, b in zip(ours, theirs["scores"]))}
+    for key, (node_mask, edges, ranks) in theirs["masks"].items():
+        mine = prune(adjacency, *map(float, key.split("/")))
+        compared[f"prune {key}"] = {
+            "same_nodes": mine[0].tolist() == node_mask,
+            "same_edges": torch.nonzero(mine[1].flatten()).flatten().tolist() == edges,
+            "rank_max_difference": float((mine[2] - torch.tensor(ranks, dtype=torch.float64)).abs().max())}
+    folder = out / "circuit-tracer-graphs"
+    graph.save(folder, format="circuit-tracer", slug="search")
+    graph.prune(0.8, 0.98).save(folder, format="circuit-tracer", slug="pruned")
+    compared["frontend"] = {slug: count_rendered(python, folder, slug=slug) for slug in ("search", "pruned")}
+    results["circuit_tracer"] = compared
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("timing", "case-study"), nargs="?", default="timing")
+    parser.add_argument("mode", choices=("timing", "case-study", "circuit-tracer"), nargs="?", default="timing")
+    parser.add_argument("--python", default="/tmp/ct-venv/bin/python",
+                        help="circuit-tracer mode: a venv's Python with circuit-tracer 0.5.0 (see circuit_tracer_frontend.py)")
     parser.add_argument("--out", type=Path, default=CACHE / "bench")
     parser.add_argument("--random-transcoders", action="store_true", help="timing with untrained transcoders")
     parser.add_argument("--prompts", type=int, default=20)
@@ -402,6 +473,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if args.mode == "circuit-tracer":
+        sys.path.insert(0, str(ROOT / "bench"))
+        against_circuit_tracer(args.python, args.out, results)
+        print(json.dumps(results, indent=1))
+        return
     lm = tcw.load_model()
     if args.mode == "timing":
         time_attribute(lm, transcoders(lm, args.random_transcoders), results)

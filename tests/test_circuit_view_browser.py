@@ -134,16 +134,19 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
                                             "view = CircuitView(pruned)\nview")])
     notebook.run_all()
     view = widget(notebook)
-    columns = view.locator(".tcw-cv-token").evaluate_all(
-        "els => els.map(e => { const b = e.getBoundingClientRect(); return [b.left + b.width / 2, b.width]; })")
+    columns = view.locator(".tcw-cv-token").evaluate_all(  # each label's anchor (before its tilt), on the page
+        "els => els.map(e => [e.parentElement.getBoundingClientRect().left + e.offsetLeft])")
     nodes = view.locator("circle.tcw-cv-node").evaluate_all(
         "cs => cs.map(c => { const b = c.getBoundingClientRect(); return [Number(c.dataset.position), "
-        "b.left + b.width / 2, b.top + b.height / 2]; })")
-    positions = {p for p, _, _ in nodes}
-    assert len(positions) >= len(columns) // 2  # spread over the prompt, not one column
-    for p, x, _ in nodes:  # each node is nearest to its own token's label
-        nearest = min(range(len(columns)), key=lambda i: abs(columns[i][0] - x))
-        assert nearest == p
+        "b.left + b.width / 2, b.top + b.height / 2, c.style.display !== 'none']; })")
+    expected = value(notebook, "sorted({n.position for n in pruned.nodes.values()})")
+    assert str(sorted({p for p, *_ in nodes})) == expected
+    nodes = [node[:3] for node in nodes if node[3]]  # drawn (reaching the target)
+    assert len({p for p, *_ in nodes}) >= len(columns) // 2  # spread over the prompt, not one column
+    anchors = [c[0] for c in columns]
+    assert anchors == sorted(anchors)
+    for p, x, _ in nodes:  # each drawn node lies between the labels of its token's neighbours
+        assert (p == 0 or anchors[p - 1] < x) and (p == len(anchors) - 1 or x < anchors[p + 1])
     scores = view.locator(".tcw-cv-scores").inner_text()
     replacement = float(value(notebook, "round(pruned.scores().replacement, 4)"))
     assert "replacement score" in scores and "completeness score" in scores and "80% of the node influence" in scores

@@ -344,6 +344,11 @@ def test_json_round_trip(tiny):
     data = json.loads(json.dumps(graph.to_json()))
     back = CircuitGraph.from_json(data)
     assert back.to_json() == data
+    old_names = {**data, "version": 1, "nodes": [  # version 1 wrote ctx_idx, feature, source_ctx_idx
+        {{"position": "ctx_idx", "latent": "feature", "source_position": "source_ctx_idx"}.get(k, k): v
+         for k, v in node.items() if k != "influence"} for node in data["nodes"]]}
+    assert CircuitGraph.from_json(old_names).to_json() == {**data, "nodes": [
+        {**node, "influence": None} for node in data["nodes"]]}
     with pytest.raises(CircuitError, match="read from a file or JSON"):
         back.expand(next(n for n in back.nodes if back.nodes[n].expandable))
 

@@ -21,16 +21,8 @@ from tcwidgets.circuits import CircuitError, CircuitGraph, GraphFileError, Laten
 from tcwidgets.circuits.adjacency import Adjacency, find_threshold, node_influence, prune, scores
 from tcwidgets.circuits.export import cantor
 
-from test_circuits import PROMPTS, FrozenModel, model_value, random_transcoder  # noqa: F401 (the tiny fixture)
-from test_circuits import tiny  # noqa: F401
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_circuits import PROMPTS, FrozenModel, model_value, random_transcoder
+from test_circuits import _one_thread, tiny  # noqa: F401 (fixtures: one torch thread here too; the tiny GPT-2)
 
 
 # -- scores and pruning on a hand-made graph --------------------------------------------------------------
@@ -326,3 +318,20 @@ def test_gemma_contributions_sum_exactly(lm, family):
         expected, got = folded(graph, graph.target_id), adjacency_row(graph, graph.target_id)
         for key, weight in expected.items():
             assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_gemma3_270m_attribution_is_exact():
+    """The real Gemma 3 270M (`load_model("gemma3-270m")`): the replay reproduces the model, the
+    contributions into the target sum to its value, the full graph's rows to theirs (about 1 min)."""
+    lm = tcw.load_model("gemma3-270m")
+    transcoders = {3: random_transcoder(lm, 3, n_latents=512), 9: random_transcoder(lm, 9, kind="skip", n_latents=512)}
+    digits = [str(d) for d in range(10)]
+    for target in (LogitTarget(digits[5:], minus=digits[:5]), LatentTarget(9, 11, -1)):
+        graph = attribute(lm, transcoders, PROMPTS[0], target, depth=1, top_k=None, threshold=0)
+        assert sum(e.weight for e in graph.predecessors(graph.target_id)) == pytest.approx(graph.target_value, abs=1e-9)
+        assert graph.target_value == pytest.approx(model_value(lm, transcoders, graph), abs=1e-4)
+        adjacency = graph.adjacency()
+        rows = torch.isfinite(adjacency.values)
+        assert torch.allclose((adjacency.matrix.sum(1) + adjacency.bias)[rows], adjacency.values[rows], atol=1e-9)
+        assert 0 < graph.scores().replacement < 1

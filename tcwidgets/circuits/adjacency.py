@@ -214,7 +214,9 @@ class _Backward:
         mixed = torch.empty_like(out)  # [rows, sources, heads, d_head]
         for h in range(heads):
             mixed[:, :, h] = pattern[h].T @ out[:, :, h]
-        back = (mixed.flatten(2) @ ov.W_V.flatten(0, 1)).view(rows, span, d)
+        # heads sharing a value head: sum what they send back before the (shared) W_V
+        shared = mixed.view(rows, span, heads // ov.groups, ov.groups, d_head).sum(3)
+        back = (shared.flatten(2) @ ov.W_V[::ov.groups].flatten(0, 1)).view(rows, span, d)
         return frozen.attn_norm.pullback(back) / frozen.attn_norm.scale[None, :span, None]
 
 

@@ -19,6 +19,7 @@ from .replay import CircuitError, FrozenRun, _Reader
 
 FORMAT = "tcwidgets.circuit"
 VERSION = 2  # 2: nodes' ``position``/``latent``/``source_position`` (were ``ctx_idx``/``feature``/``source_ctx_idx``), ``influence``
+RENAMED = {"ctx_idx": "position", "feature": "latent", "source_ctx_idx": "source_position"}  # version 1 -> 2
 GRAPH_FILE = "graph.json"
 GRAPH_FORMATS = ("tcwidgets", "circuit-tracer")
 
@@ -448,7 +449,8 @@ class CircuitGraph:
         """The whole graph as JSON-ready data in tcwidgets' own format (``format``
         ``"tcwidgets.circuit"``): metadata, settings, every node with all its fields, and ``links``
         with each edge's ``weight``, ``invariant`` and ``dependent`` factors. `from_json` reads it back.
-        Not circuit-tracer's schema: ``save(folder, format="circuit-tracer")`` writes that."""
+        Not circuit-tracer's schema: ``save(folder, format="circuit-tracer")`` writes that. (Version 1
+        files, whose nodes said ``ctx_idx``, ``feature`` and ``source_ctx_idx``, still read.)"""
         nodes = []
         for node in self.nodes.values():
             data = asdict(node)
@@ -469,7 +471,8 @@ class CircuitGraph:
         graph = cls(data["model"], data["prompt"], list(data["tokens"]), list(data["token_strings"]),
                     data["n_layers"], dict(data["target"]), data["target_id"], settings=dict(data["settings"]))
         for item in data["nodes"]:
-            node = Node(**{k: v for k, v in item.items() if k != "expandable"})
+            item = {RENAMED.get(k, k): v for k, v in item.items() if k != "expandable"}  # version 1's names
+            node = Node(**item)
             graph.nodes[node.node_id] = node
         for item in data["links"]:
             graph.edges[(item["source"], item["target"])] = Edge(**item)
@@ -481,7 +484,9 @@ class CircuitGraph:
         ``format="tcwidgets"``: ``graph.json`` (`to_json`). ``format="circuit-tracer"``: ``{slug}.json``
         and ``graph-metadata.json``, which circuit-tracer's ``start-server`` frontend and Neuronpedia
         read (see `export.save_circuit_tracer`; ``graph.prune().save(...)`` writes the graph
-        circuit-tracer itself would). `CircuitGraph.load` reads both.
+        circuit-tracer itself would). `CircuitGraph.load` reads both. For a graph from `attribute`,
+        the nodes' influence ranks need the full graph (`adjacency`): a minute or more on a real
+        model on a laptop CPU, once per graph.
         """
         from .export import save_circuit_tracer
 

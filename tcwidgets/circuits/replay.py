@@ -78,6 +78,7 @@ class _OV:
     b_V: Tensor  # [heads, d_head]
     W_O: Tensor  # [heads, d_head, d_model]: head h writes its mixed values v as v @ W_O[h]
     b_O: Tensor  # [d_model]
+    groups: int = 1  # heads sharing one key/value head (grouped-query attention): W_V repeats in runs of this
 
 
 def _float64(tensor: Tensor) -> Tensor:
@@ -97,7 +98,7 @@ def _ov_llama(attn: torch.nn.Module, config: Any) -> _OV:
     b_V = _param(attn.v_proj, "bias", (heads // groups) * d_head).view(heads // groups, d_head)
     W_O = _float64(attn.o_proj.weight).T.reshape(heads, d_head, d)
     return _OV(W_V.repeat_interleave(groups, 0), b_V.repeat_interleave(groups, 0), W_O,
-               _param(attn.o_proj, "bias", d))
+               _param(attn.o_proj, "bias", d), groups)
 
 
 def _ov_gpt2(attn: torch.nn.Module, config: Any) -> _OV:

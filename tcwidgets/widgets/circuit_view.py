@@ -53,14 +53,15 @@ def _level(node: Any, n_layers: int) -> int:
 def _drawn_at(node: Any) -> int:
     """The token column a node is drawn in: its position, a head's source position (what it reads
     sits there; its edge to its consumer shows the move)."""
-    return node.source_position if node.kind == "head" else node.position
+    return node.source_position if node.kind == "head" and node.source_position is not None else node.position
 
 
 def _scores(graph: CircuitGraph) -> dict[str, float] | None:
-    try:
-        return {name: _round(value) for name, value in graph.scores()._asdict().items()}
-    except CircuitError:  # read from a file without scores, or a full graph too large for a dense matrix
+    """The graph's scores if already known (a pruned graph, or after ``graph.scores()``): the full
+    graph they need takes minutes on a real model, which drawing should not start by itself."""
+    if graph._adjacency is None and not graph.settings.get("scores"):
         return None
+    return {name: _round(value) for name, value in graph.scores()._asdict().items()}
 
 
 def graph_payload(graph: CircuitGraph) -> dict[str, Any]:
@@ -89,7 +90,10 @@ def graph_payload(graph: CircuitGraph) -> dict[str, Any]:
 class CircuitView(anywidget.AnyWidget):
     """Explore an attribution graph: nodes sized by their attribution to the target, edges by their
     weight (colour for sign); a threshold slider prunes; hover for a node's summary; click selects,
-    Expand adds the selected node's predecessors, Pin keeps a node drawn.
+    Expand adds the selected node's predecessors, Pin keeps a node drawn. Nodes sit in their token's
+    column (a head in its source token's); a busy column widens. circuit-tracer's replacement and
+    completeness scores show once known (a graph from ``graph.prune(...)``, with its pruning
+    thresholds, or after ``graph.scores()``; call ``view.refresh()`` then).
 
     Args:
         graph: a `CircuitGraph` from `attribute` (or `CircuitGraph.from_json`, which cannot expand).

@@ -14,7 +14,8 @@
 const MARGIN = { left: 72, right: 16, top: 14, bottom: 8 };
 const MAX_RADIUS = 11;
 const MIN_RADIUS = 2.5;
-const MIN_COLUMN = 44;  // px: a token's column when it holds at most one node per row
+const MIN_COLUMN = 30;  // px: a token's column when it holds at most one node per row
+const EMPTY_COLUMN = 18;  // px: a token's column without nodes (its label tilts)
 const KIND_NAMES = { logit: "logit", latent: "transcoder latent", head: "attention head", skip: "skip path",
   embedding: "token embedding", position: "position embedding", error: "transcoder error",
   mlp: "MLP (no transcoder)", bias: "bias" };
@@ -69,7 +70,7 @@ function prepare(g) {
  * then share the width available. */
 function layout(p, width) {
   const tokens = p.g.tokens.length;
-  const wanted = Array.from(p.busiest, (k) => Math.max(MIN_COLUMN, k * (2 * MAX_RADIUS + 2) + 6));
+  const wanted = Array.from(p.busiest, (k) => k ? Math.max(MIN_COLUMN, k * (2 * MAX_RADIUS + 2) + 6) : EMPTY_COLUMN);
   const total = wanted.reduce((a, b) => a + b, 0) || 1;
   const spread = Math.max(1, (width - MARGIN.left - MARGIN.right) / total);
   const columns = wanted.map((w) => w * spread);
@@ -112,7 +113,7 @@ function visibility(p, threshold, keep) {
 function render({ model, el }) {
   const view = Math.random().toString(36).slice(2);
   let request = 0, latestExpand = null, sendTimer = null;
-  let prepared = null, placed = null, shownSets = null, hovered = -1;
+  let prepared = null, placed = null, shownSets = null, hovered = -1, scrolled = false;
   let threshold = model.get("threshold");
   const summaries = new Map(), pending = new Set();
 
@@ -162,11 +163,8 @@ function render({ model, el }) {
     nodesLayer.replaceChildren(...circles);
     summaries.clear();
     pending.clear();
+    scrolled = false;
     place();
-    const targetX = placed.x[g.target];
-    if (targetX > scroller.scrollLeft + scroller.clientWidth - MARGIN.right) {
-      scroller.scrollLeft = targetX - scroller.clientWidth / 2;  // long prompts: start at the target
-    }
     showSelection();
     root.dataset.ready = "1";
     root.dataset.totalNodes = String(prepared.n);
@@ -200,6 +198,11 @@ function render({ model, el }) {
     const { plotWidth, plotHeight, x, y, r } = placed;
     plot.style.width = `${plotWidth}px`;
     plot.style.height = `${plotHeight}px`;
+    if (!scrolled && scroller.clientWidth > 0) {  // long prompts: start at the target, once laid out
+      scrolled = true;
+      const targetX = x[prepared.g.target];
+      if (targetX > scroller.clientWidth - MARGIN.right) scroller.scrollLeft = targetX - scroller.clientWidth / 2;
+    }
     nodesLayer.setAttribute("width", plotWidth);
     nodesLayer.setAttribute("height", plotHeight);
     nodesLayer.setAttribute("viewBox", `0 0 ${plotWidth} ${plotHeight}`);
