@@ -305,8 +305,9 @@ def _point_out_terms(alias: str) -> None:
         print(embedded.terms.format(folder=folder or f"the {embedded.packages[0]} package"), file=sys.stderr)
 
 
-def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
-    """De-quantise the embedded GGUF once into a safetensors cache, then load from that cache."""
+def _load_embedded(alias: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """De-quantise the embedded GGUF once into a (float32) safetensors cache, then load from that cache
+    in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _point_out_terms(alias)
@@ -330,15 +331,15 @@ def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
             os.replace(staging, cached)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return _load_pretrained(str(cached))
+    return _load_pretrained(str(cached), dtype)
 
 
-def _load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, Any]:
+def _load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)  # no float32 copy first
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(
             f"Could not load model {name_or_path!r}: it is neither an embedded model "
@@ -393,7 +394,8 @@ def load_model(
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module, loaded_tokenizer = _load_embedded(alias) if alias in EMBEDDED_MODELS else _load_pretrained(name)
+                module, loaded_tokenizer = (_load_embedded(alias, dtype) if alias in EMBEDDED_MODELS
+                                            else _load_pretrained(name, dtype))
             _LOADED[key] = _wrap(module, tokenizer or loaded_tokenizer, alias if alias in EMBEDDED_MODELS else name,
                                  sites, remote, device, dtype)
     return _LOADED[key]
