@@ -294,7 +294,7 @@ def main() -> None:
     pythons = {peer: given.get(peer) or peer_python(peer, args.venvs) for peer in PEERS}
     torch.manual_seed(0)
     x = torch.randn(256, D)
-    rows = []
+    rows, drawn_all = [], True
     with tempfile.TemporaryDirectory(prefix="tcw-interop-") as work:
         for peer in PEERS:
             rows += run_peer(peer, pythons[peer], Path(work) / peer, x)
@@ -306,7 +306,8 @@ def main() -> None:
             result = frontend(pythons["circuit-tracer"], Path(work) / "frontend")
             print(f"\ncircuit-tracer's frontend drew {result['rendered']} of {result['exported']} nodes of our "
                   f"exported graph; page errors: {result['errors'] or 'none'}")
-    sys.exit(0 if all(row["ok"] for row in rows) else 1)
+            drawn_all = result["rendered"] == result["exported"] and not result["errors"]
+    sys.exit(0 if all(row["ok"] for row in rows) and drawn_all else 1)
 
 
 if __name__ == "__main__":

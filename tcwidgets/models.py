@@ -341,8 +341,9 @@ def _point_out_terms(alias: str) -> None:
         print(embedded.terms.format(folder=folder or f"the {embedded.packages[0]} package"), file=sys.stderr)
 
 
-def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
-    """De-quantise the embedded GGUF once into a safetensors cache, then load from that cache."""
+def _load_embedded(alias: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """De-quantise the embedded GGUF once into a (float32) safetensors cache, then load from that cache
+    in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _point_out_terms(alias)
@@ -366,16 +367,17 @@ def _load_embedded(alias: str) -> tuple[torch.nn.Module, Any]:
             os.replace(staging, cached)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return _load_pretrained(str(cached))
+    return _load_pretrained(str(cached), dtype)
 
 
-def _load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, Any]:
+def _load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline = not Path(name_or_path).exists() and not _hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
-        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=offline)
+        module = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,  # no float32 copy first
+                                                      local_files_only=offline)
     except (OSError, ValueError) as error:
         hub = ("the Hugging Face hub is not reachable from here and it is not in the local cache"
                if offline else "nor a Hugging Face id reachable from here")
@@ -467,7 +469,8 @@ def load_model(
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module, loaded_tokenizer = _load_embedded(alias) if alias in EMBEDDED_MODELS else _load_pretrained(name)
+                module, loaded_tokenizer = (_load_embedded(alias, dtype) if alias in EMBEDDED_MODELS
+                                            else _load_pretrained(name, dtype))
             _LOADED[key] = _wrap(module, tokenizer or loaded_tokenizer, alias if alias in EMBEDDED_MODELS else name,
                                  sites, remote, device, dtype)
     return _LOADED[key]

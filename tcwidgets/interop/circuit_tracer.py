@@ -41,7 +41,8 @@ from .saelens import read_gemma_scope
 from .sites import hub_model_id, site
 from .weights import TranscoderFormatError, UnrepresentableError, Weights, folded_weights, transcoder_from_weights
 
-__all__ = ["CONFIG_FILE", "INPUT_HOOK", "OUTPUT_HOOK", "read_circuit_tracer", "set_files", "write_circuit_tracer"]
+__all__ = ["CONFIG_FILE", "INPUT_HOOK", "OUTPUT_HOOK", "read_circuit_tracer", "read_config", "set_files",
+           "write_circuit_tracer"]
 
 CONFIG_FILE = "config.yaml"
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"

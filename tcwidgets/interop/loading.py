@@ -25,7 +25,7 @@ from typing import Any
 
 from ..files import read_json
 from ..transcoder import Transcoder
-from .circuit_tracer import read_circuit_tracer, read_config, set_files, write_circuit_tracer
+from .circuit_tracer import read_circuit_tracer, write_circuit_tracer
 from .saelens import read_gemma_scope, read_saelens, write_saelens
 from .sites import layer_from_name
 from .sparsify import read_sparsify, write_sparsify
