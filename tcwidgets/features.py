@@ -558,7 +558,9 @@ def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> d
         module, sites = lm._module, lm.sites
         embed = resolve(module, sites.embed).weight.detach()
         norm = resolve(module, f"{sites.block(layer)}.{sites.pre_mlp_norm}")
-        inputs = (norm(embed) * transcoder.config.input_scale).float().cpu()
+        scale = transcoder.config.input_scale  # in chunks: Gemma's 262k-token embedding would need 1.3 GB at once
+        inputs = torch.cat([(norm(embed[start:start + 16384]) * scale).float().cpu()
+                            for start in range(0, len(embed), 16384)])
         ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, min(n, len(inputs)), lowest=False)
         views.update(embedding_ids=ids, embedding_values=values)
     return views
