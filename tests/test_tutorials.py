@@ -170,3 +170,21 @@ def test_notebook_runs_with_every_check_passing(path, tutorial_cache):
           f"{run.peak_anon_gb:.2f} GB without file-backed pages (fast setting)")
     assert run.error is None, re.sub(r"\x1b\[[0-9;]*m", "", run.error)[-4000:]
     assert run.peak_anon_gb < 2.0
+    if path.stem in ("06-sliders", "07-circuits"):
+        warnings = [text for text in outputs(run.notebook) if "Warning" in text]
+        assert not warnings, f"warnings shown to the learner: {warnings}"
+    if path.stem == "06-sliders":
+        cell = next(c for c in run.notebook.cells if "for units in [0, 1, 4, 16]" in c.source)
+        steered = dict(re.findall(r"\((\d+) units\): A module is(.*)", "".join(outputs_of(cell))))
+        assert set(steered) == {"0", "1", "4", "16"} and steered["16"] != steered["0"], \
+            f"steering does not change the continuation: {steered}"
+
+
+def outputs_of(cell) -> list[str]:
+    """A code cell's text outputs (streams, results, errors)."""
+    return [out.get("text", "") or out.get("data", {}).get("text/plain", "") or "\n".join(out.get("traceback", []))
+            for out in cell.get("outputs", [])]
+
+
+def outputs(notebook) -> list[str]:
+    return [text for cell in notebook.cells if cell.cell_type == "code" for text in outputs_of(cell)]

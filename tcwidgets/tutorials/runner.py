@@ -41,6 +41,7 @@ class NotebookRun:
     peak_rss_gb: float
     peak_anon_gb: float
     error: str | None = None
+    notebook: Any = None  # the executed notebook (its outputs)
 
 
 def tags(cell: Any) -> list[str]:
@@ -127,7 +128,7 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
             else:
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
-    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error)
+    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook)
 
 
 def main(argv: list[str] | None = None) -> int:
