@@ -4,6 +4,7 @@ light and dark themes; the dashboard in the classic Notebook 7 interface (``/tre
 Layout is asserted from bounding boxes; screenshots go to test-artifacts/ (look at them)."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +19,6 @@ import torch
 import transformers
 
 import tcwidgets as tcw
-from browser.harness import ARTIFACTS, write_notebook
 from tcwidgets.features import analyze_features
 from tcwidgets.transcoder import Transcoder, TranscoderConfig
 
@@ -91,7 +91,7 @@ def page_files(lm, lab_root):
 
     torch.manual_seed(1)
     module = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
-        vocab_size=49152, n_embd=64, n_layer=3, n_head=4, n_positions=64))
+        vocab_size=49152, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
     module.save_pretrained(lab_root / "page-tiny")
     lm.tokenizer.save_pretrained(lab_root / "page-tiny")
     for layer in range(3):
@@ -156,6 +156,8 @@ def test_three_widgets_share_one_page(open_notebook, page_files):
 
 def test_dashboard_renders_in_notebook_7(jupyterlab, browser, page_files):
     """The classic interface: /tree, open the notebook (a new tab), Run All, the dashboard draws."""
+    from browser.harness import write_notebook  # (imported here: pytest loads the harness as a plugin first)
+
     name = "notebook7-dashboard.ipynb"
     write_notebook(jupyterlab.root / name, [SETUP.replace("FIRST", str(page_files["first"]))])
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -168,8 +170,8 @@ def test_dashboard_renders_in_notebook_7(jupyterlab, browser, page_files):
         assert "/notebooks/" in notebook.url and "/lab" not in notebook.url
         jupyterlab.wait_for_kernel(name)
         notebook.locator(".jp-Cell").first.locator(".jp-InputPrompt").click()
-        notebook.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        notebook.locator(".lm-Menu:visible .lm-Menu-itemLabel", has_text="Run All Cells").click()
+        notebook.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
+        notebook.locator(".lm-Menu:visible .lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
         widget = notebook.locator(f".tcw-dashboard[data-latent='{page_files['first']}']")
         widget.wait_for(timeout=180_000)
         side, main = (widget.locator(part).bounding_box() for part in (".tcw-side", ".tcw-main"))
@@ -182,6 +184,8 @@ def test_dashboard_renders_in_notebook_7(jupyterlab, browser, page_files):
 
 
 def artifacts() -> Path:
+    from browser.harness import ARTIFACTS
+
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
 
@@ -235,7 +239,8 @@ def test_dashboard_renders_in_marimo(browser, lab_root, page_files, tmp_path):
         widget.wait_for(timeout=120_000)
         assert widget.locator(".tcw-top .tcw-example").count() > 0
         widget.locator(".tcw-next").click()  # page -> Python -> page
-        page.locator(f".tcw-dashboard[data-latent='{page_files['first'] + 1}']").wait_for(timeout=60_000)
+        widget = page.locator(f".tcw-dashboard[data-latent='{page_files['first'] + 1}']")
+        widget.wait_for(timeout=60_000)
         side, main = (widget.locator(part).bounding_box() for part in (".tcw-side", ".tcw-main"))
         assert main["x"] >= side["x"] + side["width"] - 1
         page.screenshot(path=str(artifacts() / "marimo-dashboard.png"))
