@@ -20,6 +20,8 @@ from tcwidgets import tutorials as tut
 from tcwidgets.models import cache_dir
 from tcwidgets.tutorials.launch import copy_tutorials, shipped_notebooks
 from tcwidgets.tutorials.runner import fill_in_solutions, run_notebook, tags
+from tcwidgets.tutorials.runtimes import load as load_run_times
+from tcwidgets.tutorials.runtimes import write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01-quickstart", "02-tracing", "03-training", "04-comparison", "05-dashboard", "06-sliders",
@@ -111,6 +113,14 @@ def test_copying_never_overwrites_a_learners_edits(tmp_path):
     assert (tmp_path / "02-tracing.ipynb").read_bytes() == (shipped_notebooks() / "02-tracing.ipynb").read_bytes()
 
 
+def test_every_quoted_run_time_comes_from_the_one_table():
+    """The README, the tutorials README and every notebook's header agree with run-times.json."""
+    stale = write_docs(ROOT / "tutorials", ROOT / "README.md", write=False)
+    assert not stale, f"run times out of date in {stale}: run python -m tcwidgets.tutorials.runner --table"
+    table = load_run_times(ROOT / "tutorials")
+    assert set(table["notebooks"]) == set(NOTEBOOKS)
+
+
 def test_every_relative_link_works_in_the_copied_folder(tmp_path):
     """Notebook 7 links to the case study: the folder `tcwidgets tutorials` creates has it."""
     copy_tutorials(tmp_path)
@@ -148,7 +158,8 @@ def test_tutorials_command_opens_jupyterlab_on_the_notebooks(tmp_path):
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=30)
-    shipped = len([*shipped_notebooks().glob("*.ipynb"), *shipped_notebooks().glob("*.md")])
+    shipped = len([*shipped_notebooks().glob("*.ipynb"), *shipped_notebooks().glob("*.md"),
+                   *shipped_notebooks().glob("*.json")])
     assert f"{shipped} copied, 0 already there" in output
 
 

@@ -3,6 +3,8 @@
 ``python -m tcwidgets.tutorials.runner [--fast] [--learner] NOTEBOOK...`` executes each notebook in a
 fresh kernel in an empty temporary folder, with the solutions filled in (unless ``--learner``)
 and checks in strict mode, and prints its run time and the kernel's peak resident memory.
+``--table NOTEBOOK...`` measures them (default setting, cold then warm) into ``run-times.json`` and
+regenerates every quoted run time from it (`runtimes`); ``--table`` alone only regenerates.
 
 Notebook conventions it relies on: an exercise is a code cell tagged ``exercise``; its solution is
 the first Python code block of the next markdown cell tagged ``solution`` (a ``<details>`` block,
@@ -131,22 +133,70 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
     return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook)
 
 
+def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
+    """Run ``path`` cold (a fresh tutorials cache) and then warm (that cache), and record both."""
+    from ..models import cache_dir
+    from . import runtimes
+
+    with tempfile.TemporaryDirectory(prefix="tcw-runtimes-") as folder:
+        cache = Path(folder)
+        (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)  # model: de-quantised once
+        cold = run_notebook(path, fast=False, cache=cache, timeout=3600)
+        if cold.error:
+            return cold
+        warm = run_notebook(path, fast=False, cache=cache, timeout=3600)
+    if not warm.error:
+        runtimes.record(table, path.stem, cold_min=cold.seconds / 60, warm_min=warm.seconds / 60,
+                        peak_rss_gb=max(cold.peak_rss_gb, warm.peak_rss_gb),
+                        peak_anon_gb=max(cold.peak_anon_gb, warm.peak_anon_gb))
+    return warm
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--fast", action="store_true", help="the fast setting (CI)")
     parser.add_argument("--learner", action="store_true", help="run the exercises as shipped (unanswered)")
+    parser.add_argument("--table", action="store_true",
+                        help="measure the notebooks (default setting, cold then warm) into run-times.json and "
+                             "regenerate every quoted run time from it; without notebooks, only regenerate")
     args = parser.parse_args(argv)
+    if args.table:
+        return table_main(args.notebooks)
+    if not args.notebooks:
+        parser.error("give the notebooks to run")
     print("| notebook | run time | peak RSS | peak RSS without file-backed pages |\n|---|---|---|---|")
     failed = 0
     for path in args.notebooks:
         run = run_notebook(path, fast=args.fast, solutions=not args.learner)
-        status = "" if run.error is None else " **failed**"
-        print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB |{status}",
-              flush=True)
-        if run.error:
-            failed += 1
-            print(run.error[-3000:], file=sys.stderr)
+        failed += report(run)
+    return 1 if failed else 0
+
+
+def report(run: NotebookRun) -> int:
+    """Print a run's row (and its error); 1 if it failed."""
+    status = "" if run.error is None else " **failed**"
+    print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB |{status}",
+          flush=True)
+    if run.error:
+        print(run.error[-3000:], file=sys.stderr)
+    return 1 if run.error else 0
+
+
+def table_main(notebooks: list[Path]) -> int:
+    from . import runtimes
+    from .launch import shipped_notebooks
+
+    folder = notebooks[0].resolve().parent if notebooks else shipped_notebooks()
+    table = runtimes.load(folder)
+    failed = 0
+    for path in notebooks:
+        failed += report(measure(path, table))
+        runtimes.save(folder, table)
+    readme = folder.parent / "README.md"  # the project README, in a source checkout
+    changed = runtimes.write_docs(folder, readme if (readme.is_file() and runtimes.QUICKSTART.search(
+        readme.read_text())) else None)
+    print("updated:", ", ".join(str(path) for path in changed) or "nothing (all agree with the table)")
     return 1 if failed else 0
 
 
