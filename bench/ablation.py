@@ -150,6 +150,7 @@ def measure_widget(out: Path, env: dict[str, str], prompts: dict[int, str], chan
         notebook.page.evaluate(OBSERVE)
         for length, prompt in prompts.items():
             results[length] = widget_times(notebook, prompt, length, changes)
+            notebook.page.evaluate("() => document.activeElement && document.activeElement.blur()")  # keys to the notebook
             printed = notebook.run(BARE_RUN.format(layer=LAYER, prompt=prompt, repeats=repeats))
             line = next(line for line in printed.splitlines() if line.startswith("BARE"))
             results[length]["bare_run_with_edits_ms"] = percentiles(json.loads(line.split(" ", 2)[1]))
