@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ class NotebookRun:
     peak_anon_gb: float
     error: str | None = None
     notebook: Any = None  # the executed notebook (its outputs)
+    silences: dict[int, float] = field(default_factory=dict)  # cell index -> longest stretch without news (s)
+
+    @property
+    def longest_silence(self) -> tuple[int, float]:
+        """``(cell index, seconds)`` of the longest time a learner saw nothing new in a running cell."""
+        return max(self.silences.items(), key=lambda item: item[1], default=(-1, 0.0))
 
 
 def tags(cell: Any) -> list[str]:
@@ -71,6 +77,40 @@ def fill_in_solutions(notebook: Any) -> int:
         cell.source = solution_code(solution)
         filled += 1
     return filled
+
+
+# what a learner sees change while a cell runs: outputs, and widget updates (tqdm.auto's progress bars)
+_NEWS = {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output", "comm_msg"}
+
+
+def _timed(client_class: type) -> type:
+    """``client_class`` (nbclient's NotebookClient) recording, per cell, the longest stretch without news
+    between the cell's start, each message the learner would see, and its end."""
+
+    class TimedClient(client_class):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, on_cell_execute=self._started, on_cell_executed=self._ended, **kwargs)
+            self.silences: dict[int, float] = {}
+            self._last: dict[int, float] = {}
+
+        def _heard(self, index: int) -> None:
+            now = time.monotonic()
+            if index in self._last:
+                self.silences[index] = max(self.silences.get(index, 0.0), now - self._last[index])
+            self._last[index] = now
+
+        def _started(self, cell: Any, cell_index: int, **_: Any) -> None:
+            self._last[cell_index] = time.monotonic()
+
+        def _ended(self, cell: Any, cell_index: int, **_: Any) -> None:
+            self._heard(cell_index)
+
+        def process_message(self, msg: dict, cell: Any, cell_index: int) -> Any:
+            if msg["msg_type"] in _NEWS:
+                self._heard(cell_index)
+            return super().process_message(msg, cell, cell_index)
+
+    return TimedClient
 
 
 def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True, timeout: int = 1200,
@@ -117,8 +157,8 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
     try:
         os.environ.update(env)
         watcher.start()
-        client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(work)}})
+        client = _timed(NotebookClient)(notebook, timeout=timeout, kernel_name="python3",
+                                        resources={"metadata": {"path": str(work)}})
         client.execute()
     except CellExecutionError as failure:
         error = str(failure)
@@ -130,7 +170,8 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
             else:
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
-    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook)
+    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook,
+                       client.silences)
 
 
 def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
@@ -165,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return table_main(args.notebooks)
     if not args.notebooks:
         parser.error("give the notebooks to run")
-    print("| notebook | run time | peak RSS | peak RSS without file-backed pages |\n|---|---|---|---|")
+    print("| notebook | run time | peak RSS | peak RSS without file-backed pages | longest silence |\n"
+          "|---|---|---|---|---|")
     failed = 0
     for path in args.notebooks:
         run = run_notebook(path, fast=args.fast, solutions=not args.learner)
@@ -176,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 def report(run: NotebookRun) -> int:
     """Print a run's row (and its error); 1 if it failed."""
     status = "" if run.error is None else " **failed**"
-    print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB |{status}",
-          flush=True)
+    cell, silence = run.longest_silence
+    print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB | "
+          f"{silence:.0f} s (cell {cell}) |{status}", flush=True)
     if run.error:
         print(run.error[-3000:], file=sys.stderr)
     return 1 if run.error else 0
