@@ -57,7 +57,7 @@ for _ in range({repeats} + 1):
     start = time.perf_counter()
     iv.run_with_edits(w.lm, w.transcoders, kept, edits, positions=[-1])
     times.append(1000 * (time.perf_counter() - start))
-print("BARE", json.dumps(times[1:]), iv.__file__)"""
+print("BARE", iv.__file__, json.dumps(times[1:]))"""
 
 OBSERVE = """() => {
   window.__drawn = [];
@@ -153,8 +153,9 @@ def measure_widget(out: Path, env: dict[str, str], prompts: dict[int, str], chan
             notebook.page.evaluate("() => document.activeElement && document.activeElement.blur()")  # keys to the notebook
             printed = notebook.run(BARE_RUN.format(layer=LAYER, prompt=prompt, repeats=repeats))
             line = next(line for line in printed.splitlines() if line.startswith("BARE"))
-            results[length]["bare_run_with_edits_ms"] = percentiles(json.loads(line.split(" ", 2)[1]))
-            results[length]["code"] = line.split(" ", 2)[2]
+            _, code, times = line.split(" ", 2)
+            results[length]["bare_run_with_edits_ms"] = percentiles(json.loads(times))
+            results[length]["code"] = code
         notebook.close()
     return results
 
