@@ -429,11 +429,11 @@ class AblationSliders(anywidget.AnyWidget):
         """The prompt's clean run if it is new, then the edited run: bars and pinned tokens (delivered at
         once when a continuation follows), then the continuations if asked for."""
         remote = self.lm.remote if self.remote is None else self.remote
-        session, version = snapshot.session, snapshot.version
+        session, version, position = snapshot.session, snapshot.version, snapshot.position
         if session is None:
             session = start_session(self.lm, self.transcoders, snapshot.prompt, remote=remote)
             ticket.check()
-        position = snapshot.position_in(session.length)
+            position = snapshot.position_in(session.length)
         positions = None if snapshot.scope == "all" else [position]
         edits = snapshot.edits
         before = torch.log_softmax(session.logits[0, -1].double(), -1)
