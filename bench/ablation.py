@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
+from baseline import cpu_name, export, side_by_side  # noqa: E402
 from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
 from tcwidgets.interventions import Edit, LatentEditor, encode_prompt, run_with_edits, start_session  # noqa: E402
 from tcwidgets.splicing import splice  # noqa: E402
@@ -58,7 +57,7 @@ for _ in range({repeats} + 1):
     start = time.perf_counter()
     iv.run_with_edits(w.lm, w.transcoders, kept, edits, positions=[-1])
     times.append(1000 * (time.perf_counter() - start))
-print("BARE", json.dumps(times[1:]), iv.__file__)"""
+print("BARE", iv.__file__, json.dumps(times[1:]))"""
 
 OBSERVE = """() => {
   window.__drawn = [];
@@ -137,14 +136,6 @@ def widget_times(notebook: NotebookPage, prompt: str, length: int, changes: int)
             "overhead_ms": percentiles([p - m for p, m in zip(painted, model)])}
 
 
-def export(revision: str, folder: Path) -> Path:
-    """The package's files at git ``revision``, in ``folder`` (what a kernel imports first)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "tcwidgets"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
-
-
 def measure_widget(out: Path, env: dict[str, str], prompts: dict[int, str], changes: int, repeats: int) -> dict:
     """Key→bars and a bare run in one JupyterLab kernel (whose imports follow ``env``)."""
     results = {}
@@ -159,32 +150,14 @@ def measure_widget(out: Path, env: dict[str, str], prompts: dict[int, str], chan
         notebook.page.evaluate(OBSERVE)
         for length, prompt in prompts.items():
             results[length] = widget_times(notebook, prompt, length, changes)
+            notebook.page.evaluate("() => document.activeElement && document.activeElement.blur()")  # keys to the notebook
             printed = notebook.run(BARE_RUN.format(layer=LAYER, prompt=prompt, repeats=repeats))
             line = next(line for line in printed.splitlines() if line.startswith("BARE"))
-            results[length]["bare_run_with_edits_ms"] = percentiles(json.loads(line.split(" ", 2)[1]))
-            results[length]["code"] = line.split(" ", 2)[2]
+            _, code, times = line.split(" ", 2)
+            results[length]["bare_run_with_edits_ms"] = percentiles(json.loads(times))
+            results[length]["code"] = code
         notebook.close()
     return results
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def side_by_side(before: dict, after: dict, lengths: list[int]) -> str:
-    rows = [f"{'':34}{'before p50':>11}{'p90':>8}{'after p50':>11}{'p90':>8}{'after/before':>14}"]
-    for length in lengths:
-        for name, label in (("key_to_bars_ms", "slider move -> bars"), ("bare_run_with_edits_ms", "bare run_with_edits"),
-                            ("overhead_ms", "widget overhead")):
-            b, a = before[length][name], after[length][name]
-            ratio = a["p50"] / b["p50"] if b["p50"] > 0 else float("nan")
-            rows.append(f"{f'{label}, {length} tokens (ms)':34}{b['p50']:>11.1f}{b['p90']:>8.1f}"
-                        f"{a['p50']:>11.1f}{a['p90']:>8.1f}{ratio:>14.2f}")
-    return "\n".join(rows)
 
 
 def main() -> None:
@@ -226,7 +199,11 @@ def main() -> None:
     if args.baseline:
         print(f"\nAblationSliders before ({args.baseline}) and after, {results['cpu']}, "
               f"{results['torch_threads']} torch threads, load {results['load_average_before']:.1f}:")
-        print(side_by_side(results["before"], results["after"], args.lengths))
+        print(side_by_side([(f"{label}, {length} tokens (ms)", results["before"][length][name],
+                              results["after"][length][name]) for length in args.lengths
+                             for name, label in (("key_to_bars_ms", "slider move -> bars"),
+                                                 ("bare_run_with_edits_ms", "bare run_with_edits"),
+                                                 ("overhead_ms", "widget overhead"))]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ Measures, for a 4608-latent transcoder analysed over the 100k-token layer-6 stor
 
 Both clocks are this machine's wall clock (kernel ``time.time()``, page ``Date.now()``).
 
-    python bench/dashboard.py [--store /tmp/tcw-acts/train] [--changes 30] [--random-init]
+    python bench/dashboard.py [--store /tmp/tcw-acts/train] [--changes 30] [--random-init] [--baseline REV]
+
+With ``--baseline REV`` the python→page and key→page measurements are also made with the package as
+it was at git revision REV (exported to a temporary folder the kernel imports first), and a table
+prints before and after side by side.
 
 The transcoder (trained with `train_transcoder`, one epoch, unless ``--random-init``) and its stats
 are cached in ``bench/results/dashboard/`` and reused while the store and settings are unchanged.
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
+from baseline import cpu_name, export, side_by_side  # noqa: E402
 from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
 from tcwidgets.features import FeatureStats, analyze_features, transcoder_fingerprint  # noqa: E402
 from tcwidgets.widgets.dashboard import latent_payload  # noqa: E402
@@ -83,6 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard"))
     parser.add_argument("--changes", type=int, default=30)
     parser.add_argument("--random-init", action="store_true", help="skip training (timings only)")
+    parser.add_argument("--baseline", help="a git revision to measure the page against (before)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,20 +126,40 @@ def main() -> None:
     results["payload_build_ms"] = percentiles(build)
 
     targets = [int(t) for t in rng.choice(live[live > 0], size=args.changes, replace=False)]
+    env = {"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}
+    results["cpu"], results["load_average_before"] = cpu_name(), os.getloadavg()[0]
+    if args.baseline:  # first, so that a machine getting busier does not favour the new code
+        with tempfile.TemporaryDirectory(prefix="tcw-baseline-") as folder:
+            code = export(args.baseline, Path(folder))
+            results["before"] = measure_page(out, stats_dir, targets, {**env, "PYTHONPATH": str(code)})
+        results["baseline"] = args.baseline
+    results.update(measure_page(out, stats_dir, targets, env))
+    results["load_average_after"] = os.getloadavg()[0]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    if args.baseline:
+        print(f"\nFeatureDashboard before ({args.baseline}) and after, {results['cpu']}, "
+              f"load {results['load_average_before']:.1f}:")
+        print(side_by_side([(f"{name} (ms)", results["before"][name], results[name])
+                            for name in ("python_to_page_ms", "key_to_page_ms")]))
+
+
+def measure_page(out: Path, stats_dir: Path, targets: list[int], env: dict[str, str]) -> dict:
+    """Python→page and key→page in one JupyterLab kernel (whose imports follow ``env``)."""
+    results = {}
     loop = (f"import json, time\nsent = []\nfor latent in {targets}:\n    time.sleep(0.4)\n"
             "    sent.append((latent, time.time() * 1000))\n    dash.feature = latent\n"
             "time.sleep(0.4)\njson.dump(sent, open('sent.json', 'w'))\nprint('sent', len(sent))")
     write_notebook(out / "bench.ipynb", [
         f"from tcwidgets.features import FeatureStats\nfrom tcwidgets.widgets import FeatureDashboard\n"
         f"dash = FeatureDashboard(FeatureStats.load({stats_dir.name!r}), feature=0)\ndash"])
-    with JupyterLab(out, env={"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}) as lab, \
-            chromium() as browser:
+    with JupyterLab(out, env=env) as lab, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         notebook = NotebookPage(lab, page, "bench.ipynb").open()
         notebook.run_all()
         page.locator(".tcw-dashboard[data-latent='0']").wait_for()
         page.evaluate(OBSERVE)
-        assert "sent" in notebook.run(loop, timeout=120 + args.changes)
+        assert "sent" in notebook.run(loop, timeout=120 + len(targets))
         sent = json.loads((out / "sent.json").read_text())
         drawn = {latent: (changed, painted) for latent, changed, painted in page.evaluate("window.__drawn")}
         results["python_to_dom_ms"] = percentiles([drawn[latent][0] - t for latent, t in sent])
@@ -141,7 +168,7 @@ def main() -> None:
         page.evaluate("window.__drawn = []")
         page.locator(".tcw-dashboard .tcw-summary").click()
         pressed = []
-        for _ in range(args.changes):
+        for _ in range(len(targets)):
             current = int(page.locator(".tcw-dashboard").get_attribute("data-latent"))
             pressed.append(page.evaluate(PRESS))
             page.locator(f".tcw-dashboard[data-latent='{current + 1}']").wait_for()
@@ -150,9 +177,7 @@ def main() -> None:
         painted = [entry[2] for entry in page.evaluate("window.__drawn")]
         results["key_to_page_ms"] = percentiles([p - t for p, t in zip(painted, pressed, strict=True)])
         notebook.close()
-
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -314,9 +314,9 @@ def run_with_edits(
 
     def first_forward() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The logits over the prompt (and latents), reusing the session's clean run where it can."""
-        known = {layer: session.latents[layer] for layer in spliced} if clean and save_latents else {}
+        known = {layer: session.latents[layer].clone() for layer in spliced} if clean and save_latents else {}
         if clean and not edits:
-            return session.logits, known
+            return session.logits.clone(), known  # copies: what the caller changes is not the session's
         if not start:
             run = forward(tokens, save_latents and not known)
             return run.logits, known or run.latents

@@ -167,3 +167,21 @@ def test_inside_a_running_event_loop_callbacks_run_on_the_loop_thread():
         worker.join()
         return threads
     assert asyncio.run(main()) == [threading.get_ident()]
+
+
+def test_in_a_jupyter_kernel_results_arrive_on_the_kernels_thread(tmp_path):
+    """What widgets rely on: code in a cell sees the kernel's running event loop, and a worker's
+    callbacks run on the kernel's main thread, where traits may be set."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import threading\nfrom tcwidgets.widgets.newest import NewestWins, kernel_deliver\n"
+        "seen = []\nrunner = NewestWins(kernel_deliver())\n"
+        "runner.submit(lambda ticket: threading.current_thread().name, lambda worker: seen.append((worker, "
+        "threading.current_thread().name)), print)"),
+        nbformat.v4.new_code_cell("import time\nfor _ in range(100):\n    if seen: break\n    time.sleep(0.05)\n"
+                                  "print(seen)")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookClient(notebook, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert notebook.cells[1].outputs[0]["text"].strip() == "[('NewestWins', 'MainThread')]"

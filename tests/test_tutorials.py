@@ -20,6 +20,8 @@ from tcwidgets import tutorials as tut
 from tcwidgets.models import cache_dir
 from tcwidgets.tutorials.launch import copy_tutorials, shipped_notebooks
 from tcwidgets.tutorials.runner import fill_in_solutions, run_notebook, tags
+from tcwidgets.tutorials.runtimes import load as load_run_times
+from tcwidgets.tutorials.runtimes import write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01-quickstart", "02-tracing", "03-training", "04-comparison", "05-dashboard", "06-sliders",
@@ -111,6 +113,27 @@ def test_copying_never_overwrites_a_learners_edits(tmp_path):
     assert (tmp_path / "02-tracing.ipynb").read_bytes() == (shipped_notebooks() / "02-tracing.ipynb").read_bytes()
 
 
+def test_the_runner_measures_how_long_a_cell_stays_silent(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import time\ntime.sleep(2.0)"),
+        nbformat.v4.new_code_cell("for i in range(8):\n    time.sleep(0.25)\n    print(i, flush=True)")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "silence.ipynb"
+    nbformat.write(notebook, str(path))
+    run = run_notebook(path, solutions=False)
+    assert run.error is None
+    assert 1.9 < run.silences[0] < 10 and run.silences[1] < 1.5, run.silences
+    assert run.longest_silence[0] == 0
+
+
+def test_every_quoted_run_time_comes_from_the_one_table():
+    """The README, the tutorials README and every notebook's header agree with run-times.json."""
+    stale = write_docs(ROOT / "tutorials", ROOT / "README.md", write=False)
+    assert not stale, f"run times out of date in {stale}: run python -m tcwidgets.tutorials.runner --table"
+    table = load_run_times(ROOT / "tutorials")
+    assert set(table["notebooks"]) == set(NOTEBOOKS)
+
+
 def test_every_relative_link_works_in_the_copied_folder(tmp_path):
     """Notebook 7 links to the case study: the folder `tcwidgets tutorials` creates has it."""
     copy_tutorials(tmp_path)
@@ -148,7 +171,8 @@ def test_tutorials_command_opens_jupyterlab_on_the_notebooks(tmp_path):
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=30)
-    shipped = len([*shipped_notebooks().glob("*.ipynb"), *shipped_notebooks().glob("*.md")])
+    shipped = len([*shipped_notebooks().glob("*.ipynb"), *shipped_notebooks().glob("*.md"),
+                   *shipped_notebooks().glob("*.json")])
     assert f"{shipped} copied, 0 already there" in output
 
 
@@ -166,7 +190,28 @@ def tutorial_cache(lm, tmp_path_factory):
 @pytest.mark.parametrize("path", PATHS, ids=NOTEBOOKS)
 def test_notebook_runs_with_every_check_passing(path, tutorial_cache):
     run = run_notebook(path, fast=True, solutions=True, cache=tutorial_cache)
+    cell, silence = run.longest_silence
     print(f"\n{run.name}: {run.seconds:.0f} s, peak RSS {run.peak_rss_gb:.2f} GB, "
-          f"{run.peak_anon_gb:.2f} GB without file-backed pages (fast setting)")
+          f"{run.peak_anon_gb:.2f} GB without file-backed pages (fast setting); longest silence {silence:.0f} s "
+          f"(cell {cell})")
     assert run.error is None, re.sub(r"\x1b\[[0-9;]*m", "", run.error)[-4000:]
     assert run.peak_anon_gb < 2.0
+    if path.stem in ("06-sliders", "07-circuits"):
+        warnings = [text for text in outputs(run.notebook) if "Warning" in text]
+        assert not warnings, f"warnings shown to the learner: {warnings}"
+    if path.stem == "06-sliders":
+        assert silence < 10, f"cell {cell} ran {silence:.0f} s without showing progress"
+        cell = next(c for c in run.notebook.cells if "for units in [0, 1, 4, 16]" in c.source)
+        steered = dict(re.findall(r"\((\d+) units\): A module is(.*)", "".join(outputs_of(cell))))
+        assert set(steered) == {"0", "1", "4", "16"} and steered["16"] != steered["0"], \
+            f"steering does not change the continuation: {steered}"
+
+
+def outputs_of(cell) -> list[str]:
+    """A code cell's text outputs (streams, results, errors)."""
+    return [out.get("text", "") or out.get("data", {}).get("text/plain", "") or "\n".join(out.get("traceback", []))
+            for out in cell.get("outputs", [])]
+
+
+def outputs(notebook) -> list[str]:
+    return [text for cell in notebook.cells if cell.cell_type == "code" for text in outputs_of(cell)]

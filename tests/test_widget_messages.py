@@ -27,7 +27,7 @@ SLIDERS_MALFORMED = [
     {"type": "set", "request": "r", "values": {"sliders": [{"layer": 6, "latent": 1, "kind": "scale", "value": 1e300}]}},
     {"type": "set", "request": "r", "values": {"sliders": [{"layer": 6, "latent": 10**40, "kind": "scale", "value": 0}]}},
     {"type": "set", "request": "r", "values": {"position": 10**30}}, {"type": "set", "request": "r", "values": {"position": "x"}},
-    {"type": "set", "request": "r", "values": {"pinned": "Paris"}}, {"type": "set", "request": "r", "values": {"pinned": [3]}},
+    {"type": "set", "request": "r", "values": {"pinned": {"a": 1}}}, {"type": "set", "request": "r", "values": {"pinned": [3]}},
     {"type": "set", "request": "r", "values": {"pinned": ["x" * 5000]}}, {"type": "set", "request": "r", "values": {"prompt": 7}},
     {"type": "set", "request": "r", "values": {"continuation": 10**9}}, {"type": "set", "request": "r", "values": {"_result": {}}},
     {"type": "add", "request": "r", "layer": [6], "latent": 1}, {"type": "add", "request": "r", "layer": 6, "latent": 10**30},

@@ -25,14 +25,14 @@ def shipped_notebooks() -> Path:
 
 
 def copy_tutorials(folder: str | Path) -> list[tuple[str, str]]:
-    """Copy the shipped notebooks and their documents (README, the case study notebook 7 links to)
-    into ``folder``; a file already there is never overwritten, so a learner's edits survive.
+    """Copy the shipped notebooks and their documents (README, run times, the case study notebook 7
+    links to) into ``folder``; a file already there is never overwritten, so a learner's edits survive.
     Returns ``(name, "copied" | "kept")`` per file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     source = shipped_notebooks()
     done = []
-    for path in sorted([*source.glob("*.ipynb"), *source.glob("*.md")]):
+    for path in sorted([*source.glob("*.ipynb"), *source.glob("*.md"), *source.glob("*.json")]):
         target = folder / path.name
         if target.exists():
             done.append((path.name, "kept"))

@@ -3,6 +3,8 @@
 ``python -m tcwidgets.tutorials.runner [--fast] [--learner] NOTEBOOK...`` executes each notebook in a
 fresh kernel in an empty temporary folder, with the solutions filled in (unless ``--learner``)
 and checks in strict mode, and prints its run time and the kernel's peak resident memory.
+``--table NOTEBOOK...`` measures them (default setting, cold then warm) into ``run-times.json`` and
+regenerates every quoted run time from it (`runtimes`); ``--table`` alone only regenerates.
 
 Notebook conventions it relies on: an exercise is a code cell tagged ``exercise``; its solution is
 the first Python code block of the next markdown cell tagged ``solution`` (a ``<details>`` block,
@@ -19,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,13 @@ class NotebookRun:
     peak_rss_gb: float
     peak_anon_gb: float
     error: str | None = None
+    notebook: Any = None  # the executed notebook (its outputs)
+    silences: dict[int, float] = field(default_factory=dict)  # cell index -> longest stretch without news (s)
+
+    @property
+    def longest_silence(self) -> tuple[int, float]:
+        """``(cell index, seconds)`` of the longest time a learner saw nothing new in a running cell."""
+        return max(self.silences.items(), key=lambda item: item[1], default=(-1, 0.0))
 
 
 def tags(cell: Any) -> list[str]:
@@ -68,6 +77,40 @@ def fill_in_solutions(notebook: Any) -> int:
         cell.source = solution_code(solution)
         filled += 1
     return filled
+
+
+# what a learner sees change while a cell runs: outputs, and widget updates (tqdm.auto's progress bars)
+_NEWS = {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output", "comm_msg"}
+
+
+def _timed(client_class: type) -> type:
+    """``client_class`` (nbclient's NotebookClient) recording, per cell, the longest stretch without news
+    between the cell's start, each message the learner would see, and its end."""
+
+    class TimedClient(client_class):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, on_cell_execute=self._started, on_cell_executed=self._ended, **kwargs)
+            self.silences: dict[int, float] = {}
+            self._last: dict[int, float] = {}
+
+        def _heard(self, index: int) -> None:
+            now = time.monotonic()
+            if index in self._last:
+                self.silences[index] = max(self.silences.get(index, 0.0), now - self._last[index])
+            self._last[index] = now
+
+        def _started(self, cell: Any, cell_index: int, **_: Any) -> None:
+            self._last[cell_index] = time.monotonic()
+
+        def _ended(self, cell: Any, cell_index: int, **_: Any) -> None:
+            self._heard(cell_index)
+
+        def process_message(self, msg: dict, cell: Any, cell_index: int) -> Any:
+            if msg["msg_type"] in _NEWS:
+                self._heard(cell_index)
+            return super().process_message(msg, cell, cell_index)
+
+    return TimedClient
 
 
 def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True, timeout: int = 1200,
@@ -114,8 +157,8 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
     try:
         os.environ.update(env)
         watcher.start()
-        client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(work)}})
+        client = _timed(NotebookClient)(notebook, timeout=timeout, kernel_name="python3",
+                                        resources={"metadata": {"path": str(work)}})
         client.execute()
     except CellExecutionError as failure:
         error = str(failure)
@@ -127,25 +170,76 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
             else:
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
-    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error)
+    return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook,
+                       client.silences)
+
+
+def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
+    """Run ``path`` cold (a fresh tutorials cache) and then warm (that cache), and record both."""
+    from ..models import cache_dir
+    from . import runtimes
+
+    with tempfile.TemporaryDirectory(prefix="tcw-runtimes-") as folder:
+        cache = Path(folder)
+        (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)  # model: de-quantised once
+        cold = run_notebook(path, fast=False, cache=cache, timeout=3600)
+        if cold.error:
+            return cold
+        warm = run_notebook(path, fast=False, cache=cache, timeout=3600)
+    if not warm.error:
+        runtimes.record(table, path.stem, cold_min=cold.seconds / 60, warm_min=warm.seconds / 60,
+                        peak_rss_gb=max(cold.peak_rss_gb, warm.peak_rss_gb),
+                        peak_anon_gb=max(cold.peak_anon_gb, warm.peak_anon_gb))
+    return warm
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--fast", action="store_true", help="the fast setting (CI)")
     parser.add_argument("--learner", action="store_true", help="run the exercises as shipped (unanswered)")
+    parser.add_argument("--table", action="store_true",
+                        help="measure the notebooks (default setting, cold then warm) into run-times.json and "
+                             "regenerate every quoted run time from it; without notebooks, only regenerate")
     args = parser.parse_args(argv)
-    print("| notebook | run time | peak RSS | peak RSS without file-backed pages |\n|---|---|---|---|")
+    if args.table:
+        return table_main(args.notebooks)
+    if not args.notebooks:
+        parser.error("give the notebooks to run")
+    print("| notebook | run time | peak RSS | peak RSS without file-backed pages | longest silence |\n"
+          "|---|---|---|---|---|")
     failed = 0
     for path in args.notebooks:
         run = run_notebook(path, fast=args.fast, solutions=not args.learner)
-        status = "" if run.error is None else " **failed**"
-        print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB |{status}",
-              flush=True)
-        if run.error:
-            failed += 1
-            print(run.error[-3000:], file=sys.stderr)
+        failed += report(run)
+    return 1 if failed else 0
+
+
+def report(run: NotebookRun) -> int:
+    """Print a run's row (and its error); 1 if it failed."""
+    status = "" if run.error is None else " **failed**"
+    cell, silence = run.longest_silence
+    print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB | "
+          f"{silence:.0f} s (cell {cell}) |{status}", flush=True)
+    if run.error:
+        print(run.error[-3000:], file=sys.stderr)
+    return 1 if run.error else 0
+
+
+def table_main(notebooks: list[Path]) -> int:
+    from . import runtimes
+    from .launch import shipped_notebooks
+
+    folder = notebooks[0].resolve().parent if notebooks else shipped_notebooks()
+    table = runtimes.load(folder)
+    failed = 0
+    for path in notebooks:
+        failed += report(measure(path, table))
+        runtimes.save(folder, table)
+    readme = folder.parent / "README.md"  # the project README, in a source checkout
+    changed = runtimes.write_docs(folder, readme if (readme.is_file() and runtimes.QUICKSTART.search(
+        readme.read_text())) else None)
+    print("updated:", ", ".join(str(path) for path in changed) or "nothing (all agree with the table)")
     return 1 if failed else 0
 
 

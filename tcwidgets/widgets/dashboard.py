@@ -135,6 +135,7 @@ class FeatureDashboard(anywidget.AnyWidget):
                 except ValueError:
                     raise ValueError(f"cannot show latent {feature!r:.100}: give a whole number") from None
                 self.feature = number
+                self.error = ""  # shown (or already shown): an earlier problem is over
             elif kind == "list":
                 query, sort = content.get("query", ""), content.get("sort", "density")
                 descending, offset = content.get("descending", True), content.get("offset", 0)

@@ -363,15 +363,18 @@ class AblationSliders(anywidget.AnyWidget):
                 request = content.get("request", "")
                 with self._collected():
                     self._request = request if isinstance(request, str) else str(request)[:100]
+                    self._input_error = ""  # this request's own problems (if any) replace the last ones
                     if kind == "set":
-                        values = content.get("values") or {}
+                        values = content.get("values", {})
                         if not isinstance(values, dict):
                             raise ValueError(f"'values' must be an object of trait values, not {values!r:.100}")
                         self._apply(values)
                     else:
                         self._add(content.get("layer"), content.get("latent"))
+                    self._show_error()
             elif kind == "select":
-                self._apply({"selected": (content.get("layer"), content.get("latent"))})
+                if not self._apply({"selected": (content.get("layer"), content.get("latent"))}):
+                    self._reply_error(None)
             elif kind == "cancel":
                 if self._runner is not None:
                     self._runner.cancel()
@@ -381,12 +384,14 @@ class AblationSliders(anywidget.AnyWidget):
         except Exception as error:  # a page (or anyone on the comm) sent something malformed
             self._input_error = f"Ignored a malformed message from the page: {error}"
             self._show_error()
-            request = content.get("request") if isinstance(content, dict) else None
-            self.send({"type": "error", "request": request if isinstance(request, str) else None,
-                       "message": self.error})
+            self._reply_error(content.get("request") if isinstance(content, dict) else None)
 
-    def _apply(self, values: dict[str, Any]) -> None:
-        """Set traits as the page asks; what is refused is shown in ``error``, not raised."""
+    def _reply_error(self, request: Any) -> None:
+        self.send({"type": "error", "request": request if isinstance(request, str) else None, "message": self.error})
+
+    def _apply(self, values: dict[str, Any]) -> bool:
+        """Set traits as the page asks; what is refused is shown in ``error``, not raised. Returns
+        whether all was applied."""
         refused = []
         for name, value in values.items():
             try:
@@ -398,6 +403,7 @@ class AblationSliders(anywidget.AnyWidget):
         if refused:
             self._input_error = "\n".join(refused)
             self._show_error()
+        return not refused
 
     def _add(self, layer: Any, latent: Any) -> None:
         """List another latent (with a slider at 1×) and select it."""
@@ -423,11 +429,11 @@ class AblationSliders(anywidget.AnyWidget):
         """The prompt's clean run if it is new, then the edited run: bars and pinned tokens (delivered at
         once when a continuation follows), then the continuations if asked for."""
         remote = self.lm.remote if self.remote is None else self.remote
-        session, version = snapshot.session, snapshot.version
+        session, version, position = snapshot.session, snapshot.version, snapshot.position
         if session is None:
             session = start_session(self.lm, self.transcoders, snapshot.prompt, remote=remote)
             ticket.check()
-        position = snapshot.position_in(session.length)
+            position = snapshot.position_in(session.length)
         positions = None if snapshot.scope == "all" else [position]
         edits = snapshot.edits
         before = torch.log_softmax(session.logits[0, -1].double(), -1)

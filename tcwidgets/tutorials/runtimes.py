@@ -1,0 +1,106 @@
+"""The tutorials' measured run times: one table, ``tutorials/run-times.json``, that the runner updates
+(``python -m tcwidgets.tutorials.runner --table NOTEBOOK...``) and that every place quoting a run time
+is regenerated from (`write_docs`): the table in ``tutorials/README.md``, the **Run time** line of each
+notebook's first cell, and the quickstart's time in the top-level ``README.md``. So they cannot
+disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+TABLE = "run-times.json"
+START, END = "<!-- run-times: generated from run-times.json by the runner; do not edit -->", "<!-- /run-times -->"
+QUICKSTART = re.compile(r"(<!-- run-time:01-quickstart -->)(.*?)(<!-- /run-time -->)", re.S)
+RUN_TIME_LINE = re.compile(r"^\*\*Run time\*\*:.*$", re.M)
+
+
+def load(folder: Path) -> dict[str, Any]:
+    """The table: ``{"machine": ..., "notebooks": {stem: {"title", "cold_min", "warm_min", ...}}}``."""
+    return json.loads((folder / TABLE).read_text())
+
+
+def save(folder: Path, table: dict[str, Any]) -> None:
+    (folder / TABLE).write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+
+
+def record(table: dict[str, Any], stem: str, *, cold_min: float | None = None, warm_min: float | None = None,
+           peak_rss_gb: float | None = None, peak_anon_gb: float | None = None, machine: str | None = None) -> None:
+    """Put a measurement into the table (the values given; the others stay)."""
+    entry = table["notebooks"].setdefault(stem, {"title": stem})
+    for name, value in (("cold_min", cold_min), ("warm_min", warm_min), ("peak_rss_gb", peak_rss_gb),
+                        ("peak_anon_gb", peak_anon_gb), ("machine", machine)):
+        if value is not None:
+            entry[name] = round(value, 2) if isinstance(value, float) else value
+
+
+def minutes(value: float) -> str:
+    """``"about 4 minutes"``, ``"under a minute"``."""
+    if value < 0.75:
+        return "under a minute"
+    whole = max(1, round(value))
+    return f"about {whole} minute{'s' if whole > 1 else ''}"
+
+
+def header_line(entry: dict[str, Any]) -> str:
+    """A notebook's **Run time** line."""
+    line = f"**Run time**: {minutes(entry['cold_min'])} on a 2-core CPU (default setting, first run"
+    if entry.get("warm_min") is not None and minutes(entry["warm_min"]) != minutes(entry["cold_min"]):
+        line += f"; {minutes(entry['warm_min'])} once what it trains is cached"
+    return line + "); less with a GPU. Measured: [run-times.json](run-times.json)."
+
+
+def readme_table(table: dict[str, Any]) -> str:
+    rows = ["| notebook | run time, cold | run time, warm | peak RSS | peak RSS without file-backed pages |",
+            "|---|---|---|---|---|"]
+    for entry in table["notebooks"].values():
+        def cell(name: str, unit: str) -> str:
+            return "" if entry.get(name) is None else f"{entry[name]:.1f} {unit}" if unit == "min" \
+                else f"{entry[name]:.2f} {unit}"
+        rows.append(f"| {entry['title']} | {cell('cold_min', 'min')} | {cell('warm_min', 'min')} | "
+                    f"{cell('peak_rss_gb', 'GB')} | {cell('peak_anon_gb', 'GB')} |")
+    return "\n".join([START, f"Measured on {table['machine']}.", "", *rows, END])
+
+
+def write_docs(folder: Path, readme: Path | None = None, *, write: bool = True) -> list[Path]:
+    """Regenerate every quoted run time from the table in ``folder`` (the tutorials); returns the
+    files that changed (with ``write=False``: that would change)."""
+    table = load(folder)
+    changed = []
+
+    def update(path: Path, text: str, new: str) -> None:
+        if new != text:
+            changed.append(path)
+            if write:
+                path.write_text(new)
+
+    index = folder / "README.md"
+    text = index.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{index} has no run-time table between {START!r} and {END!r}.")
+    update(index, text, pattern.sub(lambda _: readme_table(table), text))
+    for stem, entry in table["notebooks"].items():
+        path = folder / f"{stem}.ipynb"
+        notebook = nbformat.read(path, as_version=4)
+        first = notebook.cells[0]
+        if not RUN_TIME_LINE.search(first.source):
+            raise ValueError(f"{path.name}'s first cell has no **Run time** line.")
+        new = RUN_TIME_LINE.sub(lambda _: header_line(entry), first.source)
+        if new != first.source:
+            first.source = new
+            changed.append(path)
+            if write:
+                nbformat.write(notebook, str(path))
+    if readme is not None:
+        text = readme.read_text()
+        if not QUICKSTART.search(text):
+            raise ValueError(f"{readme} has no <!-- run-time:01-quickstart --> marker.")
+        quickstart = minutes(table["notebooks"]["01-quickstart"]["cold_min"])
+        update(readme, text, QUICKSTART.sub(lambda m: m.group(1) + quickstart + m.group(3), text))
+    return changed
