@@ -5,12 +5,14 @@ not on a CPU flag: on an AVX512-BF16 EPYC the encoder product is ~2-3x faster in
 AVX2-only CPU it is emulated and ~7x slower, and a CPU flag says nothing about how either compares
 with the rest of a training step. So the trainer times its own latent choice
 (`Transcoder.encode_sparse`) both ways on a batch of the run's shape, once per machine, and
-caches the answer in ``cache_dir()/calibration.json`` keyed by the device's model name, torch's
-version and the shape.
+caches the answer in ``cache_dir()/calibration.json`` keyed by the device's model name (and a
+digest of the CPU's flags), torch's version, the threads and the shape. The timings are wall-clock
+(best of three after a warm-up) on random inputs of the run's shape.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -40,16 +42,28 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _instruction_sets(device: torch.device) -> str:
+    """A short digest of the CPU's feature flags (part of the cache key only: machines sold under
+    one model name, such as "AMD EPYC" in a virtual machine, differ in bfloat16 support)."""
+    if device.type != "cpu":
+        return ""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    return "flags " + hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
 def low_precision_pays(tc: Transcoder, n_tokens: int, *, cache: Path | None = None) -> bool:
     """Whether ``tc.encode_sparse`` on ``n_tokens`` tokens is faster with ``low_precision=True``
     on ``tc``'s device: measured (best of 3 after a warm-up, per precision) on random inputs, or
-    read from the cache of an earlier measurement with the same device model, torch version,
-    threads and shape."""
+    read from the cache of an earlier measurement with the same device model and CPU flags, torch
+    version, threads and shape."""
     device = tc.device
     if device.type not in ("cpu", "cuda"):
         return False
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    key = (f"{device.type}|{device_name(device)}|torch {torch.__version__}|{threads} threads|"
+    key = (f"{device.type}|{device_name(device)}|{_instruction_sets(device)}|torch {torch.__version__}|{threads} threads|"
            f"{n_tokens}x{tc.d_in}x{tc.n_latents}|{tc.config.activation} k={tc.config.k}")
     path = (cache or cache_dir()) / CALIBRATION_FILE
     try:

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .activations import LayerNotInStoreError, LayerStats, StoreError, trace_mlp
-from .training import Trainer, TrainingConfig, fit_together
+from .activations import ActivationStore, LayerNotInStoreError, LayerStats, StoreError, trace_mlp
+from .training import train_transcoder
 from .transcoder import Transcoder
 
 __all__ = ["ActivationStream", "train_streaming"]
@@ -120,10 +120,7 @@ class ActivationStream:
                     raise StoreError(f"{self.model} gives NaN or infinite MLP {side} at layer {layer}: run the "
                                      "model in float32")
 
-    def n_batches(self, batch_size: int, epochs: int = 1, drop_last: bool = True) -> int:
-        """How many batches `batches` yields."""
-        per_epoch = self.n_tokens // batch_size if drop_last else math.ceil(self.n_tokens / batch_size)
-        return per_epoch * epochs
+    n_batches = ActivationStore.n_batches
 
     def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
                 epochs: int = 1, start: int = 0, drop_last: bool = True,
@@ -228,21 +225,12 @@ def train_streaming(
         tokens = load_corpus(tokens, lm, n_tokens=n_tokens)
     elif n_tokens is not None:
         tokens = tokens[:math.ceil(n_tokens / tokens.shape[1])]
-    config = TrainingConfig(n_latents=n_latents, kind=kind, activation=activation, k=k, epochs=epochs,
-                            batch_size=batch_size, lr=lr, seed=seed, **options)
     listed = [layers] if isinstance(layers, int) else list(layers)
-    if not listed or len(set(listed)) != len(listed):
-        raise ValueError(f"layers={layers!r}: name each layer once, at least one")
-    width = config.n_latents or 8 * lm.d_model
+    width = n_latents or 8 * lm.d_model
     stream = ActivationStream(lm, listed, tokens, buffer_tokens=buffer_tokens, forward_batch=forward_batch,
                               sample_tokens=max(16384, 4 * width), sample_seed=seed + 1)
-    trainers = []
-    for layer in listed:
-        directory = checkpoint_dir
-        if checkpoint_dir is not None and not isinstance(layers, int):
-            directory = os.path.join(checkpoint_dir, f"layer-{layer}")
-        trainers.append(Trainer(stream, layer, config, checkpoint_dir=directory, checkpoint_every=checkpoint_every,
-                                resume=resume, device=device, low_precision=low_precision,
-                                eval_store=eval_store, progress=progress))
-    trained = fit_together(trainers)
-    return trained[layers] if isinstance(layers, int) else trained
+    return train_transcoder(stream, layers, n_latents=n_latents, activation=activation, k=k, kind=kind,
+                            epochs=epochs, batch_size=batch_size, lr=lr, checkpoint_dir=checkpoint_dir,
+                            checkpoint_every=checkpoint_every, resume=resume, device=device,
+                            low_precision=low_precision, seed=seed, eval_store=eval_store, progress=progress,
+                            **options)

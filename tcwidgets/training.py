@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import heap
 from .activations import OUTLIER_RATIO
 from .calibration import low_precision_pays
 from .evaluation import ReconstructionStats
@@ -703,15 +704,18 @@ def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
     name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
     bar = tqdm(total=first.total_steps, initial=start, desc=f"training {name}", unit="step",
                disable=first.rank != 0 or not any(t.progress for t in trainers))
+    if first.device.type != "cpu":  # on CPU reading competes with the training's own threads (measured)
+        batches = _prefetch(batches)
     try:
-        for step, pairs in enumerate(_prefetch(batches), start):
-            for t, (x, y) in zip(trainers, pairs):
-                record = t.train_batch(x, y) if t.step == step else None
-                if record is not None:
-                    prefix = "" if len(trainers) == 1 else f"L{t.layer} "
-                    bar.set_postfix({f"{prefix}fvu": f"{record['fvu']:.4f}", f"{prefix}l0": f"{record['l0']:.1f}",
-                                     f"{prefix}dead": f"{record['dead_fraction']:.1%}"})
-            bar.update()
+        with heap.retained():
+            for step, pairs in enumerate(batches, start):
+                for t, (x, y) in zip(trainers, pairs):
+                    record = t.train_batch(x, y) if t.step == step else None
+                    if record is not None:
+                        prefix = "" if len(trainers) == 1 else f"L{t.layer} "
+                        bar.set_postfix({f"{prefix}fvu": f"{record['fvu']:.4f}", f"{prefix}l0": f"{record['l0']:.1f}",
+                                         f"{prefix}dead": f"{record['dead_fraction']:.1%}"})
+                bar.update()
     finally:
         bar.close()
     return {t.layer: t._finish() for t in trainers}

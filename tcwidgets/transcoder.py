@@ -290,15 +290,13 @@ class _GatheredLinear(torch.autograd.Function):
 
 
 def _scatter_rows(targets: Tensor, rows: Tensor, values: Tensor, dense: Tensor, n_targets: int) -> Tensor:
-    """``out[targets[i]] += values[i] · dense[rows[i]]`` (``out``: ``[n_targets, d]``) as a sparse
-    CSR matrix product (entries sorted by target), 2x faster on CPU than a COO product and ~20x
-    faster than ``index_add_`` of the gathered rows."""
-    order = torch.argsort(targets, stable=True)
-    crow = torch._convert_indices_from_coo_to_csr(targets[order], n_targets)
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        m = torch.sparse_csr_tensor(crow, rows[order], values[order], (n_targets, len(dense)))
-        return m @ dense
+    """``out[targets[i]] += values[i] · dense[rows[i]]`` (``out``: ``[n_targets, d]``): the weight
+    gradient of an embedding bag, by torch's own kernel for it (on CPU 1.4x faster than a CSR
+    matrix product and ~10x faster than ``index_add_`` of the gathered rows)."""
+    bag_size = torch.bincount(rows, minlength=len(dense))
+    no_max = torch.empty(0, dtype=torch.long, device=rows.device)
+    return torch.ops.aten._embedding_bag_dense_backward(
+        dense, targets, rows, bag_size, no_max, n_targets, False, 0, values, -1)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -537,7 +535,9 @@ class Transcoder(nn.Module):
         """Remove the component of each decoder row's gradient parallel to the row (which would
         only change the row's norm, undone by `normalize_decoder`)."""
         if self.W_dec.grad is not None:
-            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+            # row-wise dot products as a batched matrix product: 2x faster on CPU than vecdot's
+            # elementwise product and sum
+            parallel = torch.bmm(self.W_dec.grad.unsqueeze(1), self.W_dec.unsqueeze(2)).view(-1)
             self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     # ---- files ------------------------------------------------------------------------------------

@@ -281,3 +281,21 @@ def test_reference_configuration_quality(lm, tmp_path_factory):
     print(f"\nreference configuration: {metrics}, {seconds:.0f} s")
     assert metrics["fvu"] <= 0.30
     assert metrics["dead_fraction"] < 0.01
+
+
+def test_prefetch_yields_every_item_in_order_and_reraises_errors():
+    from tcwidgets.training import _prefetch
+
+    assert list(_prefetch(iter(range(10)))) == list(range(10))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    items = _prefetch(failing())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(items)
+    early = _prefetch(iter(range(100)), depth=1)
+    assert next(early) == 0
+    early.close()  # stops the reading thread
