@@ -2,6 +2,7 @@
 (seeded fuzzing: truncations and bit flips), identities that cannot be confused, a lock around
 collection, manifest paths confined to their folder."""
 
+import copy
 import json
 import os
 import random
@@ -198,7 +199,7 @@ COLLECT = textwrap.dedent("""
     import torch
     import tcwidgets as tcw
     lm = tcw.load_model()
-    tokens = torch.randint(0, 49152, (16, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 49152, (8, 16), generator=torch.Generator().manual_seed(0))
     out, me = Path(sys.argv[1]), sys.argv[2]
     (out.parent / f"ready-{me}").touch()
     while not (out.parent / "go").exists():
@@ -292,9 +293,11 @@ def test_fuzzed_checkpoints_are_refused_or_resume_exactly(tiny_store, tmp_path):
     config = TrainingConfig(n_latents=16, k=4, batch_size=6)
     trainer = Trainer(tiny_store, 1, config, checkpoint_dir=tmp_path / "pristine", checkpoint_every=2, progress=False)
     trainer.fit()
+    start = Trainer(tiny_store, 1, config, progress=False).transcoder  # skips the initialisation in each trial
 
     def read(folder):
-        resumed = Trainer(tiny_store, 1, config, checkpoint_dir=folder, progress=False)
+        resumed = Trainer(tiny_store, 1, config, transcoder=copy.deepcopy(start), checkpoint_dir=folder,
+                          progress=False)
         return {"step": resumed.step, "history": resumed.history, "weights": dict(resumed.transcoder.state_dict()),
                 "optimizer": resumed.optimizer.state_dict()["state"], "fired": resumed.tokens_since_fired}
     print(fuzz(tmp_path / "pristine", tmp_path, read, seed=4))
