@@ -4,16 +4,18 @@ from .activations import ActivationStore, LayerStats, StoreError, collect_activa
 from .corpus import load_corpus
 from .circuits import CircuitError, CircuitGraph, LatentTarget, LogitTarget, attribute
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
+from .files import FileFormatError
 from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
                        logit_effects, transcoder_fingerprint)
 from .interventions import Edit, EditResult, run_with_edits
 from .models import ARCHITECTURES, Model, Sites, load_model
 from .splicing import SplicedRun, splice, spliced_logits
-from .training import Trainer, TrainingConfig, train_transcoder
+from .training import CheckpointError, Trainer, TrainingConfig, train_transcoder
 from .transcoder import Transcoder, TranscoderConfig
 from .widgets import AblationSliders, CircuitView, FeatureDashboard
 
 __all__ = [
+    "CheckpointError", "FileFormatError",
     "AblationSliders", "CircuitError", "CircuitGraph", "CircuitView", "Edit", "EditResult", "LatentTarget",
     "LogitTarget", "attribute", "run_with_edits",
     "ARCHITECTURES", "ActivationStore", "LayerMetrics", "LayerStats", "Metrics", "Model", "Sites", "SplicedRun",
