@@ -151,7 +151,7 @@ def test_a_manifest_cannot_name_files_outside_the_store(tiny_store, tmp_path):
         ActivationStore.open(tmp_path / "store")
 
 
-def test_a_store_written_before_checksums_still_opens(tiny_store, tmp_path):
+def test_a_store_written_before_checksums_still_opens(lm, tiny_store, tmp_path):
     """Version 1 stores (no checksums, fingerprint or seal), like the tutorials' cache of earlier
     versions, open and read the same values, and the same request returns them."""
     shutil.copytree(tiny_store.root, tmp_path / "store")
@@ -169,6 +169,9 @@ def test_a_store_written_before_checksums_still_opens(tiny_store, tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(old.tokens, tiny_store.tokens)
     old.verify()
+    again = tcw.collect_activations(lm, [1, 2], tiny_store.tokens, out=tmp_path / "store", batch_size=2,
+                                    dtype="bfloat16", progress=False)
+    assert again.manifest["version"] == 1  # returned as it is, not collected again
 
 
 # ---- identities ----------------------------------------------------------------------------------------------
