@@ -309,17 +309,17 @@ def _check_values(shards: list[_Shard], layer: int, kind: str) -> None:
                              f"{shard.start + row}: the store is corrupted or the model overflowed. Collect it again "
                              "(in float32 if it was half precision).")
         norms.append(values.double().norm(dim=1))
-    limit = OUTLIER_RATIO * float(torch.cat(norms).median())
+    median = float(torch.cat(norms).median())
     for shard, shard_norms in zip(shards, norms):
-        if float(shard_norms.max()) > limit:
+        if float(shard_norms.max()) > OUTLIER_RATIO * median:
             row = int(shard_norms.argmax())
             values = shard.rows(name, np.array([row]), torch.float32)[0]
             value = float(values[values.abs().argmax()])
             raise StoreError(
                 f"{shard.name} (layer {layer}) holds an outlier {kind} value {value:.4g} at token {shard.start + row} "
-                f"(its row's norm is {float(shard_norms[row]):.4g}, {float(shard_norms[row]) / limit * OUTLIER_RATIO:.3g} "
-                f"times the layer's median): bad data, not activations a transcoder can learn. Collect the store "
-                "again; if the model itself produces it, leave those tokens out of the corpus.")
+                f"(its row's norm is {float(shard_norms[row]) / median:.3g} times the layer's median): bad data, "
+                "not activations a transcoder can learn. Collect the store again; if the model itself produces "
+                "it, leave those tokens out of the corpus.")
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any] | list) -> None:
 def write_manifest(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write a JSON manifest atomically, sealed with the SHA-256 of its content (key ``"sha256"``) so
     `read_manifest` detects any change to it."""
-    body = {key: value for key, value in data.items() if key != "sha256"}
+    body = json.loads(json.dumps({key: value for key, value in data.items() if key != "sha256"}))  # as read back
     write_json(path, {**body, "sha256": _content_checksum(body)})
 
 

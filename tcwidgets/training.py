@@ -358,16 +358,16 @@ class Trainer:
         stats = store.stats(layer)
         sae = c.kind == "sae"
         d = store.d_model
+        n = min(store.n_tokens, max(16384, 4 * c.n_latents))
+        x, y = store.sample(layer, n, seed=c.seed + 1)
+        if not all(_plausible(norm, values) for norm, values in ((stats.in_norm, x), (stats.out_norm, y))):
+            store.verify([layer])  # names the shard, token and value: NaN, infinite, or an outlier
         tc = Transcoder(TranscoderConfig(
             d_in=d, d_out=d, n_latents=c.n_latents, kind=c.kind, activation=c.activation, k=c.k,
             input_scale=math.sqrt(d) / (stats.out_norm if sae else stats.in_norm),
             output_scale=math.sqrt(d) / stats.out_norm,
             site={"model": store.model, "layer": layer, **sites},
         ))
-        n = min(store.n_tokens, max(16384, 4 * c.n_latents))
-        x, y = store.sample(layer, n, seed=c.seed + 1)
-        if not all(_plausible(norm, values) for norm, values in ((stats.in_norm, x), (stats.out_norm, y))):
-            store.verify([layer])  # names the shard, token and value: NaN, infinite, or an outlier
         initialize(tc, y if sae else x, y, torch.Generator().manual_seed(c.seed))
         return tc
 

@@ -2,6 +2,7 @@
 (seeded fuzzing: truncations and bit flips), identities that cannot be confused, a lock around
 collection, manifest paths confined to their folder."""
 
+import copy
 import json
 import os
 import random
@@ -150,7 +151,7 @@ def test_a_manifest_cannot_name_files_outside_the_store(tiny_store, tmp_path):
         ActivationStore.open(tmp_path / "store")
 
 
-def test_a_store_written_before_checksums_still_opens(tiny_store, tmp_path):
+def test_a_store_written_before_checksums_still_opens(lm, tiny_store, tmp_path):
     """Version 1 stores (no checksums, fingerprint or seal), like the tutorials' cache of earlier
     versions, open and read the same values, and the same request returns them."""
     shutil.copytree(tiny_store.root, tmp_path / "store")
@@ -168,6 +169,9 @@ def test_a_store_written_before_checksums_still_opens(tiny_store, tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(old.tokens, tiny_store.tokens)
     old.verify()
+    again = tcw.collect_activations(lm, [1, 2], tiny_store.tokens, out=tmp_path / "store", batch_size=2,
+                                    dtype="bfloat16", progress=False)
+    assert again.manifest["version"] == 1  # returned as it is, not collected again
 
 
 # ---- identities ----------------------------------------------------------------------------------------------
@@ -198,7 +202,7 @@ COLLECT = textwrap.dedent("""
     import torch
     import tcwidgets as tcw
     lm = tcw.load_model()
-    tokens = torch.randint(0, 49152, (16, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 49152, (8, 16), generator=torch.Generator().manual_seed(0))
     out, me = Path(sys.argv[1]), sys.argv[2]
     (out.parent / f"ready-{me}").touch()
     while not (out.parent / "go").exists():
@@ -292,9 +296,11 @@ def test_fuzzed_checkpoints_are_refused_or_resume_exactly(tiny_store, tmp_path):
     config = TrainingConfig(n_latents=16, k=4, batch_size=6)
     trainer = Trainer(tiny_store, 1, config, checkpoint_dir=tmp_path / "pristine", checkpoint_every=2, progress=False)
     trainer.fit()
+    start = Trainer(tiny_store, 1, config, progress=False).transcoder  # skips the initialisation in each trial
 
     def read(folder):
-        resumed = Trainer(tiny_store, 1, config, checkpoint_dir=folder, progress=False)
+        resumed = Trainer(tiny_store, 1, config, transcoder=copy.deepcopy(start), checkpoint_dir=folder,
+                          progress=False)
         return {"step": resumed.step, "history": resumed.history, "weights": dict(resumed.transcoder.state_dict()),
                 "optimizer": resumed.optimizer.state_dict()["state"], "fired": resumed.tokens_since_fired}
     print(fuzz(tmp_path / "pristine", tmp_path, read, seed=4))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import tcwidgets as tcw
 from tcwidgets.activations import ActivationStore, StoreError
-from tcwidgets.training import Trainer, TrainingConfig, _take, reconstruction_metrics, train_transcoder
+from tcwidgets.training import CheckpointError, Trainer, TrainingConfig, _take, reconstruction_metrics, train_transcoder
 from tcwidgets.transcoder import Transcoder
 
 from stores import rewrite_shard
@@ -245,6 +245,25 @@ def test_nan_activations_are_reported_with_where_they_are(store, tmp_path):
     trainer = Trainer(broken, 1, TrainingConfig(**SMALL), transcoder=start, progress=False)
     with pytest.raises(StoreError, match=where):
         trainer.fit()
+
+
+def test_one_outlier_in_the_store_is_named_with_its_layer_shard_and_value(store, tmp_path):
+    shutil.copytree(store.root, tmp_path / "acts")
+    rewrite_shard(tmp_path / "acts", lambda tensors: tensors["1.input"][100, 7].fill_(1e30))
+    broken = ActivationStore.open(tmp_path / "acts")
+    assert broken.stats(1).in_norm > 1e25  # the statistics include it, as a collection that read it would
+    with pytest.raises(StoreError, match=r"shard-00000.safetensors \(layer 1\) holds an outlier input value 1e\+30 "
+                                         r"at token 100"):
+        train_transcoder(broken, 1, progress=False, **SMALL)
+
+
+def test_a_checkpoint_of_another_store_is_refused(lm, store, tmp_path):
+    Trainer(store, 1, TrainingConfig(**SMALL), checkpoint_dir=tmp_path, progress=False).fit()
+    other = tcw.collect_activations(lm, [0, 1], store.tokens.flip(0), progress=False)  # same size, model, layers
+    assert other.n_tokens == store.n_tokens
+    with pytest.raises(CheckpointError, match=r"holds a run with another store \(tokens_sha256: checkpoint '\w{12}…', "
+                                              r"now '\w{12}…'\).*resume=False"):
+        train_transcoder(other, 1, checkpoint_dir=tmp_path, progress=False, **SMALL)
 
 
 def test_k_larger_than_n_latents_is_refused(store):
