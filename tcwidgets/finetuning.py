@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from .features import transcoder_fingerprint
 from .files import FileFormatError, inside, load_tensors, read_manifest, save_tensors, write_json
 from .splicing import check_transcoders, run_transcoder
-from .training import lr_factor
+from .training import _clear_checkpoints, _latest_checkpoint, lr_factor  # same layout as Trainer's
 from .transcoder import Transcoder
 
 __all__ = ["FineTuneConfig", "JointFineTuner", "finetune_transcoders"]
@@ -334,18 +334,6 @@ def _spliced_pass(lm: Any, batch: torch.Tensor,
             envoy.output = run_transcoder(tc, x, y)[1]
         logits = lm.output.logits.save()
     return logits, mlp
-
-
-def _latest_checkpoint(directory: Path) -> Path | None:
-    done = sorted(directory.glob("step-[0-9]*")) if directory.is_dir() else []
-    return done[-1] if done else None
-
-
-def _clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
-    """Delete checkpoints (and leftovers of interrupted ones) other than ``keep``."""
-    for path in [*directory.glob("step-[0-9]*"), *directory.glob(".step-*")]:
-        if path != keep:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def finetune_transcoders(
