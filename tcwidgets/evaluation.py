@@ -111,7 +111,7 @@ class Metrics:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (non-finite values become ``None``); `from_dict` reads it back."""
-        return _finite_or_none({
+        return finite_or_none({
             "model": self.model, "n_contexts": self.n_contexts, "context": self.context,
             "label": self.label, **{name: getattr(self, name) for name in _ALL_METRICS},
             "layers": {str(layer): metrics.to_dict() for layer, metrics in self.layers.items()},
@@ -162,20 +162,24 @@ class Metrics:
         return f"Metrics({self._summary()})\n{table}"
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(cell)}</th>" for cell in self._HEADER)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-                       for row in self._rows())
-        return (f"<div><p>{html.escape(self._summary())}</p><table><thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table></div>")
+        return html_table(self._summary(), self._HEADER, self._rows())
 
 
-def _finite_or_none(value: Any) -> Any:
+def html_table(summary: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A notebook's HTML view of a results table: a summary line, then the table (all text escaped)."""
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<div><p>{html.escape(summary)}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` for JSON: non-finite floats (also inside dicts and lists) become ``None``."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
+        return [finite_or_none(item) for item in value]
     return value
 
 

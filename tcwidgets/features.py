@@ -314,12 +314,13 @@ class FeatureStats:
                                     "Run analyze_features again and save.") from error
 
     @cached_property
-    def _tokens(self) -> np.ndarray:
+    def tokens(self) -> np.ndarray:
+        """The analysed token contexts ``[n_contexts, context]``."""
         return np.asarray(self._arrays["tokens"])
 
     def _examples(self, index: np.ndarray, values: np.ndarray, acts: np.ndarray) -> list[Example]:
         left, _ = self.meta["settings"]["window"]
-        context_length = self._tokens.shape[1]
+        context_length = self.tokens.shape[1]
         examples = []
         for token_index, value, window_acts in zip(index, values, acts):
             if token_index == _EMPTY:
@@ -327,7 +328,7 @@ class FeatureStats:
             context, position = divmod(int(token_index), context_length)
             start, stop = max(position - left, 0), min(position - left + len(window_acts), context_length)
             offset = start - (position - left)
-            examples.append(Example(context, position, float(value), self._tokens[context, start:stop].copy(),
+            examples.append(Example(context, position, float(value), self.tokens[context, start:stop].copy(),
                                     window_acts[offset:offset + stop - start], position - start))
         return examples
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from .features import transcoder_fingerprint
 from .files import FileFormatError, inside, load_tensors, read_manifest, save_tensors, write_json
 from .splicing import check_transcoders, run_transcoder
-from .training import _clear_checkpoints, _latest_checkpoint, lr_factor  # same layout as Trainer's
+from .training import clear_checkpoints, latest_checkpoint, lr_factor
 from .transcoder import Transcoder
 
 __all__ = ["FineTuneConfig", "JointFineTuner", "finetune_transcoders"]
@@ -159,11 +159,11 @@ class JointFineTuner:
         self.history: list[dict[str, float]] = []
         self._sums: dict[str, float] = {}
         if self.checkpoint_dir is not None:
-            latest = _latest_checkpoint(self.checkpoint_dir)
+            latest = latest_checkpoint(self.checkpoint_dir)
             if latest is not None and resume:
                 self._load_checkpoint(latest)
             elif latest is not None:
-                _clear_checkpoints(self.checkpoint_dir)
+                clear_checkpoints(self.checkpoint_dir)
 
     # ---- training ---------------------------------------------------------------------------------
 
@@ -280,7 +280,7 @@ class JointFineTuner:
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
-        _clear_checkpoints(self.checkpoint_dir, keep=target)
+        clear_checkpoints(self.checkpoint_dir, keep=target)
         return target
 
     def _parameter_names(self) -> dict[torch.nn.Parameter, str]:

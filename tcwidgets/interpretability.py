@@ -24,7 +24,6 @@ the paper does; any function ``(latent_stats, stats) -> Explanation`` works too.
 from __future__ import annotations
 
 import functools
-import html
 import json
 import math
 import re
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .activations import trace_mlp
 from .corpus import bos_id
+from .evaluation import finite_or_none, html_table
 from .features import FeatureStats, LatentStats
 from .splicing import transcoder_input
 
@@ -107,7 +107,7 @@ class LatentScore:
     def to_dict(self) -> dict[str, Any]:
         """The scores and the explanation (not the contexts), JSON-serialisable (NaN as ``None``)."""
         return {"latent": self.latent, "explanation": self.explanation,
-                **{name: _finite_or_none(getattr(self, name)) for name in ("score", "recall", "specificity")},
+                **{name: finite_or_none(getattr(self, name)) for name in ("score", "recall", "specificity")},
                 "n_activating": self.n_activating, "n_non_activating": self.n_non_activating}
 
 
@@ -163,7 +163,7 @@ class InterpretabilityScores:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary: model, transcoder config, explainer, mean and per-latent rows."""
         return {"model": self.model, "transcoder": self.transcoder, "explainer": self.explainer,
-                "mean": _finite_or_none(self.mean), "latents": [s.to_dict() for s in self.latents.values()]}
+                "mean": finite_or_none(self.mean), "latents": [s.to_dict() for s in self.latents.values()]}
 
     def _summary(self) -> str:
         site = self.transcoder.get("site", {})
@@ -184,15 +184,7 @@ class InterpretabilityScores:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(cell)}</th>" for cell in self._HEADER)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-                       for row in self._rows())
-        return (f"<div><p>{html.escape(self._summary())}</p><table><thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table></div>")
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+        return html_table(self._summary(), self._HEADER, self._rows())
 
 
 # -- the default explainer -------------------------------------------------------------------------------
@@ -246,7 +238,7 @@ def _last_token_in(tokens: frozenset[int], contexts: Sequence[HeldOutContext]) -
 @functools.lru_cache(maxsize=8)
 def _token_counts(stats: FeatureStats) -> Counter:
     """How often each token id occurs in the analysed text of ``stats`` (cached per stats)."""
-    ids, counts = np.unique(np.asarray(stats._tokens).reshape(-1), return_counts=True)
+    ids, counts = np.unique(np.asarray(stats.tokens).reshape(-1), return_counts=True)
     return Counter(dict(zip(ids.tolist(), counts.tolist())))
 
 

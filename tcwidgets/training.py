@@ -347,11 +347,11 @@ class Trainer:
         self._sums: dict[str, float] = {}
 
         if self.checkpoint_dir is not None:
-            latest = _latest_checkpoint(self.checkpoint_dir)
+            latest = latest_checkpoint(self.checkpoint_dir)
             if latest is not None and resume:
                 self._load_checkpoint(latest)
             elif latest is not None:
-                _clear_checkpoints(self.checkpoint_dir)
+                clear_checkpoints(self.checkpoint_dir)
 
     def _new_transcoder(self, sites: dict[str, str]) -> Transcoder:
         c, store, layer = self.config, self.store, self.layer
@@ -526,7 +526,7 @@ class Trainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _clear_checkpoints(self.checkpoint_dir, keep=target)
+        clear_checkpoints(self.checkpoint_dir, keep=target)
         return target
 
     def _store_identity(self) -> dict[str, Any]:
@@ -664,12 +664,12 @@ def _init_data_parallel(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _latest_checkpoint(directory: Path) -> Path | None:
+def latest_checkpoint(directory: Path) -> Path | None:
     done = sorted(directory.glob("step-[0-9]*")) if directory.is_dir() else []
     return done[-1] if done else None
 
 
-def _clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
+def clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
     """Delete checkpoints (and leftovers of interrupted ones) other than ``keep``."""
     for path in [*directory.glob("step-[0-9]*"), *directory.glob(".step-*")]:
         if path != keep:
