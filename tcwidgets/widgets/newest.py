@@ -9,7 +9,6 @@ points at its kernel's event loop, so traits are changed on the kernel's thread 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import traceback
 from collections.abc import Callable
@@ -116,14 +115,17 @@ class NewestWins(Generic[Result]):
 
 
 def kernel_deliver() -> Deliver:
-    """A ``deliver`` onto the event loop running in this thread (a Jupyter kernel's, where widget
-    messages are handled): ``loop.call_soon_threadsafe``. Without a running loop (a script, a test)
-    there is no kernel thread to return to, and callbacks run at once on the calling thread."""
+    """A ``deliver`` onto the Jupyter kernel's event loop (where widget messages are handled and
+    traits may be set): its IOLoop's thread-safe ``add_callback``. Outside a kernel (a script, a
+    test, a front-end without an IPython kernel) there is no kernel thread to return to, and
+    callbacks run at once on the calling thread. Any other running asyncio loop is not taken for the
+    kernel's: it may be pumped only now and then (Playwright's sync API keeps one "running")."""
     try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+        from IPython import get_ipython
+    except ImportError:
         return _call_now
-    return loop.call_soon_threadsafe
+    loop = getattr(getattr(get_ipython(), "kernel", None), "io_loop", None)
+    return loop.add_callback if loop is not None else _call_now
 
 
 def _call_now(callback: Callable[[], Any]) -> None:
