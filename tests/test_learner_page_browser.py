@@ -152,6 +152,8 @@ def test_three_widgets_share_one_page(open_notebook, page_files):
         "() => getComputedStyle(document.querySelector('.tcw-sliders')).backgroundColor")
     assert background != "rgb(255, 255, 255)"
     notebook.screenshot("learner-page-dark-viewport")
+    notebook.menu("Settings", "Theme", "JupyterLab Light")  # the setting persists for the session's server
+    notebook.page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'")
 
 
 def test_dashboard_renders_in_notebook_7(jupyterlab, browser, page_files):
