@@ -202,7 +202,7 @@ def test_notebook_runs_with_every_check_passing(path, tutorial_cache):
     if path.stem == "06-sliders":
         assert silence < 10, f"cell {cell} ran {silence:.0f} s without showing progress"
         cell = next(c for c in run.notebook.cells if "for units in [0, 1, 4, 16]" in c.source)
-        steered = dict(re.findall(r"\((\d+) units\): A module is(.*)", "".join(outputs_of(cell))))
+        steered = dict(re.findall(r"\(\s*(\d+) units\): A module is(.*)", "".join(outputs_of(cell))))
         assert set(steered) == {"0", "1", "4", "16"} and steered["16"] != steered["0"], \
             f"steering does not change the continuation: {steered}"
 
