@@ -78,11 +78,16 @@ def train(args: argparse.Namespace) -> None:
                                kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                checkpoint_dir=args.checkpoint_dir, seed=args.seed, eval_store=eval_store,
                                device=device, data_parallel=args.data_parallel)
-    if args.data_parallel and rank != 0:
-        return
-    for layer, tc in trained.items():
-        tc.save(folders[layer])
-        print(f"layer {layer}: {tc.n_latents} latents ({tc.config.kind}, {tc.config.activation}) saved to {folders[layer]}")
+    if not args.data_parallel or rank == 0:
+        for layer, tc in trained.items():
+            tc.save(folders[layer])
+            print(f"layer {layer}: {tc.n_latents} latents ({tc.config.kind}, {tc.config.activation}) saved to "
+                  f"{folders[layer]}")
+    if args.data_parallel:
+        import torch.distributed as dist
+
+        dist.barrier()  # every process leaves together, after rank 0 has saved
+        dist.destroy_process_group()
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -30,6 +30,9 @@ WORKER = textwrap.dedent("""
     if trainer.rank == 0:
         tc.save(out)
         open(out + "/history.json", "w").write(json.dumps(trainer.history))
+    import torch.distributed as dist
+    dist.barrier()  # leave together: a process exiting with gloo's threads alive aborts
+    dist.destroy_process_group()
 """)
 
 
