@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -516,18 +516,31 @@ def _norm_weight(norm: torch.nn.Module) -> torch.Tensor:
     return weight + 1 if type(norm).__name__.startswith("Gemma") else weight
 
 
-def _extremes(rows: torch.Tensor, columns: torch.Tensor, n: int, *, lowest: bool,
-              chunk: int = 256) -> tuple[np.ndarray, ...]:
+def _extremes(rows: torch.Tensor, columns: torch.Tensor | Callable[[int, int], torch.Tensor], n: int, *,
+              lowest: bool, n_columns: int | None = None, budget: int = 2**24) -> tuple[np.ndarray, ...]:
     """For each row r of ``rows`` [n_rows, d], the ``n`` largest (and smallest) entries of
-    ``columns @ r`` ([n_columns]): ids and values, computed in chunks of rows."""
-    found: dict[str, list[torch.Tensor]] = {"top_ids": [], "top_values": [], "low_ids": [], "low_values": []}
-    for start in range(0, rows.shape[0], chunk):
-        scores = rows[start:start + chunk] @ columns.T
-        for prefix, largest in (("top", True),) + ((("low", False),) if lowest else ()):
-            values, ids = scores.topk(n, dim=1, largest=largest)
-            found[f"{prefix}_ids"].append(ids.int())
-            found[f"{prefix}_values"].append(values)
-    return tuple(torch.cat(parts).numpy() for parts in found.values() if parts)
+    ``columns @ r``: ids and values. ``columns`` is a ``[n_columns, d]`` tensor or a function giving
+    its rows ``start:stop`` (then pass ``n_columns``), so a large vocabulary is never held whole;
+    scores are computed in blocks of at most ``budget`` values."""
+    n_columns = len(columns) if isinstance(columns, torch.Tensor) else n_columns
+    piece = max(1, budget // max(1, rows.shape[0]))
+    best: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
+    for first in range(0, n_columns, piece):
+        block = columns[first:first + piece] if isinstance(columns, torch.Tensor) else columns(first, first + piece)
+        scores = rows @ block.T
+        for largest in (True, False) if lowest else (True,):
+            values, ids = scores.topk(min(n, scores.shape[1]), dim=1, largest=largest)
+            if best[largest] is not None:  # merge with the best of the earlier blocks
+                values, ids = torch.cat([best[largest][0], values], 1), torch.cat([best[largest][1], ids + first], 1)
+                values, order = values.topk(n, dim=1, largest=largest)
+                ids = ids.gather(1, order)
+            else:
+                ids = ids + first
+            best[largest] = values, ids
+    found = [best[True][1].int(), best[True][0]]
+    if lowest:
+        found += [best[False][1].int(), best[False][0]]
+    return tuple(part.numpy() for part in found)
 
 
 @torch.no_grad()
@@ -559,10 +572,12 @@ def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> d
         module, sites = lm._module, lm.sites
         embed = resolve(module, sites.embed).weight.detach()
         norm = resolve(module, f"{sites.block(layer)}.{sites.pre_mlp_norm}")
-        scale = transcoder.config.input_scale  # in chunks: Gemma's 262k-token embedding would need 1.3 GB at once
-        inputs = torch.cat([(norm(embed[start:start + 16384]) * scale).float().cpu()
-                            for start in range(0, len(embed), 16384)])
-        ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, min(n, len(inputs)), lowest=False)
+        scale = transcoder.config.input_scale
+
+        def inputs(start: int, stop: int) -> torch.Tensor:  # a slice at a time: Gemma's 262k tokens are 0.7 GB
+            return (norm(embed[start:stop]) * scale).float().cpu()
+        ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, min(n, len(embed)), lowest=False,
+                                n_columns=len(embed))
         views.update(embedding_ids=ids, embedding_values=values)
     return views
 
