@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FileFormatError", "MappedTensors", "atomic_write", "checksum", "inside", "load_tensors", "lock",
+__all__ = ["FileFormatError", "MappedTensors", "atomic_folder", "atomic_write", "checksum", "inside", "load_tensors", "lock",
            "read_json", "read_manifest", "save_tensors", "unseal", "write_json", "write_manifest"]
 
 #: safetensors dtype names -> numpy dtypes (bfloat16 is read as raw 16-bit words, then viewed)
@@ -50,6 +50,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to write into; when the block ends it replaces ``path``
+    (renamed), and when the block fails it is removed: a folder that is there is complete."""
+    import shutil
+
+    path = Path(path)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield temporary
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any] | list) -> None:

@@ -35,8 +35,6 @@ import copy
 import hashlib
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .features import transcoder_fingerprint
-from .files import FileFormatError, inside, load_tensors, read_manifest, save_tensors, write_json
+from .files import FileFormatError, atomic_folder, inside, load_tensors, read_manifest, save_tensors, write_json
 from .splicing import check_transcoders, run_transcoder
 from .training import clear_checkpoints, latest_checkpoint, lr_factor
 from .transcoder import Transcoder
@@ -260,8 +258,7 @@ class JointFineTuner:
             raise ValueError("This JointFineTuner has no checkpoint_dir.")
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         target = self.checkpoint_dir / f"step-{self.step:08d}"
-        temporary = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".{target.name}."))
-        try:
+        with atomic_folder(target) as temporary:
             names = self._parameter_names()
             tensors = {f"{layer}.{name}": value for layer, tc in self.transcoders.items()
                        for name, value in tc.state_dict().items()}
@@ -274,12 +271,6 @@ class JointFineTuner:
                 "settings": asdict(self.config), "identity": self.identity, "history": self.history,
                 "files": {_STATE: record},
             })
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(temporary, target)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
         clear_checkpoints(self.checkpoint_dir, keep=target)
         return target
 

@@ -25,7 +25,6 @@ import math
 import os
 import queue
 import shutil
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ from . import heap
 from .activations import OUTLIER_RATIO
 from .calibration import low_precision_pays
 from .evaluation import ReconstructionStats
-from .files import FileFormatError, load_tensors, read_manifest, save_tensors, write_manifest
+from .files import FileFormatError, atomic_folder, load_tensors, read_manifest, save_tensors, write_manifest
 from .transcoder import Transcoder, TranscoderConfig, step as heaviside
 
 __all__ = [
@@ -507,8 +506,7 @@ class Trainer:
             raise ValueError("this Trainer has no checkpoint_dir")
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         target = self.checkpoint_dir / f"step-{self.step:08d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".{target.name}."))
-        try:
+        with atomic_folder(target) as tmp:
             self.transcoder.save(tmp / "transcoder")
             tensors = {"tokens_since_fired": self.tokens_since_fired}
             names = {p: name for name, p in self.transcoder.named_parameters()}
@@ -520,12 +518,6 @@ class Trainer:
                 "training": asdict(self.config), "store": self._store_identity(), "history": self.history,
                 "tensors": save_tensors(tmp / "trainer.safetensors", tensors),
             })
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         clear_checkpoints(self.checkpoint_dir, keep=target)
         return target
 
