@@ -19,7 +19,7 @@ import torch
 from tcwidgets import tutorials as tut
 from tcwidgets.models import cache_dir
 from tcwidgets.tutorials.launch import copy_tutorials, shipped_notebooks
-from tcwidgets.tutorials.runner import fill_in_solutions, run_notebook, tags
+from tcwidgets.tutorials.runner import PROGRESS_EVERY_S, fill_in_solutions, run_notebook, tags
 from tcwidgets.tutorials.runtimes import load as load_run_times
 from tcwidgets.tutorials.runtimes import write_docs
 
@@ -124,6 +124,7 @@ def test_the_runner_measures_how_long_a_cell_stays_silent(tmp_path):
     assert run.error is None
     assert 1.9 < run.silences[0] < 10 and run.silences[1] < 1.5, run.silences
     assert run.longest_silence[0] == 0
+    assert run.silent_cells(1.5) == [(0, run.silences[0])] and run.silent_cells() == []
 
 
 def test_every_quoted_run_time_comes_from_the_one_table():
@@ -132,6 +133,14 @@ def test_every_quoted_run_time_comes_from_the_one_table():
     assert not stale, f"run times out of date in {stale}: run python -m tcwidgets.tutorials.runner --table"
     table = load_run_times(ROOT / "tutorials")
     assert set(table["notebooks"]) == set(NOTEBOOKS)
+
+
+def test_no_measured_notebook_leaves_the_learner_waiting_without_progress():
+    """Every notebook measured in the default setting showed something new at least every 10 s."""
+    table = load_run_times(ROOT / "tutorials")
+    silent = {stem: (entry["longest_silence_s"], entry["silent_cell"]) for stem, entry in table["notebooks"].items()
+              if entry.get("longest_silence_s", 0) >= PROGRESS_EVERY_S}
+    assert not silent, f"cells silent for 10 s or more (seconds, cell): {silent}"
 
 
 def test_every_relative_link_works_in_the_copied_folder(tmp_path):
@@ -199,8 +208,8 @@ def test_notebook_runs_with_every_check_passing(path, tutorial_cache):
     if path.stem in ("06-sliders", "07-circuits"):
         warnings = [text for text in outputs(run.notebook) if "Warning" in text]
         assert not warnings, f"warnings shown to the learner: {warnings}"
+    assert not run.silent_cells(), f"cells that ran more than 10 s without showing progress: {run.silent_cells()}"
     if path.stem == "06-sliders":
-        assert silence < 10, f"cell {cell} ran {silence:.0f} s without showing progress"
         cell = next(c for c in run.notebook.cells if "for units in [0, 1, 4, 16]" in c.source)
         steered = dict(re.findall(r"\(\s*(\d+) units\): A module is(.*)", "".join(outputs_of(cell))))
         assert set(steered) == {"0", "1", "4", "16"} and steered["16"] != steered["0"], \

@@ -2,7 +2,9 @@
 
 ``python -m tcwidgets.tutorials.runner [--fast] [--learner] NOTEBOOK...`` executes each notebook in a
 fresh kernel in an empty temporary folder, with the solutions filled in (unless ``--learner``)
-and checks in strict mode, and prints its run time and the kernel's peak resident memory.
+and checks in strict mode, and prints its run time, the kernel's peak resident memory, and every cell
+that ran more than `PROGRESS_EVERY_S` seconds without showing the learner anything new (no output,
+no progress-bar update); such a cell fails the run.
 ``--table NOTEBOOK...`` measures them (default setting, cold then warm) into ``run-times.json`` and
 regenerates every quoted run time from it (`runtimes`); ``--table`` alone only regenerates.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 _CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+PROGRESS_EVERY_S = 10.0  # a running cell shows something new at least this often (a bar's update, a line)
 
 
 @dataclass
@@ -45,11 +48,16 @@ class NotebookRun:
     error: str | None = None
     notebook: Any = None  # the executed notebook (its outputs)
     silences: dict[int, float] = field(default_factory=dict)  # cell index -> longest stretch without news (s)
+    load_average: float = 0.0  # the machine's 1-minute load average, averaged over the run
 
     @property
     def longest_silence(self) -> tuple[int, float]:
         """``(cell index, seconds)`` of the longest time a learner saw nothing new in a running cell."""
         return max(self.silences.items(), key=lambda item: item[1], default=(-1, 0.0))
+
+    def silent_cells(self, limit: float = PROGRESS_EVERY_S) -> list[tuple[int, float]]:
+        """``(cell index, seconds)`` of every cell that stayed silent longer than ``limit``, longest first."""
+        return sorted(((cell, s) for cell, s in self.silences.items() if s > limit), key=lambda item: -item[1])
 
 
 def tags(cell: Any) -> list[str]:
@@ -136,11 +144,13 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
     saved = {name: os.environ.get(name) for name in env}
     work = Path(tempfile.mkdtemp(prefix=f"tcw-{path.stem}-"))
     peak = [0, 0]  # RSS, anonymous
+    loads: list[float] = []
     stop = threading.Event()
 
-    def watch() -> None:  # the kernel is a child process of this one: sample its memory
+    def watch() -> None:  # the kernel is a child process of this one: sample its memory (and the load)
         me = psutil.Process()
         while not stop.wait(0.2):
+            loads.append(os.getloadavg()[0])
             rss = anon = 0
             for child in me.children(recursive=True):
                 try:
@@ -171,11 +181,12 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
     return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook,
-                       client.silences)
+                       client.silences, sum(loads) / max(len(loads), 1))
 
 
-def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
-    """Run ``path`` cold (a fresh tutorials cache) and then warm (that cache), and record both."""
+def measure(path: Path, table: dict[str, Any]) -> list[NotebookRun]:
+    """Run ``path`` cold (a fresh tutorials cache) and then warm (that cache), and record both;
+    returns the runs (only the cold one if it failed)."""
     from ..models import cache_dir
     from . import runtimes
 
@@ -184,13 +195,17 @@ def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
         (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)  # model: de-quantised once
         cold = run_notebook(path, fast=False, cache=cache, timeout=3600)
         if cold.error:
-            return cold
+            return [cold]
         warm = run_notebook(path, fast=False, cache=cache, timeout=3600)
     if not warm.error:
+        silent = max(cold, warm, key=lambda run: run.longest_silence[1])
         runtimes.record(table, path.stem, cold_min=cold.seconds / 60, warm_min=warm.seconds / 60,
                         peak_rss_gb=max(cold.peak_rss_gb, warm.peak_rss_gb),
-                        peak_anon_gb=max(cold.peak_anon_gb, warm.peak_anon_gb))
-    return warm
+                        peak_anon_gb=max(cold.peak_anon_gb, warm.peak_anon_gb),
+                        longest_silence_s=silent.longest_silence[1], silent_cell=silent.longest_silence[0],
+                        load_average=(cold.load_average + warm.load_average) / 2,
+                        measured=time.strftime("%Y-%m-%d"))
+    return [cold, warm]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         return table_main(args.notebooks)
     if not args.notebooks:
         parser.error("give the notebooks to run")
-    print("| notebook | run time | peak RSS | peak RSS without file-backed pages | longest silence |\n"
-          "|---|---|---|---|---|")
     failed = 0
     for path in args.notebooks:
         run = run_notebook(path, fast=args.fast, solutions=not args.learner)
@@ -216,14 +229,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(run: NotebookRun) -> int:
-    """Print a run's row (and its error); 1 if it failed."""
-    status = "" if run.error is None else " **failed**"
+    """Print how a run went: time, memory, load, the longest silence and every cell silent longer than
+    `PROGRESS_EVERY_S` (and the error); 1 if it failed or a cell was silent too long."""
     cell, silence = run.longest_silence
-    print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB | "
-          f"{silence:.0f} s (cell {cell}) |{status}", flush=True)
+    print(f"{run.name}: {run.seconds / 60:.1f} min, peak RSS {run.peak_rss_gb:.2f} GB "
+          f"({run.peak_anon_gb:.2f} GB without file-backed pages), load average {run.load_average:.1f}, "
+          f"longest silence {silence:.1f} s (cell {cell})" + ("" if run.error is None else ": **failed**"), flush=True)
+    for index, seconds in run.silent_cells():
+        first = run.notebook.cells[index].source.strip().splitlines()[0][:80]
+        print(f"  cell {index} silent for {seconds:.1f} s (more than {PROGRESS_EVERY_S:.0f}): {first}", flush=True)
     if run.error:
         print(run.error[-3000:], file=sys.stderr)
-    return 1 if run.error else 0
+    return 1 if run.error or run.silent_cells() else 0
 
 
 def table_main(notebooks: list[Path]) -> int:
@@ -234,7 +251,7 @@ def table_main(notebooks: list[Path]) -> int:
     table = runtimes.load(folder)
     failed = 0
     for path in notebooks:
-        failed += report(measure(path, table))
+        failed += sum(report(run) for run in measure(path, table))
         runtimes.save(folder, table)
     readme = folder.parent / "README.md"  # the project README, in a source checkout
     changed = runtimes.write_docs(folder, readme if (readme.is_file() and runtimes.QUICKSTART.search(

@@ -18,6 +18,8 @@ TABLE = "run-times.json"
 START, END = "<!-- run-times: generated from run-times.json by the runner; do not edit -->", "<!-- /run-times -->"
 QUICKSTART = re.compile(r"(<!-- run-time:01-quickstart -->)(.*?)(<!-- /run-time -->)", re.S)
 RUN_TIME_LINE = re.compile(r"^\*\*Run time\*\*:.*$", re.M)
+FIELDS = ("cold_min", "warm_min", "peak_rss_gb", "peak_anon_gb", "longest_silence_s", "silent_cell", "load_average",
+          "measured")
 
 
 def load(folder: Path) -> dict[str, Any]:
@@ -29,12 +31,16 @@ def save(folder: Path, table: dict[str, Any]) -> None:
     (folder / TABLE).write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
 
 
-def record(table: dict[str, Any], stem: str, *, cold_min: float | None = None, warm_min: float | None = None,
-           peak_rss_gb: float | None = None, peak_anon_gb: float | None = None, machine: str | None = None) -> None:
-    """Put a measurement into the table (the values given; the others stay)."""
+def record(table: dict[str, Any], stem: str, **measured: float | int | str | None) -> None:
+    """Put a measurement into the table (the values given; the others stay): any of ``cold_min``,
+    ``warm_min``, ``peak_rss_gb``, ``peak_anon_gb``, ``longest_silence_s`` (the longest a running cell
+    showed nothing new), ``silent_cell`` (its index), ``load_average`` (the machine's 1-minute load
+    average during the runs), ``measured`` (a date)."""
+    unknown = set(measured) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"run-time table fields {sorted(unknown)} unknown; the table holds {FIELDS}")
     entry = table["notebooks"].setdefault(stem, {"title": stem})
-    for name, value in (("cold_min", cold_min), ("warm_min", warm_min), ("peak_rss_gb", peak_rss_gb),
-                        ("peak_anon_gb", peak_anon_gb), ("machine", machine)):
+    for name, value in measured.items():
         if value is not None:
             entry[name] = round(value, 2) if isinstance(value, float) else value
 
@@ -56,14 +62,15 @@ def header_line(entry: dict[str, Any]) -> str:
 
 
 def readme_table(table: dict[str, Any]) -> str:
-    rows = ["| notebook | run time, cold | run time, warm | peak RSS | peak RSS without file-backed pages |",
-            "|---|---|---|---|---|"]
+    rows = ["| notebook | run time, cold | run time, warm | peak RSS | peak RSS without file-backed pages "
+            "| longest wait without progress | load average |",
+            "|---|---|---|---|---|---|---|"]
     for entry in table["notebooks"].values():
-        def cell(name: str, unit: str) -> str:
-            return "" if entry.get(name) is None else f"{entry[name]:.1f} {unit}" if unit == "min" \
-                else f"{entry[name]:.2f} {unit}"
-        rows.append(f"| {entry['title']} | {cell('cold_min', 'min')} | {cell('warm_min', 'min')} | "
-                    f"{cell('peak_rss_gb', 'GB')} | {cell('peak_anon_gb', 'GB')} |")
+        def cell(name: str, unit: str, digits: int) -> str:
+            return "" if entry.get(name) is None else f"{entry[name]:.{digits}f}{unit}"
+        rows.append(f"| {entry['title']} | {cell('cold_min', ' min', 1)} | {cell('warm_min', ' min', 1)} | "
+                    f"{cell('peak_rss_gb', ' GB', 2)} | {cell('peak_anon_gb', ' GB', 2)} | "
+                    f"{cell('longest_silence_s', ' s', 0)} | {cell('load_average', '', 1)} |")
     return "\n".join([START, f"Measured on {table['machine']}.", "", *rows, END])
 
 
