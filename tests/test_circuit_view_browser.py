@@ -43,6 +43,15 @@ def model_files(lm, lab_root):
     return lab_root
 
 
+# a tooltip's overflow (scroll sizes against client sizes) and the parts of it that stick out of its box
+FITS = """(tip) => { const r = tip.getBoundingClientRect();
+  const outside = [...tip.querySelectorAll('*')].map((el) => [el.textContent.slice(0, 40), el.getBoundingClientRect()])
+    .filter(([, b]) => b.width > 0 && (b.left < r.left - 0.5 || b.right > r.right + 0.5 || b.bottom > r.bottom + 0.5))
+    .map(([text, b]) => [text, b.left, b.right, b.bottom]);
+  return { scroll: [tip.scrollWidth, tip.clientWidth, tip.scrollHeight, tip.clientHeight],
+           box: [r.left, r.right, r.bottom], outside }; }"""
+
+
 def widget(notebook):
     notebook.page.locator(".tcw-circuit[data-ready='1']").wait_for()
     return notebook.page.locator(".tcw-circuit")
@@ -138,14 +147,14 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
         "els => els.map(e => [e.parentElement.getBoundingClientRect().left + e.offsetLeft])")
     nodes = view.locator("circle.tcw-cv-node").evaluate_all(
         "cs => cs.map(c => { const b = c.getBoundingClientRect(); return [Number(c.dataset.position), "
-        "b.left + b.width / 2, b.top + b.height / 2, c.style.display !== 'none']; })")
+        "b.left + b.width / 2, b.top + b.height / 2, c.style.display !== 'none', c.dataset.id]; })")
     expected = value(notebook, "sorted({n.position for n in pruned.nodes.values()})")
     assert str(sorted({p for p, *_ in nodes})) == expected
-    nodes = [node[:3] for node in nodes if node[3]]  # drawn (reaching the target)
+    nodes = [(p, x, y, node_id) for p, x, y, drawn, node_id in nodes if drawn]  # drawn (reaching the target)
     assert len({p for p, *_ in nodes}) >= len(columns) // 2  # spread over the prompt, not one column
     anchors = [c[0] for c in columns]
     assert anchors == sorted(anchors)
-    for p, x, _ in nodes:  # each drawn node lies between the labels of its token's neighbours
+    for p, x, *_ in nodes:  # each drawn node lies between the labels of its token's neighbours
         assert (p == 0 or anchors[p - 1] < x) and (p == len(anchors) - 1 or x < anchors[p + 1])
     scores = view.locator(".tcw-cv-scores").inner_text()
     replacement = float(value(notebook, "round(pruned.scores().replacement, 4)"))
@@ -156,14 +165,20 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
     size = notebook.page.viewport_size
     rightmost = max(range(len(nodes)), key=lambda i: nodes[i][1])
     lowest = max(range(len(nodes)), key=lambda i: nodes[i][2])
-    for index in (rightmost, lowest):
-        view.locator("circle.tcw-cv-node").nth(index).hover()  # scrolled into view, the pointer on it
-        tooltip = view.locator(".tcw-cv-tooltip")
+    latent = max((node for node in nodes if node[3].startswith("latent/")), key=lambda node: node[1])  # rightmost
+    for name, node in (("right", nodes[rightmost]), ("low", nodes[lowest]), ("latent", latent)):
+        view.locator(f"circle[data-id='{node[3]}']").hover()  # scrolled into view, the pointer on it
+        tooltip = view.locator(f".tcw-cv-tooltip[data-id='{node[3]}']")
         tooltip.wait_for()
-        notebook.page.wait_for_timeout(300)  # the summary arrives and the tooltip is placed again
+        if name == "latent":
+            tooltip.locator(".tcw-cv-promoted .tcw-cv-chip").first.wait_for()  # the summary arrived
+        notebook.page.wait_for_timeout(300)  # the tooltip is placed again with its summary
         box, tip = view.bounding_box(), tooltip.bounding_box()
         assert box["x"] - 1 <= tip["x"] and tip["x"] + tip["width"] <= box["x"] + box["width"] + 1
         assert 0 <= tip["y"] and tip["y"] + tip["height"] <= size["height"] + 1
         assert 0 <= tip["x"] and tip["x"] + tip["width"] <= size["width"] + 1
-        notebook.screenshot(f"circuit-view-tooltip-{'right' if index == rightmost else 'low'}")
+        content = tooltip.evaluate(FITS)  # nothing inside cut off: no overflow, every part within the box
+        assert content["scroll"][0] <= content["scroll"][1] and content["scroll"][2] <= content["scroll"][3], content
+        assert not content["outside"], f"tooltip parts outside its box {content['box']}: {content['outside']}"
+        notebook.screenshot(f"circuit-view-tooltip-{name}")
         notebook.page.mouse.move(0, 0)

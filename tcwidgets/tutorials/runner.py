@@ -48,6 +48,7 @@ class NotebookRun:
     error: str | None = None
     notebook: Any = None  # the executed notebook (its outputs)
     silences: dict[int, float] = field(default_factory=dict)  # cell index -> longest stretch without news (s)
+    silent_after: dict[int, str] = field(default_factory=dict)  # cell index -> what was shown before it
     load_average: float = 0.0  # the machine's 1-minute load average, averaged over the run
 
     @property
@@ -91,31 +92,47 @@ def fill_in_solutions(notebook: Any) -> int:
 _NEWS = {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output", "comm_msg"}
 
 
+def _news_text(msg: dict) -> str:
+    """A short description of what a message showed: a stream's last line, a progress bar's text."""
+    content = msg.get("content", {})
+    if msg["msg_type"] == "stream":
+        lines = [line for line in re.split(r"[\r\n]", content.get("text", "")) if line.strip()]
+        return lines[-1].strip()[:100] if lines else "(blank output)"
+    state = content.get("data", {}).get("state", {}) if msg["msg_type"] == "comm_msg" else {}
+    if "value" in state or "description" in state:
+        return f"widget update {state.get('description', '')} {state.get('value', '')}".strip()[:100]
+    return msg["msg_type"]
+
+
 def _timed(client_class: type) -> type:
     """``client_class`` (nbclient's NotebookClient) recording, per cell, the longest stretch without news
-    between the cell's start, each message the learner would see, and its end."""
+    between the cell's start, each message the learner would see, and its end; and what the learner
+    saw last before that stretch."""
 
     class TimedClient(client_class):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, on_cell_execute=self._started, on_cell_executed=self._ended, **kwargs)
             self.silences: dict[int, float] = {}
-            self._last: dict[int, float] = {}
+            self.silent_after: dict[int, str] = {}
+            self._last: dict[int, tuple[float, str]] = {}
 
-        def _heard(self, index: int) -> None:
+        def _heard(self, index: int, text: str) -> None:
             now = time.monotonic()
             if index in self._last:
-                self.silences[index] = max(self.silences.get(index, 0.0), now - self._last[index])
-            self._last[index] = now
+                since, before = self._last[index]
+                if now - since > self.silences.get(index, 0.0):
+                    self.silences[index], self.silent_after[index] = now - since, before
+            self._last[index] = (now, text)
 
         def _started(self, cell: Any, cell_index: int, **_: Any) -> None:
-            self._last[cell_index] = time.monotonic()
+            self._last[cell_index] = (time.monotonic(), "the cell's start")
 
         def _ended(self, cell: Any, cell_index: int, **_: Any) -> None:
-            self._heard(cell_index)
+            self._heard(cell_index, "the cell's end")
 
         def process_message(self, msg: dict, cell: Any, cell_index: int) -> Any:
             if msg["msg_type"] in _NEWS:
-                self._heard(cell_index)
+                self._heard(cell_index, _news_text(msg))
             return super().process_message(msg, cell, cell_index)
 
     return TimedClient
@@ -181,7 +198,7 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
     return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook,
-                       client.silences, sum(loads) / max(len(loads), 1))
+                       client.silences, client.silent_after, sum(loads) / max(len(loads), 1))
 
 
 def measure(path: Path, table: dict[str, Any]) -> list[NotebookRun]:
@@ -236,8 +253,9 @@ def report(run: NotebookRun) -> int:
           f"({run.peak_anon_gb:.2f} GB without file-backed pages), load average {run.load_average:.1f}, "
           f"longest silence {silence:.1f} s (cell {cell})" + ("" if run.error is None else ": **failed**"), flush=True)
     for index, seconds in run.silent_cells():
-        first = run.notebook.cells[index].source.strip().splitlines()[0][:80]
-        print(f"  cell {index} silent for {seconds:.1f} s (more than {PROGRESS_EVERY_S:.0f}): {first}", flush=True)
+        first = (run.notebook.cells[index].source.strip().splitlines() or [""])[0][:80]
+        print(f"  cell {index} silent for {seconds:.1f} s (more than {PROGRESS_EVERY_S:.0f}) after "
+              f"{run.silent_after.get(index, '?')!r}: {first}", flush=True)
     if run.error:
         print(run.error[-3000:], file=sys.stderr)
     return 1 if run.error or run.silent_cells() else 0
