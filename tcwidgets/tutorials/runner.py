@@ -6,7 +6,8 @@ and checks in strict mode, and prints its run time, the kernel's peak resident m
 that ran more than `PROGRESS_EVERY_S` seconds without showing the learner anything new (no output,
 no progress-bar update); such a cell fails the run.
 ``--table NOTEBOOK...`` measures them (default setting, cold then warm) into ``run-times.json`` and
-regenerates every quoted run time from it (`runtimes`); ``--table`` alone only regenerates.
+regenerates every quoted run time from it (`runtimes`); ``--table --fast NOTEBOOK...`` measures the
+fast setting (as CI runs them) instead; ``--table`` alone only regenerates.
 
 Notebook conventions it relies on: an exercise is a code cell tagged ``exercise``; its solution is
 the first Python code block of the next markdown cell tagged ``solution`` (a ``<details>`` block,
@@ -225,17 +226,32 @@ def measure(path: Path, table: dict[str, Any]) -> list[NotebookRun]:
     return [cold, warm]
 
 
+def measure_fast(path: Path, table: dict[str, Any]) -> NotebookRun:
+    """Run ``path`` in the fast setting as CI does (a fresh tutorials cache) and record its time."""
+    from ..models import cache_dir
+    from . import runtimes
+
+    with tempfile.TemporaryDirectory(prefix="tcw-runtimes-") as folder:
+        cache = Path(folder)
+        (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+        run = run_notebook(path, fast=True, cache=cache)
+    if not run.error:
+        runtimes.record(table, path.stem, fast_min=run.seconds / 60)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--fast", action="store_true", help="the fast setting (CI)")
     parser.add_argument("--learner", action="store_true", help="run the exercises as shipped (unanswered)")
     parser.add_argument("--table", action="store_true",
-                        help="measure the notebooks (default setting, cold then warm) into run-times.json and "
-                             "regenerate every quoted run time from it; without notebooks, only regenerate")
+                        help="measure the notebooks (default setting, cold then warm; with --fast, the fast "
+                             "setting) into run-times.json and regenerate every quoted run time from it; without "
+                             "notebooks, only regenerate")
     args = parser.parse_args(argv)
     if args.table:
-        return table_main(args.notebooks)
+        return table_main(args.notebooks, fast=args.fast)
     if not args.notebooks:
         parser.error("give the notebooks to run")
     failed = 0
@@ -261,7 +277,7 @@ def report(run: NotebookRun) -> int:
     return 1 if run.error or run.silent_cells() else 0
 
 
-def table_main(notebooks: list[Path]) -> int:
+def table_main(notebooks: list[Path], *, fast: bool = False) -> int:
     from . import runtimes
     from .launch import shipped_notebooks
 
@@ -269,7 +285,8 @@ def table_main(notebooks: list[Path]) -> int:
     table = runtimes.load(folder)
     failed = 0
     for path in notebooks:
-        failed += sum(report(run) for run in measure(path, table))
+        runs = [measure_fast(path, table)] if fast else measure(path, table)
+        failed += sum(report(run) for run in runs)
         runtimes.save(folder, table)
     readme = folder.parent / "README.md"  # the project README, in a source checkout
     changed = runtimes.write_docs(folder, readme if (readme.is_file() and runtimes.QUICKSTART.search(

@@ -1,6 +1,6 @@
 """The tutorials' measured run times: one table, ``tutorials/run-times.json``, that the runner updates
 (``python -m tcwidgets.tutorials.runner --table NOTEBOOK...``) and that every place quoting a run time
-is regenerated from (`write_docs`): the table in ``tutorials/README.md``, the **Run time** line of each
+is regenerated from (`write_docs`): the table and the fast setting's range in ``tutorials/README.md``, the **Run time** line of each
 notebook's first cell, and the quickstart's time in the top-level ``README.md``. So they cannot
 disagree.
 """
@@ -17,8 +17,9 @@ import nbformat
 TABLE = "run-times.json"
 START, END = "<!-- run-times: generated from run-times.json by the runner; do not edit -->", "<!-- /run-times -->"
 QUICKSTART = re.compile(r"(<!-- run-time:01-quickstart -->)(.*?)(<!-- /run-time -->)", re.S)
+FAST = re.compile(r"(<!-- run-time:fast -->)(.*?)(<!-- /run-time -->)", re.S)
 RUN_TIME_LINE = re.compile(r"^\*\*Run time\*\*:.*$", re.M)
-FIELDS = ("cold_min", "warm_min", "peak_rss_gb", "peak_anon_gb", "longest_silence_s", "silent_cell", "load_average",
+FIELDS = ("cold_min", "warm_min", "fast_min", "peak_rss_gb", "peak_anon_gb", "longest_silence_s", "silent_cell", "load_average",
           "measured")
 
 
@@ -33,7 +34,7 @@ def save(folder: Path, table: dict[str, Any]) -> None:
 
 def record(table: dict[str, Any], stem: str, **measured: float | int | str | None) -> None:
     """Put a measurement into the table (the values given; the others stay): any of ``cold_min``,
-    ``warm_min``, ``peak_rss_gb``, ``peak_anon_gb``, ``longest_silence_s`` (the longest a running cell
+    ``warm_min``, ``fast_min`` (the fast setting, as CI runs it), ``peak_rss_gb``, ``peak_anon_gb``, ``longest_silence_s`` (the longest a running cell
     showed nothing new), ``silent_cell`` (its index), ``load_average`` (the machine's 1-minute load
     average during the runs), ``measured`` (a date)."""
     unknown = set(measured) - set(FIELDS)
@@ -62,13 +63,14 @@ def header_line(entry: dict[str, Any]) -> str:
 
 
 def readme_table(table: dict[str, Any]) -> str:
-    rows = ["| notebook | run time, cold | run time, warm | peak RSS | peak RSS without file-backed pages "
-            "| longest wait without progress | load average |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| notebook | run time, cold | run time, warm | run time, fast setting (CI) | peak RSS "
+            "| peak RSS without file-backed pages | longest wait without progress | load average |",
+            "|---|---|---|---|---|---|---|---|"]
     for entry in table["notebooks"].values():
         def cell(name: str, unit: str, digits: int) -> str:
             return "" if entry.get(name) is None else f"{entry[name]:.{digits}f}{unit}"
         rows.append(f"| {entry['title']} | {cell('cold_min', ' min', 1)} | {cell('warm_min', ' min', 1)} | "
+                    f"{cell('fast_min', ' min', 1)} | "
                     f"{cell('peak_rss_gb', ' GB', 2)} | {cell('peak_anon_gb', ' GB', 2)} | "
                     f"{cell('longest_silence_s', ' s', 0)} | {cell('load_average', '', 1)} |")
     return "\n".join([START, f"Measured on {table['machine']}.", "", *rows, END])
@@ -91,7 +93,14 @@ def write_docs(folder: Path, readme: Path | None = None, *, write: bool = True) 
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
         raise ValueError(f"{index} has no run-time table between {START!r} and {END!r}.")
-    update(index, text, pattern.sub(lambda _: readme_table(table), text))
+    new = pattern.sub(lambda _: readme_table(table), text)
+    fast = [entry["fast_min"] for entry in table["notebooks"].values() if entry.get("fast_min") is not None]
+    if fast:
+        if not FAST.search(new):
+            raise ValueError(f"{index} has no <!-- run-time:fast --> marker for the fast setting's times.")
+        span = f"{min(fast):.1f}–{max(fast):.1f} minutes"
+        new = FAST.sub(lambda m: m.group(1) + span + m.group(3), new)
+    update(index, text, new)
     for stem, entry in table["notebooks"].items():
         path = folder / f"{stem}.ipynb"
         notebook = nbformat.read(path, as_version=4)
