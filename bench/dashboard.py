@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -136,6 +137,8 @@ def main() -> None:
     env = {"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}
     with tempfile.TemporaryDirectory(prefix="tcw-baseline-") as folder:
         code = {"before": export(args.baseline, Path(folder)), "after": None} if args.baseline else {"after": None}
+        if args.baseline:
+            save_as_version_1(stats_dir, out / f"{stats_dir.name}-v1")
         rounds = measure_pages(out, stats_dir, targets, env, code, args.rounds)
     results["load_average_after"] = os.getloadavg()
     metrics = ("python_to_dom_ms", "python_to_page_ms", "key_to_page_ms")
@@ -153,6 +156,18 @@ def main() -> None:
               f"{results['cpu']}, load average {load} at the start:")
         print(side_by_side([(f"{metric} (ms)", rounds["before"], rounds["after"], metric)
                             for metric in ("python_to_page_ms", "key_to_page_ms")]))
+
+
+def save_as_version_1(folder: Path, copy: Path) -> None:
+    """The feature statistics in ``folder`` as version 1 in ``copy``: the same arrays and vocabulary,
+    a ``stats.json`` without the checksums version 2 added (so a baseline revision can load them)."""
+    copy.mkdir(exist_ok=True)
+    meta = json.loads((folder / "stats.json").read_text())
+    meta = {name: value for name, value in meta.items() if not (isinstance(value, dict) and "sha256" in value)
+            and name != "sha256"}
+    (copy / "stats.json").write_text(json.dumps({**meta, "version": 1}))
+    for name in ("stats.safetensors", "vocab.json"):
+        shutil.copyfile(folder / name, copy / name)
 
 
 def page_round(notebook: NotebookPage, side: str, targets: list[int]) -> Samples:
@@ -191,9 +206,10 @@ def measure_pages(out: Path, stats_dir: Path, targets: list[int], env: dict[str,
         notebooks = {}
         for side, folder in code.items():
             first = "" if folder is None else f"import sys\nsys.path.insert(0, {str(folder)!r})\n"
+            stats = stats_dir.name if folder is None else f"{stats_dir.name}-v1"  # what a baseline reads
             write_notebook(out / f"{side}.ipynb", [
                 f"{first}from tcwidgets.features import FeatureStats\nfrom tcwidgets.widgets import FeatureDashboard\n"
-                f"dash = FeatureDashboard(FeatureStats.load({stats_dir.name!r}), feature=0)\ndash"])
+                f"dash = FeatureDashboard(FeatureStats.load({stats!r}), feature=0)\ndash"])
             notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}),
                                     f"{side}.ipynb").open()
             notebook.run_all()
