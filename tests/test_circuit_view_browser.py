@@ -151,9 +151,14 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
     expected = value(notebook, "sorted({n.position for n in pruned.nodes.values()})")
     assert str(sorted({p for p, *_ in nodes})) == expected
     nodes = [(p, x, y, node_id) for p, x, y, drawn, node_id in nodes if drawn]  # drawn (reaching the target)
-    assert len({p for p, *_ in nodes}) >= len(columns) // 2  # spread over the prompt, not one column
     anchors = [c[0] for c in columns]
     assert anchors == sorted(anchors)
+    width = view.bounding_box()["width"]
+    assert anchors[-1] - anchors[0] > width / 2, "the token columns do not spread over the widget"
+    # positions with nodes get columns of their own, in token order (how many positions have nodes is the
+    # graph's business: in notebook 7's greater-than graph nearly all sit at the last two tokens)
+    centres = [min(x for q, x, *_ in nodes if q == p) for p in sorted({p for p, *_ in nodes})]
+    assert len(centres) > 1 and all(b - a > 5 for a, b in zip(centres, centres[1:])), centres
     for p, x, *_ in nodes:  # each drawn node lies between the labels of its token's neighbours
         assert (p == 0 or anchors[p - 1] < x) and (p == len(anchors) - 1 or x < anchors[p + 1])
     scores = view.locator(".tcw-cv-scores").inner_text()

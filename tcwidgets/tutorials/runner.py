@@ -236,7 +236,7 @@ def measure_fast(path: Path, table: dict[str, Any]) -> NotebookRun:
         (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
         run = run_notebook(path, fast=True, cache=cache)
     if not run.error:
-        runtimes.record(table, path.stem, fast_min=run.seconds / 60)
+        runtimes.record(table, path.stem, fast_min=run.seconds / 60, fast_load_average=run.load_average)
     return run
 
 

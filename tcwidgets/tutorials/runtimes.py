@@ -19,7 +19,7 @@ START, END = "<!-- run-times: generated from run-times.json by the runner; do no
 QUICKSTART = re.compile(r"(<!-- run-time:01-quickstart -->)(.*?)(<!-- /run-time -->)", re.S)
 FAST = re.compile(r"(<!-- run-time:fast -->)(.*?)(<!-- /run-time -->)", re.S)
 RUN_TIME_LINE = re.compile(r"^\*\*Run time\*\*:.*$", re.M)
-FIELDS = ("cold_min", "warm_min", "fast_min", "peak_rss_gb", "peak_anon_gb", "longest_silence_s", "silent_cell", "load_average",
+FIELDS = ("cold_min", "warm_min", "fast_min", "fast_load_average", "peak_rss_gb", "peak_anon_gb", "longest_silence_s", "silent_cell", "load_average",
           "measured")
 
 
@@ -34,7 +34,8 @@ def save(folder: Path, table: dict[str, Any]) -> None:
 
 def record(table: dict[str, Any], stem: str, **measured: float | int | str | None) -> None:
     """Put a measurement into the table (the values given; the others stay): any of ``cold_min``,
-    ``warm_min``, ``fast_min`` (the fast setting, as CI runs it), ``peak_rss_gb``, ``peak_anon_gb``, ``longest_silence_s`` (the longest a running cell
+    ``warm_min``, ``fast_min`` (the fast setting, as CI runs it) and ``fast_load_average`` (the load
+    average during that run), ``peak_rss_gb``, ``peak_anon_gb``, ``longest_silence_s`` (the longest a running cell
     showed nothing new), ``silent_cell`` (its index), ``load_average`` (the machine's 1-minute load
     average during the runs), ``measured`` (a date)."""
     unknown = set(measured) - set(FIELDS)
@@ -94,11 +95,12 @@ def write_docs(folder: Path, readme: Path | None = None, *, write: bool = True) 
     if not pattern.search(text):
         raise ValueError(f"{index} has no run-time table between {START!r} and {END!r}.")
     new = pattern.sub(lambda _: readme_table(table), text)
-    fast = [entry["fast_min"] for entry in table["notebooks"].values() if entry.get("fast_min") is not None]
+    fast = [entry for entry in table["notebooks"].values() if entry.get("fast_min") is not None]
     if fast:
         if not FAST.search(new):
             raise ValueError(f"{index} has no <!-- run-time:fast --> marker for the fast setting's times.")
-        span = f"{min(fast):.1f}–{max(fast):.1f} minutes"
+        times, loads = [e["fast_min"] for e in fast], [e.get("fast_load_average", 0.0) for e in fast]
+        span = f"{min(times):.1f}–{max(times):.1f} minutes (measured at load average up to {max(loads):.0f})"
         new = FAST.sub(lambda m: m.group(1) + span + m.group(3), new)
     update(index, text, new)
     for stem, entry in table["notebooks"].items():
