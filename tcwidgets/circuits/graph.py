@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from ..features import logit_effects
 from ..files import FileFormatError, inside, read_json, write_json
+from ..progress import delayed_bar
 from .adjacency import Adjacency, build_adjacency, cumulative_ranks, node_influence
 from .adjacency import prune as prune_adjacency
 from .adjacency import scores as graph_scores
@@ -101,13 +101,10 @@ class Edge:
     dependent: float
 
 
-PROGRESS_DELAY_S = 2.0  # a search that finishes sooner shows no bar
-
-
 @dataclass
 class _Search:
     """Path-search settings; ``scale`` is the target's largest direct contribution (absolute);
-    ``progress`` shows a bar of the nodes expanded when the search runs longer than `PROGRESS_DELAY_S`."""
+    ``progress`` shows a bar of the nodes expanded when the search takes more than a moment."""
 
     depth: int
     top_k: int | None
@@ -231,8 +228,7 @@ class CircuitGraph:
 
     def _grow(self, frontier: list[str], search: _Search) -> None:
         """Breadth-first expansion, ``search.depth`` levels from ``frontier``."""
-        with tqdm(total=0, desc="attributing", unit="node", leave=False, delay=PROGRESS_DELAY_S,
-                  disable=not search.progress) as bar:
+        with delayed_bar(total=0, desc="attributing", unit="node", disable=not search.progress) as bar:
             for level in range(search.depth):
                 frontier = list(dict.fromkeys(frontier))
                 bar.total += len(frontier)
