@@ -51,6 +51,7 @@ from tcwidgets.splicing import splice  # noqa: E402
 from tcwidgets.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
 LAYER, N_LATENTS, K = 6, 4608, 32
+SETUP_TIMEOUT = 900  # seconds for a side's notebook to show its sliders
 BARE_RUN = """import json, time
 import tcwidgets.interventions as iv
 edits = [iv.Edit({layer}, w._rows[0]["latent"], scale=0.0)]
@@ -155,8 +156,8 @@ def measure_widgets(out: Path, env: dict[str, str], code: dict[str, Path | None]
         for side, folder in code.items():
             path = side_notebook(out, side, folder, prompts[min(prompts)])
             notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}), path).open()
-            notebook.run_all()
-            notebook.page.wait_for_function(SETTLED)
+            notebook.run_all(timeout=SETUP_TIMEOUT)  # loading the model takes minutes on a busy machine
+            notebook.page.wait_for_function(SETTLED, timeout=SETUP_TIMEOUT * 1000)
             imported = notebook.run("import tcwidgets\nprint(tcwidgets.__file__)").strip()
             assert (folder is not None) == imported.startswith(str(folder)), f"{side} imported {imported}"
             notebook.page.evaluate(OBSERVE)

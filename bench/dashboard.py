@@ -49,6 +49,7 @@ from tcwidgets.features import FeatureStats, analyze_features, transcoder_finger
 from tcwidgets.widgets.dashboard import latent_payload  # noqa: E402
 
 LAYER, N_LATENTS, K = 6, 4608, 32
+SETUP_TIMEOUT = 900  # seconds for a side's notebook to show its dashboard
 
 OBSERVE = """() => {
   window.__drawn = [];
@@ -212,8 +213,8 @@ def measure_pages(out: Path, stats_dir: Path, targets: list[int], env: dict[str,
                 f"dash = FeatureDashboard(FeatureStats.load({stats!r}), feature=0)\ndash"])
             notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}),
                                     f"{side}.ipynb").open()
-            notebook.run_all()
-            notebook.page.locator(".tcw-dashboard[data-latent='0']").wait_for()
+            notebook.run_all(timeout=SETUP_TIMEOUT)  # loading takes minutes on a busy machine
+            notebook.page.locator(".tcw-dashboard[data-latent='0']").wait_for(timeout=SETUP_TIMEOUT * 1000)
             imported = notebook.run("import tcwidgets\nprint(tcwidgets.__file__)").strip()
             assert (folder is not None) == imported.startswith(str(folder)), f"{side} imported {imported}"
             notebook.page.evaluate(OBSERVE)
