@@ -44,14 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
-from baseline import Samples, cpu_name, export, interleaved, paired_ratio, side_by_side, summary  # noqa: E402
-from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
+from baseline import (SETUP_TIMEOUT, Samples, cpu_name, export, interleaved, open_side, paired_ratio,  # noqa: E402
+                      side_by_side, summary)
+from browser.harness import JupyterLab, NotebookPage, chromium  # noqa: E402
 from tcwidgets.interventions import Edit, LatentEditor, encode_prompt, run_with_edits, start_session  # noqa: E402
 from tcwidgets.splicing import splice  # noqa: E402
 from tcwidgets.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
 LAYER, N_LATENTS, K = 6, 4608, 32
-SETUP_TIMEOUT = 900  # seconds for a side's notebook to show its sliders
 BARE_RUN = """import json, time
 import tcwidgets.interventions as iv
 edits = [iv.Edit({layer}, w._rows[0]["latent"], scale=0.0)]
@@ -154,14 +154,9 @@ def measure_widgets(out: Path, env: dict[str, str], code: dict[str, Path | None]
     with JupyterLab(out, env=env) as lab, chromium() as browser:
         notebooks = {}
         for side, folder in code.items():
-            path = side_notebook(out, side, folder, prompts[min(prompts)])
-            notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}), path).open()
-            notebook.run_all(timeout=SETUP_TIMEOUT)  # loading the model takes minutes on a busy machine
-            notebook.page.wait_for_function(SETTLED, timeout=SETUP_TIMEOUT * 1000)
-            imported = notebook.run("import tcwidgets\nprint(tcwidgets.__file__)").strip()
-            assert (folder is not None) == imported.startswith(str(folder)), f"{side} imported {imported}"
-            notebook.page.evaluate(OBSERVE)
-            notebooks[side] = notebook
+            notebooks[side] = open_side(lab, browser, side, folder, sliders_cell(folder, prompts[min(prompts)]),
+                                        lambda page: page.wait_for_function(SETTLED, timeout=SETUP_TIMEOUT * 1000))
+            notebooks[side].page.evaluate(OBSERVE)
         results = {}
         for length, prompt in prompts.items():
             print(f"{length} tokens:", flush=True)
@@ -172,16 +167,13 @@ def measure_widgets(out: Path, env: dict[str, str], code: dict[str, Path | None]
     return results
 
 
-def side_notebook(out: Path, side: str, folder: Path | None, prompt: str) -> str:
-    """A notebook showing the sliders, importing tcwidgets from ``folder`` (if given; it then loads
-    the transcoder as ``tc-v1``, which revisions before schema version 2 read)."""
-    first = "" if folder is None else f"import sys\nsys.path.insert(0, {str(folder)!r})\n"
-    write_notebook(out / f"{side}.ipynb", [
-        f"{first}import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
-        "from tcwidgets.widgets.sliders import AblationSliders\n"
-        f"w = AblationSliders(tcw.load_model(), {{{LAYER}: Transcoder.load({'tc' if folder is None else 'tc-v1'!r})}}, "
-        f"prompt={prompt!r})\nw"])
-    return f"{side}.ipynb"
+def sliders_cell(folder: Path | None, prompt: str) -> str:
+    """The code showing the sliders (a baseline in ``folder`` loads the transcoder as ``tc-v1``, which
+    revisions before schema version 2 read)."""
+    return ("import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
+            "from tcwidgets.widgets.sliders import AblationSliders\n"
+            f"w = AblationSliders(tcw.load_model(), {{{LAYER}: Transcoder.load({'tc' if folder is None else 'tc-v1'!r})}}, "
+            f"prompt={prompt!r})\nw")
 
 
 def save_as_schema_1(folder: Path, copy: Path) -> None:

@@ -9,10 +9,14 @@ import platform
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from browser.harness import JupyterLab, NotebookPage, write_notebook
+
 ROOT = Path(__file__).resolve().parents[1]
+SETUP_TIMEOUT = 900  # seconds for a side's notebook to show its widget (loading takes minutes on a busy machine)
 
 Samples = dict[str, list[float]]  # metric name -> the round's samples (ms)
 
@@ -24,6 +28,22 @@ def export(revision: str, folder: Path) -> Path:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
+
+
+def open_side(lab: JupyterLab, browser: Any, side: str, folder: Path | None, code: str,
+              ready: Callable[[Any], None]) -> NotebookPage:
+    """A notebook ``side.ipynb`` running ``code`` in its own kernel and page, importing the package
+    from ``folder`` (a baseline from `export`; None: the installed one), checked; ``ready(page)``
+    waits for its widget."""
+    first = "" if folder is None else f"import sys\nsys.path.insert(0, {str(folder)!r})\n"
+    write_notebook(lab.root / f"{side}.ipynb", [first + code])
+    notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}), f"{side}.ipynb").open()
+    notebook.run_all(timeout=SETUP_TIMEOUT)
+    ready(notebook.page)
+    imported = notebook.run("import tcwidgets\nprint(tcwidgets.__file__)").strip()
+    if (folder is not None) != imported.startswith(str(folder)):
+        raise RuntimeError(f"the {side} kernel imported {imported}, not the package from {folder}")
+    return notebook
 
 
 def interleaved(sides: dict[str, Callable[[], Samples]], rounds: int) -> dict[str, list[Samples]]:

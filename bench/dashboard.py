@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
-from baseline import Samples, cpu_name, export, interleaved, paired_ratio, side_by_side, summary  # noqa: E402
-from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
+from baseline import (SETUP_TIMEOUT, Samples, cpu_name, export, interleaved, open_side, paired_ratio,  # noqa: E402
+                      side_by_side, summary)
+from browser.harness import JupyterLab, NotebookPage, chromium  # noqa: E402
 from tcwidgets.features import FeatureStats, analyze_features, transcoder_fingerprint  # noqa: E402
 from tcwidgets.widgets.dashboard import latent_payload  # noqa: E402
 
 LAYER, N_LATENTS, K = 6, 4608, 32
-SETUP_TIMEOUT = 900  # seconds for a side's notebook to show its dashboard
 
 OBSERVE = """() => {
   window.__drawn = [];
@@ -206,19 +206,12 @@ def measure_pages(out: Path, stats_dir: Path, targets: list[int], env: dict[str,
     with JupyterLab(out, env=env) as lab, chromium() as browser:
         notebooks = {}
         for side, folder in code.items():
-            first = "" if folder is None else f"import sys\nsys.path.insert(0, {str(folder)!r})\n"
             stats = stats_dir.name if folder is None else f"{stats_dir.name}-v1"  # what a baseline reads
-            write_notebook(out / f"{side}.ipynb", [
-                f"{first}from tcwidgets.features import FeatureStats\nfrom tcwidgets.widgets import FeatureDashboard\n"
-                f"dash = FeatureDashboard(FeatureStats.load({stats!r}), feature=0)\ndash"])
-            notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}),
-                                    f"{side}.ipynb").open()
-            notebook.run_all(timeout=SETUP_TIMEOUT)  # loading takes minutes on a busy machine
-            notebook.page.locator(".tcw-dashboard[data-latent='0']").wait_for(timeout=SETUP_TIMEOUT * 1000)
-            imported = notebook.run("import tcwidgets\nprint(tcwidgets.__file__)").strip()
-            assert (folder is not None) == imported.startswith(str(folder)), f"{side} imported {imported}"
-            notebook.page.evaluate(OBSERVE)
-            notebooks[side] = notebook
+            cell = (f"from tcwidgets.features import FeatureStats\nfrom tcwidgets.widgets import FeatureDashboard\n"
+                    f"dash = FeatureDashboard(FeatureStats.load({stats!r}), feature=0)\ndash")
+            notebooks[side] = open_side(lab, browser, side, folder, cell, lambda page: page.locator(
+                ".tcw-dashboard[data-latent='0']").wait_for(timeout=SETUP_TIMEOUT * 1000))
+            notebooks[side].page.evaluate(OBSERVE)
         results = interleaved({side: partial(page_round, notebook, side, targets)
                                for side, notebook in notebooks.items()}, rounds)
         for notebook in notebooks.values():
