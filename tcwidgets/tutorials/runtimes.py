@@ -63,17 +63,21 @@ def header_line(entry: dict[str, Any]) -> str:
     return line + "); less with a GPU. Measured: [run-times.json](run-times.json)."
 
 
+COLUMNS = (("cold_min", "run time, cold", " min", 1), ("warm_min", "run time, warm", " min", 1),
+           ("fast_min", "run time, fast setting (CI)", " min", 1), ("peak_rss_gb", "peak RSS", " GB", 2),
+           ("peak_anon_gb", "peak RSS without file-backed pages", " GB", 2),
+           ("longest_silence_s", "longest wait without progress", " s", 0), ("load_average", "load average", "", 1))
+
+
 def readme_table(table: dict[str, Any]) -> str:
-    rows = ["| notebook | run time, cold | run time, warm | run time, fast setting (CI) | peak RSS "
-            "| peak RSS without file-backed pages | longest wait without progress | load average |",
-            "|---|---|---|---|---|---|---|---|"]
-    for entry in table["notebooks"].values():
-        def cell(name: str, unit: str, digits: int) -> str:
-            return "" if entry.get(name) is None else f"{entry[name]:.{digits}f}{unit}"
-        rows.append(f"| {entry['title']} | {cell('cold_min', ' min', 1)} | {cell('warm_min', ' min', 1)} | "
-                    f"{cell('fast_min', ' min', 1)} | "
-                    f"{cell('peak_rss_gb', ' GB', 2)} | {cell('peak_anon_gb', ' GB', 2)} | "
-                    f"{cell('longest_silence_s', ' s', 0)} | {cell('load_average', '', 1)} |")
+    """The tutorials README's table: a row per notebook, a column per field measured for any of them."""
+    entries = list(table["notebooks"].values())
+    columns = [column for column in COLUMNS if any(entry.get(column[0]) is not None for entry in entries)]
+    rows = ["| notebook | " + " | ".join(title for _, title, _, _ in columns) + " |",
+            "|---|" + "---|" * len(columns)]
+    for entry in entries:
+        cells = ["" if entry.get(name) is None else f"{entry[name]:.{digits}f}{unit}" for name, _, unit, digits in columns]
+        rows.append(f"| {entry['title']} | " + " | ".join(cells) + " |")
     return "\n".join([START, f"Measured on {table['machine']}.", "", *rows, END])
 
 
