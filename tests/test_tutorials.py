@@ -4,6 +4,7 @@ end to end in the fast setting with the solutions filled in (failed checks raise
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from tcwidgets.models import cache_dir
 from tcwidgets.tutorials.launch import copy_tutorials, shipped_notebooks
 from tcwidgets.tutorials.runner import PROGRESS_EVERY_S, fill_in_solutions, run_notebook, tags
 from tcwidgets.tutorials.runtimes import load as load_run_times
+from tcwidgets.tutorials.runtimes import readme_table, record
+from tcwidgets.tutorials.runtimes import save as save_run_times
 from tcwidgets.tutorials.runtimes import write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +136,24 @@ def test_every_quoted_run_time_comes_from_the_one_table():
     assert not stale, f"run times out of date in {stale}: run python -m tcwidgets.tutorials.runner --table"
     table = load_run_times(ROOT / "tutorials")
     assert set(table["notebooks"]) == set(NOTEBOOKS)
+
+
+def test_fast_setting_times_are_quoted_from_the_table(tmp_path):
+    """Fast-setting times recorded in the table become a column and the tutorials README's CI range;
+    a field the table does not hold is refused."""
+    folder = tmp_path / "tutorials"
+    shutil.copytree(ROOT / "tutorials", folder)
+    table = load_run_times(folder)
+    assert "run time, fast setting (CI)" not in readme_table(table)  # no column nobody measured
+    record(table, "02-tracing", fast_min=0.5, fast_load_average=2.6)
+    record(table, "09-scaling-up", fast_min=1.25, fast_load_average=3.2)
+    with pytest.raises(ValueError, match="bogus"):
+        record(table, "02-tracing", bogus=1.0)
+    save_run_times(folder, table)
+    assert write_docs(folder) == [folder / "README.md"]
+    text = (folder / "README.md").read_text()
+    assert "takes <!-- run-time:fast -->0.5–1.2 minutes (measured at load average up to 3)<!-- /run-time -->" in text
+    assert "| 2. Tracing | 0.5 min | 0.5 min | 0.5 min |" in text
 
 
 def test_no_measured_notebook_leaves_the_learner_waiting_without_progress():
