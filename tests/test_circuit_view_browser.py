@@ -43,15 +43,6 @@ def model_files(lm, lab_root):
     return lab_root
 
 
-# a tooltip's overflow (scroll sizes against client sizes) and the parts of it that stick out of its box
-FITS = """(tip) => { const r = tip.getBoundingClientRect();
-  const outside = [...tip.querySelectorAll('*')].map((el) => [el.textContent.slice(0, 40), el.getBoundingClientRect()])
-    .filter(([, b]) => b.width > 0 && (b.left < r.left - 0.5 || b.right > r.right + 0.5 || b.bottom > r.bottom + 0.5))
-    .map(([text, b]) => [text, b.left, b.right, b.bottom]);
-  return { scroll: [tip.scrollWidth, tip.clientWidth, tip.scrollHeight, tip.clientHeight],
-           box: [r.left, r.right, r.bottom], outside }; }"""
-
-
 def widget(notebook):
     notebook.page.locator(".tcw-circuit[data-ready='1']").wait_for()
     return notebook.page.locator(".tcw-circuit")
@@ -167,6 +158,8 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
     assert f"{replacement:.3g}"[:4] in scores
     notebook.screenshot("circuit-view-pruned", view)
 
+    from browser.harness import clipped  # (imported here: pytest loads the harness as a plugin first)
+
     size = notebook.page.viewport_size
     rightmost = max(range(len(nodes)), key=lambda i: nodes[i][1])
     lowest = max(range(len(nodes)), key=lambda i: nodes[i][2])
@@ -182,8 +175,7 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
         assert box["x"] - 1 <= tip["x"] and tip["x"] + tip["width"] <= box["x"] + box["width"] + 1
         assert 0 <= tip["y"] and tip["y"] + tip["height"] <= size["height"] + 1
         assert 0 <= tip["x"] and tip["x"] + tip["width"] <= size["width"] + 1
-        content = tooltip.evaluate(FITS)  # nothing inside cut off: no overflow, every part within the box
-        assert content["scroll"][0] <= content["scroll"][1] and content["scroll"][2] <= content["scroll"][3], content
-        assert not content["outside"], f"tooltip parts outside its box {content['box']}: {content['outside']}"
+        cut = clipped(tooltip)  # nothing inside cut off: no overflow, every part within the box
+        assert not cut["scrolls"] and not cut["outside"], f"the hover summary is cut off: {cut}"
         notebook.screenshot(f"circuit-view-tooltip-{name}")
         notebook.page.mouse.move(0, 0)
