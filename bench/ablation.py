@@ -172,8 +172,8 @@ def sliders_cell(folder: Path | None, prompt: str) -> str:
     revisions before schema version 2 read)."""
     return ("import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
             "from tcwidgets.widgets.sliders import AblationSliders\n"
-            f"w = AblationSliders(tcw.load_model(), {{{LAYER}: Transcoder.load({'tc' if folder is None else 'tc-v1'!r})}}, "
-            f"prompt={prompt!r})\nw")
+            f"tc = Transcoder.load({'tc' if folder is None else 'tc-v1'!r})\n"
+            f"w = AblationSliders(tcw.load_model(), {{{LAYER}: tc}}, prompt={prompt!r})\nw")
 
 
 def save_as_schema_1(folder: Path, copy: Path) -> None:

@@ -778,7 +778,8 @@ def reconstruction_metrics(tc: Transcoder, store: Any, layer: int | None = None,
     tc.eval()
     n_tokens = getattr(store, "n_tokens", None)
     batches = delayed_bar(store.batches(layer, batch_size, shuffle=False, drop_last=False), unit="batch",
-                          desc="reconstruction metrics", total=None if n_tokens is None else math.ceil(n_tokens / batch_size))
+                          desc="reconstruction metrics",
+                          total=None if n_tokens is None else math.ceil(n_tokens / batch_size))
     for x, y in batches:
         x, y = x.to(tc.device), y.to(tc.device)
         latents, output = tc(y if tc.config.kind == "sae" else x)

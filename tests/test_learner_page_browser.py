@@ -1,6 +1,7 @@
 """The learner's page: a FeatureDashboard, an AblationSliders and a CircuitView in ONE notebook at a
 1400-pixel viewport, laid out as designed (each widget's CSS stays inside its root class), the
-circuit's hover summary whole and inside the viewport, in the light and dark themes; the dashboard in the classic Notebook 7 interface (``/tree``) and in marimo.
+circuit's hover summary whole and inside the viewport, in the light and dark themes; the dashboard in
+the classic Notebook 7 interface (``/tree``) and in marimo.
 Layout is asserted from bounding boxes; screenshots go to test-artifacts/ (look at them)."""
 
 import os

@@ -1,8 +1,8 @@
 """The tutorials' measured run times: one table, ``tutorials/run-times.json``, that the runner updates
 (``python -m tcwidgets.tutorials.runner --table NOTEBOOK...``) and that every place quoting a run time
-is regenerated from (`write_docs`): the table and the fast setting's range in ``tutorials/README.md``, the **Run time** line of each
-notebook's first cell, and the quickstart's time in the top-level ``README.md``. So they cannot
-disagree.
+is regenerated from (`write_docs`): the table and the fast setting's range in ``tutorials/README.md``,
+the **Run time** line of each notebook's first cell, and the quickstart's time in the top-level
+``README.md``. So they cannot disagree.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ START, END = "<!-- run-times: generated from run-times.json by the runner; do no
 QUICKSTART = re.compile(r"(<!-- run-time:01-quickstart -->)(.*?)(<!-- /run-time -->)", re.S)
 FAST = re.compile(r"(<!-- run-time:fast -->)(.*?)(<!-- /run-time -->)", re.S)
 RUN_TIME_LINE = re.compile(r"^\*\*Run time\*\*:.*$", re.M)
-FIELDS = ("cold_min", "warm_min", "fast_min", "fast_load_average", "peak_rss_gb", "peak_anon_gb", "longest_silence_s", "silent_cell", "load_average",
-          "measured")
+FIELDS = ("cold_min", "warm_min", "fast_min", "fast_load_average", "peak_rss_gb", "peak_anon_gb", "longest_silence_s",
+          "silent_cell", "load_average", "measured")
 
 
 def load(folder: Path) -> dict[str, Any]:
@@ -76,7 +76,8 @@ def readme_table(table: dict[str, Any]) -> str:
     rows = ["| notebook | " + " | ".join(title for _, title, _, _ in columns) + " |",
             "|---|" + "---|" * len(columns)]
     for entry in entries:
-        cells = ["" if entry.get(name) is None else f"{entry[name]:.{digits}f}{unit}" for name, _, unit, digits in columns]
+        cells = ["" if entry.get(name) is None else f"{entry[name]:.{digits}f}{unit}"
+                 for name, _, unit, digits in columns]
         rows.append(f"| {entry['title']} | " + " | ".join(cells) + " |")
     return "\n".join([START, f"Measured on {table['machine']}.", "", *rows, END])
 
