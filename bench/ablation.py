@@ -14,10 +14,13 @@ init: timing does not depend on training), measures
   (debounce, comm messages, JSON, the worker thread, drawing).
 
 With ``--baseline REV`` the key→bars and bare-run measurements are also made with the package as it
-was at git revision REV (its files exported to a temporary folder that the kernel imports first),
-and a table prints before and after side by side.
+was at git revision REV (its files exported to a temporary folder that that side's kernel imports
+first). Both sides run in one JupyterLab, each in its own kernel and page, in ``--rounds`` rounds
+interleaved A B, B A, ... (load on a shared machine comes and goes: both sides see it alike); the
+table prints the median over rounds of each round's p50 and p90, and the median over rounds of the
+ratio after/before of the paired rounds' p50s.
 
-    python bench/ablation.py [--baseline fa0a3c2] [--changes 20] [--threads N] [--out bench/results/ablation]
+    python bench/ablation.py [--baseline fa0a3c2] [--rounds 4] [--changes 10] [--threads N]
 
 ``--threads`` sets torch's CPU threads here and in the notebook's kernel (default: torch's choice).
 """
@@ -27,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
-from baseline import cpu_name, export, side_by_side  # noqa: E402
-from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
+from baseline import (SETUP_TIMEOUT, Samples, cpu_name, export, interleaved, open_side, paired_ratio,  # noqa: E402
+                      side_by_side, summary)
+from browser.harness import JupyterLab, NotebookPage, chromium  # noqa: E402
 from tcwidgets.interventions import Edit, LatentEditor, encode_prompt, run_with_edits, start_session  # noqa: E402
 from tcwidgets.splicing import splice  # noqa: E402
 from tcwidgets.transcoder import Transcoder, TranscoderConfig  # noqa: E402
@@ -57,7 +63,7 @@ for _ in range({repeats} + 1):
     start = time.perf_counter()
     iv.run_with_edits(w.lm, w.transcoders, kept, edits, positions=[-1])
     times.append(1000 * (time.perf_counter() - start))
-print("BARE", iv.__file__, json.dumps(times[1:]))"""
+print("BARE", json.dumps(times[1:]))"""
 
 OBSERVE = """() => {
   window.__drawn = [];
@@ -111,8 +117,11 @@ def model_times(lm: tcw.Model, tc: Transcoder, prompt: str, repeats: int) -> dic
     return {name: percentiles(values[1:]) for name, values in timings.items()}
 
 
-def widget_times(notebook: NotebookPage, prompt: str, length: int, changes: int) -> dict:
+def widget_round(notebook: NotebookPage, prompt: str, length: int, changes: int, repeats: int) -> Samples:
+    """One round on one side: ``changes`` slider moves timed from key to bars, then ``repeats`` bare
+    `run_with_edits` of the same edit in the same kernel."""
     page = notebook.page
+    page.bring_to_front()  # a page in the background gets its frames throttled
     box = page.locator(".tcw-sliders .tcw-prompt")
     box.fill(prompt)
     box.press("Enter")
@@ -130,41 +139,59 @@ def widget_times(notebook: NotebookPage, prompt: str, length: int, changes: int)
         page.wait_for_function(SETTLED)
         page.wait_for_timeout(150)
     drawn = page.evaluate("window.__drawn")
-    painted = [d["painted"] for d in drawn]
-    model = [d["model"] for d in drawn]
-    return {"key_to_bars_ms": percentiles(painted), "model_ms": percentiles(model),
-            "overhead_ms": percentiles([p - m for p, m in zip(painted, model)])}
+    painted, model = [d["painted"] for d in drawn], [d["model"] for d in drawn]
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")  # keys to the notebook
+    printed = notebook.run(BARE_RUN.format(layer=LAYER, prompt=prompt, repeats=repeats))
+    line = next(line for line in printed.splitlines() if line.startswith("BARE"))
+    return {"key_to_bars_ms": painted, "model_ms": model, "overhead_ms": [p - m for p, m in zip(painted, model)],
+            "bare_run_with_edits_ms": json.loads(line.split(" ", 1)[1])}
 
 
-def measure_widget(out: Path, env: dict[str, str], prompts: dict[int, str], changes: int, repeats: int) -> dict:
-    """Key→bars and a bare run in one JupyterLab kernel (whose imports follow ``env``)."""
-    results = {}
-    write_notebook(out / "bench.ipynb", [
-        "import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
-        "from tcwidgets.widgets.sliders import AblationSliders\n"
-        f"w = AblationSliders(tcw.load_model(), {{{LAYER}: Transcoder.load('tc')}}, prompt={prompts[min(prompts)]!r})\nw"])
+def measure_widgets(out: Path, env: dict[str, str], code: dict[str, Path | None], prompts: dict[int, str],
+                    changes: int, repeats: int, rounds: int) -> dict[int, dict[str, list[Samples]]]:
+    """Key→bars and bare runs for each side (its kernel imports the package from ``code[side]``, or
+    the installed one for None), all in one JupyterLab, rounds interleaved between the sides."""
     with JupyterLab(out, env=env) as lab, chromium() as browser:
-        notebook = NotebookPage(lab, browser.new_page(viewport={"width": 1400, "height": 1000}), "bench.ipynb").open()
-        notebook.run_all()
-        notebook.page.wait_for_function(SETTLED)
-        notebook.page.evaluate(OBSERVE)
+        notebooks = {}
+        for side, folder in code.items():
+            notebooks[side] = open_side(lab, browser, side, folder, sliders_cell(folder, prompts[min(prompts)]),
+                                        lambda page: page.wait_for_function(SETTLED, timeout=SETUP_TIMEOUT * 1000))
+            notebooks[side].page.evaluate(OBSERVE)
+        results = {}
         for length, prompt in prompts.items():
-            results[length] = widget_times(notebook, prompt, length, changes)
-            notebook.page.evaluate("() => document.activeElement && document.activeElement.blur()")  # keys to the notebook
-            printed = notebook.run(BARE_RUN.format(layer=LAYER, prompt=prompt, repeats=repeats))
-            line = next(line for line in printed.splitlines() if line.startswith("BARE"))
-            _, code, times = line.split(" ", 2)
-            results[length]["bare_run_with_edits_ms"] = percentiles(json.loads(times))
-            results[length]["code"] = code
-        notebook.close()
+            print(f"{length} tokens:", flush=True)
+            results[length] = interleaved({side: partial(widget_round, notebook, prompt, length, changes, repeats)
+                                           for side, notebook in notebooks.items()}, rounds)
+        for notebook in notebooks.values():
+            notebook.close()
     return results
+
+
+def sliders_cell(folder: Path | None, prompt: str) -> str:
+    """The code showing the sliders (a baseline in ``folder`` loads the transcoder as ``tc-v1``, which
+    revisions before schema version 2 read)."""
+    return ("import tcwidgets as tcw\nfrom tcwidgets.transcoder import Transcoder\n"
+            "from tcwidgets.widgets.sliders import AblationSliders\n"
+            f"tc = Transcoder.load({'tc' if folder is None else 'tc-v1'!r})\n"
+            f"w = AblationSliders(tcw.load_model(), {{{LAYER}: tc}}, prompt={prompt!r})\nw")
+
+
+def save_as_schema_1(folder: Path, copy: Path) -> None:
+    """The transcoder in ``folder`` as schema version 1 in ``copy``: the same weights, a config
+    without the checksums that schema version 2 added (so a baseline revision can load it)."""
+    copy.mkdir(exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config = {name: value for name, value in config.items() if name not in ("weights", "sha256")}
+    (copy / "config.json").write_text(json.dumps({**config, "schema_version": 1}, indent=1))
+    shutil.copyfile(folder / "weights.safetensors", copy / "weights.safetensors")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation"))
-    parser.add_argument("--changes", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--changes", type=int, default=10, help="slider moves per side per round")
+    parser.add_argument("--repeats", type=int, default=10, help="bare runs per side per round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16])
     parser.add_argument("--baseline", help="a git revision to measure the widget against (before)")
     parser.add_argument("--threads", type=int, default=None)
@@ -180,30 +207,36 @@ def main() -> None:
     tc = Transcoder(TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=N_LATENTS, k=K,
                                      site={"model": lm.name, "layer": LAYER})).eval().requires_grad_(False)
     tc.save(out / "tc")
+    save_as_schema_1(out / "tc", out / "tc-v1")
     prompts = {length: prompt_of(lm, length) for length in args.lengths}
     results: dict = {"device": "cpu", "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
-                     "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0], "n_latents": N_LATENTS, "k": K}
+                     "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "n_latents": N_LATENTS, "k": K,
+                     "rounds": args.rounds}
     for length, prompt in prompts.items():
         results[f"{length}_tokens"] = model_times(lm, tc, prompt, args.repeats)
     del lm
-    if args.baseline:  # first, so that a machine getting busier does not favour the new code
-        with tempfile.TemporaryDirectory(prefix="tcw-baseline-") as folder:
-            code = export(args.baseline, Path(folder))
-            results["before"] = measure_widget(out, {**env, "PYTHONPATH": str(code)}, prompts, args.changes,
-                                               args.repeats)
+    with tempfile.TemporaryDirectory(prefix="tcw-baseline-") as folder:
+        code = {"before": export(args.baseline, Path(folder)), "after": None} if args.baseline else {"after": None}
+        rounds = measure_widgets(out, env, code, prompts, args.changes, args.repeats, args.rounds)
+    results["load_average_after"] = os.getloadavg()
+    metrics = {"key_to_bars_ms": "slider move -> bars", "bare_run_with_edits_ms": "bare run_with_edits",
+               "overhead_ms": "widget overhead"}
+    for side in code:
+        results[side] = {length: {metric: summary(rounds[length][side], metric) for metric in metrics}
+                         for length in prompts}
+    if args.baseline:
         results["baseline"] = args.baseline
-    results["after"] = measure_widget(out, env, prompts, args.changes, args.repeats)
-    results["load_average_after"] = os.getloadavg()[0]
+        results["after_over_before"] = {length: {metric: paired_ratio(rounds[length]["before"],
+                                                                      rounds[length]["after"], metric)
+                                                 for metric in metrics} for length in prompts}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     if args.baseline:
-        print(f"\nAblationSliders before ({args.baseline}) and after, {results['cpu']}, "
-              f"{results['torch_threads']} torch threads, load {results['load_average_before']:.1f}:")
-        print(side_by_side([(f"{label}, {length} tokens (ms)", results["before"][length][name],
-                              results["after"][length][name]) for length in args.lengths
-                             for name, label in (("key_to_bars_ms", "slider move -> bars"),
-                                                 ("bare_run_with_edits_ms", "bare run_with_edits"),
-                                                 ("overhead_ms", "widget overhead"))]))
+        load = " ".join(f"{v:.1f}" for v in results["load_average_before"])
+        print(f"\nAblationSliders before ({args.baseline}) and after: medians of {args.rounds} interleaved rounds, "
+              f"{results['cpu']}, {results['torch_threads']} torch threads, load average {load} at the start:")
+        print(side_by_side([(f"{label}, {length} tokens (ms)", rounds[length]["before"], rounds[length]["after"],
+                             metric) for length in prompts for metric, label in metrics.items()]))
 
 
 if __name__ == "__main__":

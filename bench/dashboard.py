@@ -11,11 +11,14 @@ Measures, for a 4608-latent transcoder analysed over the 100k-token layer-6 stor
 
 Both clocks are this machine's wall clock (kernel ``time.time()``, page ``Date.now()``).
 
-    python bench/dashboard.py [--store /tmp/tcw-acts/train] [--changes 30] [--random-init] [--baseline REV]
+    python bench/dashboard.py [--store /tmp/tcw-acts/train] [--rounds 4] [--changes 15] [--random-init] [--baseline REV]
 
 With ``--baseline REV`` the python→page and key→page measurements are also made with the package as
-it was at git revision REV (exported to a temporary folder the kernel imports first), and a table
-prints before and after side by side.
+it was at git revision REV (exported to a temporary folder that that side's kernel imports first).
+Both sides run in one JupyterLab, each in its own kernel and page, in ``--rounds`` rounds
+interleaved A B, B A, ... (load on a shared machine comes and goes: both sides see it alike); the
+table prints the median over rounds of each round's p50 and p90, and the median over rounds of the
+ratio after/before of the paired rounds' p50s.
 
 The transcoder (trained with `train_transcoder`, one epoch, unless ``--random-init``) and its stats
 are cached in ``bench/results/dashboard/`` and reused while the store and settings are unchanged.
@@ -26,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tcwidgets as tcw  # noqa: E402
-from baseline import cpu_name, export, side_by_side  # noqa: E402
-from browser.harness import JupyterLab, NotebookPage, chromium, write_notebook  # noqa: E402
+from baseline import (SETUP_TIMEOUT, Samples, cpu_name, export, interleaved, open_side, paired_ratio,  # noqa: E402
+                      side_by_side, summary)
+from browser.harness import JupyterLab, NotebookPage, chromium  # noqa: E402
 from tcwidgets.features import FeatureStats, analyze_features, transcoder_fingerprint  # noqa: E402
 from tcwidgets.widgets.dashboard import latent_payload  # noqa: E402
 
@@ -87,7 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", default="/tmp/tcw-acts/train")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard"))
-    parser.add_argument("--changes", type=int, default=30)
+    parser.add_argument("--changes", type=int, default=15, help="latent changes per side per round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--random-init", action="store_true", help="skip training (timings only)")
     parser.add_argument("--baseline", help="a git revision to measure the page against (before)")
     args = parser.parse_args()
@@ -126,57 +133,89 @@ def main() -> None:
     results["payload_build_ms"] = percentiles(build)
 
     targets = [int(t) for t in rng.choice(live[live > 0], size=args.changes, replace=False)]
+    results["cpu"], results["load_average_before"] = cpu_name(), os.getloadavg()
+    results["rounds"] = args.rounds
     env = {"TCWIDGETS_CACHE": os.environ.get("TCWIDGETS_CACHE", "")}
-    results["cpu"], results["load_average_before"] = cpu_name(), os.getloadavg()[0]
-    if args.baseline:  # first, so that a machine getting busier does not favour the new code
-        with tempfile.TemporaryDirectory(prefix="tcw-baseline-") as folder:
-            code = export(args.baseline, Path(folder))
-            results["before"] = measure_page(out, stats_dir, targets, {**env, "PYTHONPATH": str(code)})
+    with tempfile.TemporaryDirectory(prefix="tcw-baseline-") as folder:
+        code = {"before": export(args.baseline, Path(folder)), "after": None} if args.baseline else {"after": None}
+        if args.baseline:
+            save_as_version_1(stats_dir, out / f"{stats_dir.name}-v1")
+        rounds = measure_pages(out, stats_dir, targets, env, code, args.rounds)
+    results["load_average_after"] = os.getloadavg()
+    metrics = ("python_to_dom_ms", "python_to_page_ms", "key_to_page_ms")
+    for side in code:
+        results[side] = {metric: summary(rounds[side], metric) for metric in metrics}
+    if args.baseline:
         results["baseline"] = args.baseline
-    results.update(measure_page(out, stats_dir, targets, env))
-    results["load_average_after"] = os.getloadavg()[0]
+        results["after_over_before"] = {metric: paired_ratio(rounds["before"], rounds["after"], metric)
+                                        for metric in metrics}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     if args.baseline:
-        print(f"\nFeatureDashboard before ({args.baseline}) and after, {results['cpu']}, "
-              f"load {results['load_average_before']:.1f}:")
-        print(side_by_side([(f"{name} (ms)", results["before"][name], results[name])
-                            for name in ("python_to_page_ms", "key_to_page_ms")]))
+        load = " ".join(f"{v:.1f}" for v in results["load_average_before"])
+        print(f"\nFeatureDashboard before ({args.baseline}) and after: medians of {args.rounds} interleaved rounds, "
+              f"{results['cpu']}, load average {load} at the start:")
+        print(side_by_side([(f"{metric} (ms)", rounds["before"], rounds["after"], metric)
+                            for metric in ("python_to_page_ms", "key_to_page_ms")]))
 
 
-def measure_page(out: Path, stats_dir: Path, targets: list[int], env: dict[str, str]) -> dict:
-    """Python→page and key→page in one JupyterLab kernel (whose imports follow ``env``)."""
-    results = {}
+def save_as_version_1(folder: Path, copy: Path) -> None:
+    """The feature statistics in ``folder`` as version 1 in ``copy``: the same arrays and vocabulary,
+    a ``stats.json`` without the checksums version 2 added (so a baseline revision can load them)."""
+    copy.mkdir(exist_ok=True)
+    meta = json.loads((folder / "stats.json").read_text())
+    meta = {name: value for name, value in meta.items() if not (isinstance(value, dict) and "sha256" in value)
+            and name != "sha256"}
+    (copy / "stats.json").write_text(json.dumps({**meta, "version": 1}))
+    for name in ("stats.safetensors", "vocab.json"):
+        shutil.copyfile(folder / name, copy / name)
+
+
+def page_round(notebook: NotebookPage, side: str, targets: list[int]) -> Samples:
+    """One round on one side: ``dash.feature = n`` for each target, then as many ``j`` key presses."""
+    page = notebook.page
+    page.bring_to_front()  # a page in the background gets its frames throttled
+    page.evaluate("window.__drawn = []")
     loop = (f"import json, time\nsent = []\nfor latent in {targets}:\n    time.sleep(0.4)\n"
             "    sent.append((latent, time.time() * 1000))\n    dash.feature = latent\n"
-            "time.sleep(0.4)\njson.dump(sent, open('sent.json', 'w'))\nprint('sent', len(sent))")
-    write_notebook(out / "bench.ipynb", [
-        f"from tcwidgets.features import FeatureStats\nfrom tcwidgets.widgets import FeatureDashboard\n"
-        f"dash = FeatureDashboard(FeatureStats.load({stats_dir.name!r}), feature=0)\ndash"])
-    with JupyterLab(out, env=env) as lab, chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        notebook = NotebookPage(lab, page, "bench.ipynb").open()
-        notebook.run_all()
-        page.locator(".tcw-dashboard[data-latent='0']").wait_for()
-        page.evaluate(OBSERVE)
-        assert "sent" in notebook.run(loop, timeout=120 + len(targets))
-        sent = json.loads((out / "sent.json").read_text())
-        drawn = {latent: (changed, painted) for latent, changed, painted in page.evaluate("window.__drawn")}
-        results["python_to_dom_ms"] = percentiles([drawn[latent][0] - t for latent, t in sent])
-        results["python_to_page_ms"] = percentiles([drawn[latent][1] - t for latent, t in sent])
+            f"time.sleep(0.4)\njson.dump(sent, open('sent-{side}.json', 'w'))\nprint('sent', len(sent))")
+    assert "sent" in notebook.run(loop, timeout=120 + len(targets))
+    sent = json.loads((notebook.lab.root / f"sent-{side}.json").read_text())
+    drawn = {latent: (changed, painted) for latent, changed, painted in page.evaluate("window.__drawn")}
+    results = {"python_to_dom_ms": [drawn[latent][0] - t for latent, t in sent],
+               "python_to_page_ms": [drawn[latent][1] - t for latent, t in sent]}
 
-        page.evaluate("window.__drawn = []")
-        page.locator(".tcw-dashboard .tcw-summary").click()
-        pressed = []
-        for _ in range(len(targets)):
-            current = int(page.locator(".tcw-dashboard").get_attribute("data-latent"))
-            pressed.append(page.evaluate(PRESS))
-            page.locator(f".tcw-dashboard[data-latent='{current + 1}']").wait_for()
-            page.wait_for_function(f"() => window.__drawn.length >= {len(pressed)}")
-            page.wait_for_timeout(100)
-        painted = [entry[2] for entry in page.evaluate("window.__drawn")]
-        results["key_to_page_ms"] = percentiles([p - t for p, t in zip(painted, pressed, strict=True)])
-        notebook.close()
+    page.evaluate("window.__drawn = []")
+    page.locator(".tcw-dashboard .tcw-summary").click()
+    pressed = []
+    for _ in range(len(targets)):
+        current = int(page.locator(".tcw-dashboard").get_attribute("data-latent"))
+        pressed.append(page.evaluate(PRESS))
+        page.locator(f".tcw-dashboard[data-latent='{current + 1}']").wait_for()
+        page.wait_for_function(f"() => window.__drawn.length >= {len(pressed)}")
+        page.wait_for_timeout(100)
+    painted = [entry[2] for entry in page.evaluate("window.__drawn")]
+    results["key_to_page_ms"] = [p - t for p, t in zip(painted, pressed, strict=True)]
+    return results
+
+
+def measure_pages(out: Path, stats_dir: Path, targets: list[int], env: dict[str, str], code: dict[str, Path | None],
+                  rounds: int) -> dict[str, list[Samples]]:
+    """Python→page and key→page for each side (its kernel imports the package from ``code[side]``, or
+    the installed one for None), all in one JupyterLab, rounds interleaved between the sides."""
+    with JupyterLab(out, env=env) as lab, chromium() as browser:
+        notebooks = {}
+        for side, folder in code.items():
+            stats = stats_dir.name if folder is None else f"{stats_dir.name}-v1"  # what a baseline reads
+            cell = (f"from tcwidgets.features import FeatureStats\nfrom tcwidgets.widgets import FeatureDashboard\n"
+                    f"dash = FeatureDashboard(FeatureStats.load({stats!r}), feature=0)\ndash")
+            notebooks[side] = open_side(lab, browser, side, folder, cell, lambda page: page.locator(
+                ".tcw-dashboard[data-latent='0']").wait_for(timeout=SETUP_TIMEOUT * 1000))
+            notebooks[side].page.evaluate(OBSERVE)
+        results = interleaved({side: partial(page_round, notebook, side, targets)
+                               for side, notebook in notebooks.items()}, rounds)
+        for notebook in notebooks.values():
+            notebook.close()
     return results
 
 

@@ -298,6 +298,7 @@ def evaluate(
             batch = tokens[start:start + batch_size]
             targets = batch[:, 1:]
             clean = splice(lm, {}, batch, save_mlp=layers, batch_size=len(batch), **options)
+            bar.set_postfix_str("clean run done")  # news after each pass: a batch of a large model takes a while
             ce_batch, _, clean_log_probs = _losses(clean.logits, targets, None)
             ce["clean"] += ce_batch
             for layer, tc in transcoders.items():
@@ -308,6 +309,7 @@ def evaluate(
                 ce_batch, kl_batch, _ = _losses(logits, targets, clean_log_probs)
                 ce[name] += ce_batch
                 kl[name] += kl_batch
+                bar.set_postfix_str(f"{name} run done")
             bar.update(batch.numel())
     bar.close()
 

@@ -40,6 +40,7 @@ from .files import (FileFormatError, MappedTensors, atomic_write, checksum, read
                     write_manifest)
 from .corpus import bos_id
 from .models import resolve
+from .progress import delayed_bar
 from .splicing import check_transcoders, transcoder_input
 
 FORMAT = "tcwidgets.features"
@@ -517,15 +518,17 @@ def _norm_weight(norm: torch.nn.Module) -> torch.Tensor:
 
 
 def _extremes(rows: torch.Tensor, columns: torch.Tensor | Callable[[int, int], torch.Tensor], n: int, *,
-              lowest: bool, n_columns: int | None = None, budget: int = 2**24) -> tuple[np.ndarray, ...]:
+              lowest: bool, n_columns: int | None = None, budget: int = 2**24,
+              progress: str | None = None) -> tuple[np.ndarray, ...]:
     """For each row r of ``rows`` [n_rows, d], the ``n`` largest (and smallest) entries of
     ``columns @ r``: ids and values. ``columns`` is a ``[n_columns, d]`` tensor or a function giving
     its rows ``start:stop`` (then pass ``n_columns``), so a large vocabulary is never held whole;
-    scores are computed in blocks of at most ``budget`` values."""
+    scores are computed in blocks of at most ``budget`` values. ``progress`` (a description) shows
+    a bar of the blocks when they take more than a moment (`delayed_bar`)."""
     n_columns = len(columns) if isinstance(columns, torch.Tensor) else n_columns
     piece = max(1, budget // max(1, rows.shape[0]))
     best: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
-    for first in range(0, n_columns, piece):
+    for first in delayed_bar(range(0, n_columns, piece), desc=progress, unit="block", disable=progress is None):
         block = columns[first:first + piece] if isinstance(columns, torch.Tensor) else columns(first, first + piece)
         scores = rows @ block.T
         for largest in (True, False) if lowest else (True,):
@@ -545,13 +548,14 @@ def _extremes(rows: torch.Tensor, columns: torch.Tensor | Callable[[int, int], t
 
 @torch.no_grad()
 def logit_effects(lm: Any, transcoder: torch.nn.Module, k: int = 12,
-                  latents: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                  latents: Sequence[int] | None = None, *, progress: bool = False) -> dict[str, np.ndarray]:
     """The ``k`` tokens each latent (all, or ``latents``) most promotes and most suppresses directly.
 
     The decoder row in model units, scaled by the final norm's weight, through the unembedding:
     the direct effect on each logit of one unit of activation, ignoring later layers and the
     final norm's data-dependent scale. Returns ``promoted_ids``, ``promoted_values``,
     ``suppressed_ids``, ``suppressed_values``, each ``[n_latents, k]``, strongest first.
+    ``progress`` shows a bar over blocks of the vocabulary when they take more than a moment.
     """
     module, sites = lm._module, lm.sites
     unembed = resolve(module, sites.unembed).weight.detach().float().cpu()
@@ -559,15 +563,17 @@ def logit_effects(lm: Any, transcoder: torch.nn.Module, k: int = 12,
     if latents is not None:
         decoder = decoder[list(latents)]
     directions = decoder / transcoder.config.output_scale * _norm_weight(resolve(module, sites.final_norm)).cpu()
-    ids, values, low_ids, low_values = _extremes(directions.float(), unembed, min(k, unembed.shape[0]), lowest=True)
+    ids, values, low_ids, low_values = _extremes(directions.float(), unembed, min(k, unembed.shape[0]), lowest=True,
+                                                 progress="logit effects" if progress else None)
     return {"promoted_ids": ids, "promoted_values": values, "suppressed_ids": low_ids, "suppressed_values": low_values}
 
 
 @torch.no_grad()
-def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> dict[str, np.ndarray]:
+def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int,
+                  progress: bool) -> dict[str, np.ndarray]:
     """`logit_effects` of every latent and, for transcoders, the tokens whose embeddings most
     excite each encoder row (see `analyze_features`)."""
-    views = logit_effects(lm, transcoder, n)
+    views = logit_effects(lm, transcoder, n, progress=progress)
     if transcoder.config.kind != "sae":
         module, sites = lm._module, lm.sites
         embed = resolve(module, sites.embed).weight.detach()
@@ -577,7 +583,7 @@ def _weight_views(lm: Any, transcoder: torch.nn.Module, layer: int, n: int) -> d
         def inputs(start: int, stop: int) -> torch.Tensor:  # a slice at a time: Gemma's 262k tokens are 0.7 GB
             return (norm(embed[start:stop]) * scale).float().cpu()
         ids, values = _extremes(transcoder.W_enc.detach().float().cpu(), inputs, min(n, len(embed)), lowest=False,
-                                n_columns=len(embed))
+                                n_columns=len(embed), progress="embedding views" if progress else None)
         views.update(embedding_ids=ids, embedding_values=values)
     return views
 
@@ -694,7 +700,7 @@ def analyze_features(
         transcoder.train(training)
 
     arrays = state.finish(quantiles, per_quantile)
-    arrays.update(_weight_views(lm, transcoder, layer, n_logits))
+    arrays.update(_weight_views(lm, transcoder, layer, n_logits, progress))
     arrays["tokens"] = tokens.to(torch.int32).numpy()
     meta = {
         "format": FORMAT, "version": VERSION, "model": lm.name, "fingerprint": transcoder_fingerprint(transcoder),

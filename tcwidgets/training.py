@@ -39,6 +39,7 @@ from .activations import OUTLIER_RATIO
 from .calibration import low_precision_pays
 from .evaluation import ReconstructionStats
 from .files import FileFormatError, atomic_folder, load_tensors, read_manifest, save_tensors, write_manifest
+from .progress import delayed_bar
 from .transcoder import Transcoder, TranscoderConfig, step as heaviside
 
 __all__ = [
@@ -775,7 +776,11 @@ def reconstruction_metrics(tc: Transcoder, store: Any, layer: int | None = None,
     stats = ReconstructionStats(tc.n_latents)
     was_training = tc.training
     tc.eval()
-    for x, y in store.batches(layer, batch_size, shuffle=False, drop_last=False):
+    n_tokens = getattr(store, "n_tokens", None)
+    batches = delayed_bar(store.batches(layer, batch_size, shuffle=False, drop_last=False), unit="batch",
+                          desc="reconstruction metrics",
+                          total=None if n_tokens is None else math.ceil(n_tokens / batch_size))
+    for x, y in batches:
         x, y = x.to(tc.device), y.to(tc.device)
         latents, output = tc(y if tc.config.kind == "sae" else x)
         stats.add(latents, output, y)

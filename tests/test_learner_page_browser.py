@@ -1,6 +1,7 @@
 """The learner's page: a FeatureDashboard, an AblationSliders and a CircuitView in ONE notebook at a
-1400-pixel viewport, laid out as designed (each widget's CSS stays inside its root class), in the
-light and dark themes; the dashboard in the classic Notebook 7 interface (``/tree``) and in marimo.
+1400-pixel viewport, laid out as designed (each widget's CSS stays inside its root class), the
+circuit's hover summary whole and inside the viewport, in the light and dark themes; the dashboard in
+the classic Notebook 7 interface (``/tree``) and in marimo.
 Layout is asserted from bounding boxes; screenshots go to test-artifacts/ (look at them)."""
 
 import os
@@ -128,6 +129,24 @@ def check_layout(notebook, theme):
             assert not overlap(a, b), f"overlapping bar labels: {a} {b}"
         for track in tracks:
             assert not overlap(a, track), f"a bar label under a bar: {a} {track}"
+
+    # the circuit's hover summary of its rightmost latent: inside the viewport, nothing in it cut off
+    from browser.harness import clipped  # (imported here: pytest loads the harness as a plugin first)
+
+    latents = page.locator(".tcw-circuit circle.tcw-cv-node[data-id^='latent/']").evaluate_all(
+        "cs => cs.filter(c => c.style.display !== 'none').map(c => [c.getBoundingClientRect().left, c.dataset.id])")
+    node_id = max(latents)[1]
+    page.locator(f".tcw-circuit circle[data-id='{node_id}']").hover()
+    tooltip = page.locator(f".tcw-circuit .tcw-cv-tooltip[data-id='{node_id}']")
+    tooltip.locator(".tcw-cv-promoted .tcw-cv-chip").first.wait_for()
+    page.wait_for_timeout(300)  # placed again with its summary
+    tip, size = tooltip.bounding_box(), page.viewport_size
+    assert 0 <= tip["x"] and tip["x"] + tip["width"] <= size["width"] + 1, tip
+    assert 0 <= tip["y"] and tip["y"] + tip["height"] <= size["height"] + 1, tip
+    cut = clipped(tooltip)
+    assert not cut["scrolls"] and not cut["outside"], f"the circuit's hover summary is cut off: {cut}"
+    notebook.screenshot(f"learner-page-{theme}-circuit-tooltip")
+    page.mouse.move(0, 0)
 
     for name, selector in (("dashboard", ".tcw-dashboard"), ("sliders", ".tcw-sliders"), ("circuit", ".tcw-circuit")):
         notebook.screenshot(f"learner-page-{theme}-{name}", page.locator(selector))

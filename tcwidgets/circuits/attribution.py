@@ -156,7 +156,7 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
     graph.settings = {"depth": depth, "top_k": top_k, "threshold": threshold, "scale": scale}
     graph.nodes[graph.target_id].attribution = graph.target_value
     if depth:
-        graph._grow([graph.target_id], _Search(depth, top_k, threshold, scale))
+        graph._grow([graph.target_id], _Search(depth, top_k, threshold, scale, progress=True))
     return graph
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..features import logit_effects
 from ..files import FileFormatError, inside, read_json, write_json
+from ..progress import delayed_bar
 from .adjacency import Adjacency, build_adjacency, cumulative_ranks, node_influence
 from .adjacency import prune as prune_adjacency
 from .adjacency import scores as graph_scores
@@ -102,12 +103,14 @@ class Edge:
 
 @dataclass
 class _Search:
-    """Path-search settings; ``scale`` is the target's largest direct contribution (absolute)."""
+    """Path-search settings; ``scale`` is the target's largest direct contribution (absolute);
+    ``progress`` shows a bar of the nodes expanded when the search takes more than a moment."""
 
     depth: int
     top_k: int | None
     threshold: float
     scale: float = 1.0
+    progress: bool = False
 
 
 @dataclass
@@ -225,15 +228,20 @@ class CircuitGraph:
 
     def _grow(self, frontier: list[str], search: _Search) -> None:
         """Breadth-first expansion, ``search.depth`` levels from ``frontier``."""
-        for _ in range(search.depth):
-            multipliers = self._multipliers()
-            following = []
-            for node_id in dict.fromkeys(frontier):
-                following += self._expand_one(node_id, multipliers.get(node_id, 0.0), search)
-            self._update_attributions()
-            frontier = [n for n in following if not self.nodes[n].expanded]
-            if not frontier:
-                break
+        with delayed_bar(total=0, desc="attributing", unit="node", disable=not search.progress) as bar:
+            for level in range(search.depth):
+                frontier = list(dict.fromkeys(frontier))
+                bar.total += len(frontier)
+                bar.set_postfix_str(f"level {level + 1} of {search.depth}", refresh=False)
+                multipliers = self._multipliers()
+                following = []
+                for node_id in frontier:
+                    following += self._expand_one(node_id, multipliers.get(node_id, 0.0), search)
+                    bar.update()
+                self._update_attributions()
+                frontier = [n for n in following if not self.nodes[n].expanded]
+                if not frontier:
+                    break
 
     def _expand_one(self, node_id: str, multiplier: float, search: _Search) -> list[str]:
         node = self.nodes[node_id]

@@ -2,9 +2,12 @@
 
 ``python -m tcwidgets.tutorials.runner [--fast] [--learner] NOTEBOOK...`` executes each notebook in a
 fresh kernel in an empty temporary folder, with the solutions filled in (unless ``--learner``)
-and checks in strict mode, and prints its run time and the kernel's peak resident memory.
+and checks in strict mode, and prints its run time, the kernel's peak resident memory, and every cell
+that ran more than `PROGRESS_EVERY_S` seconds without showing the learner anything new (no output,
+no progress-bar update); such a cell fails the run.
 ``--table NOTEBOOK...`` measures them (default setting, cold then warm) into ``run-times.json`` and
-regenerates every quoted run time from it (`runtimes`); ``--table`` alone only regenerates.
+regenerates every quoted run time from it (`runtimes`); ``--table --fast NOTEBOOK...`` measures the
+fast setting (as CI runs them) instead; ``--table`` alone only regenerates.
 
 Notebook conventions it relies on: an exercise is a code cell tagged ``exercise``; its solution is
 the first Python code block of the next markdown cell tagged ``solution`` (a ``<details>`` block,
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 _CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+PROGRESS_EVERY_S = 10.0  # a running cell shows something new at least this often (a bar's update, a line)
 
 
 @dataclass
@@ -45,11 +49,17 @@ class NotebookRun:
     error: str | None = None
     notebook: Any = None  # the executed notebook (its outputs)
     silences: dict[int, float] = field(default_factory=dict)  # cell index -> longest stretch without news (s)
+    silent_after: dict[int, str] = field(default_factory=dict)  # cell index -> what was shown before it
+    load_average: float = 0.0  # the machine's 1-minute load average, averaged over the run
 
     @property
     def longest_silence(self) -> tuple[int, float]:
         """``(cell index, seconds)`` of the longest time a learner saw nothing new in a running cell."""
         return max(self.silences.items(), key=lambda item: item[1], default=(-1, 0.0))
+
+    def silent_cells(self, limit: float = PROGRESS_EVERY_S) -> list[tuple[int, float]]:
+        """``(cell index, seconds)`` of every cell that stayed silent longer than ``limit``, longest first."""
+        return sorted(((cell, s) for cell, s in self.silences.items() if s > limit), key=lambda item: -item[1])
 
 
 def tags(cell: Any) -> list[str]:
@@ -83,31 +93,47 @@ def fill_in_solutions(notebook: Any) -> int:
 _NEWS = {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output", "comm_msg"}
 
 
+def _news_text(msg: dict) -> str:
+    """A short description of what a message showed: a stream's last line, a progress bar's text."""
+    content = msg.get("content", {})
+    if msg["msg_type"] == "stream":
+        lines = [line for line in re.split(r"[\r\n]", content.get("text", "")) if line.strip()]
+        return lines[-1].strip()[:100] if lines else "(blank output)"
+    state = content.get("data", {}).get("state", {}) if msg["msg_type"] == "comm_msg" else {}
+    if "value" in state or "description" in state:
+        return f"widget update {state.get('description', '')} {state.get('value', '')}".strip()[:100]
+    return msg["msg_type"]
+
+
 def _timed(client_class: type) -> type:
     """``client_class`` (nbclient's NotebookClient) recording, per cell, the longest stretch without news
-    between the cell's start, each message the learner would see, and its end."""
+    between the cell's start, each message the learner would see, and its end; and what the learner
+    saw last before that stretch."""
 
     class TimedClient(client_class):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, on_cell_execute=self._started, on_cell_executed=self._ended, **kwargs)
             self.silences: dict[int, float] = {}
-            self._last: dict[int, float] = {}
+            self.silent_after: dict[int, str] = {}
+            self._last: dict[int, tuple[float, str]] = {}
 
-        def _heard(self, index: int) -> None:
+        def _heard(self, index: int, text: str) -> None:
             now = time.monotonic()
             if index in self._last:
-                self.silences[index] = max(self.silences.get(index, 0.0), now - self._last[index])
-            self._last[index] = now
+                since, before = self._last[index]
+                if now - since > self.silences.get(index, 0.0):
+                    self.silences[index], self.silent_after[index] = now - since, before
+            self._last[index] = (now, text)
 
         def _started(self, cell: Any, cell_index: int, **_: Any) -> None:
-            self._last[cell_index] = time.monotonic()
+            self._last[cell_index] = (time.monotonic(), "the cell's start")
 
         def _ended(self, cell: Any, cell_index: int, **_: Any) -> None:
-            self._heard(cell_index)
+            self._heard(cell_index, "the cell's end")
 
         def process_message(self, msg: dict, cell: Any, cell_index: int) -> Any:
             if msg["msg_type"] in _NEWS:
-                self._heard(cell_index)
+                self._heard(cell_index, _news_text(msg))
             return super().process_message(msg, cell, cell_index)
 
     return TimedClient
@@ -136,11 +162,13 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
     saved = {name: os.environ.get(name) for name in env}
     work = Path(tempfile.mkdtemp(prefix=f"tcw-{path.stem}-"))
     peak = [0, 0]  # RSS, anonymous
+    loads: list[float] = []
     stop = threading.Event()
 
-    def watch() -> None:  # the kernel is a child process of this one: sample its memory
+    def watch() -> None:  # the kernel is a child process of this one: sample its memory (and the load)
         me = psutil.Process()
         while not stop.wait(0.2):
+            loads.append(os.getloadavg()[0])
             rss = anon = 0
             for child in me.children(recursive=True):
                 try:
@@ -171,11 +199,12 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
     return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook,
-                       client.silences)
+                       client.silences, client.silent_after, sum(loads) / max(len(loads), 1))
 
 
-def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
-    """Run ``path`` cold (a fresh tutorials cache) and then warm (that cache), and record both."""
+def measure(path: Path, table: dict[str, Any]) -> list[NotebookRun]:
+    """Run ``path`` cold (a fresh tutorials cache) and then warm (that cache), and record both;
+    returns the runs (only the cold one if it failed)."""
     from ..models import cache_dir
     from . import runtimes
 
@@ -184,13 +213,31 @@ def measure(path: Path, table: dict[str, Any]) -> NotebookRun:
         (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)  # model: de-quantised once
         cold = run_notebook(path, fast=False, cache=cache, timeout=3600)
         if cold.error:
-            return cold
+            return [cold]
         warm = run_notebook(path, fast=False, cache=cache, timeout=3600)
     if not warm.error:
+        silent = max(cold, warm, key=lambda run: run.longest_silence[1])
         runtimes.record(table, path.stem, cold_min=cold.seconds / 60, warm_min=warm.seconds / 60,
                         peak_rss_gb=max(cold.peak_rss_gb, warm.peak_rss_gb),
-                        peak_anon_gb=max(cold.peak_anon_gb, warm.peak_anon_gb))
-    return warm
+                        peak_anon_gb=max(cold.peak_anon_gb, warm.peak_anon_gb),
+                        longest_silence_s=silent.longest_silence[1], silent_cell=silent.longest_silence[0],
+                        load_average=(cold.load_average + warm.load_average) / 2,
+                        measured=time.strftime("%Y-%m-%d"))
+    return [cold, warm]
+
+
+def measure_fast(path: Path, table: dict[str, Any]) -> NotebookRun:
+    """Run ``path`` in the fast setting as CI does (a fresh tutorials cache) and record its time."""
+    from ..models import cache_dir
+    from . import runtimes
+
+    with tempfile.TemporaryDirectory(prefix="tcw-runtimes-") as folder:
+        cache = Path(folder)
+        (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+        run = run_notebook(path, fast=True, cache=cache)
+    if not run.error:
+        runtimes.record(table, path.stem, fast_min=run.seconds / 60, fast_load_average=run.load_average)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,15 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="the fast setting (CI)")
     parser.add_argument("--learner", action="store_true", help="run the exercises as shipped (unanswered)")
     parser.add_argument("--table", action="store_true",
-                        help="measure the notebooks (default setting, cold then warm) into run-times.json and "
-                             "regenerate every quoted run time from it; without notebooks, only regenerate")
+                        help="measure the notebooks (default setting, cold then warm; with --fast, the fast "
+                             "setting) into run-times.json and regenerate every quoted run time from it; without "
+                             "notebooks, only regenerate")
     args = parser.parse_args(argv)
     if args.table:
-        return table_main(args.notebooks)
+        return table_main(args.notebooks, fast=args.fast)
     if not args.notebooks:
         parser.error("give the notebooks to run")
-    print("| notebook | run time | peak RSS | peak RSS without file-backed pages | longest silence |\n"
-          "|---|---|---|---|---|")
     failed = 0
     for path in args.notebooks:
         run = run_notebook(path, fast=args.fast, solutions=not args.learner)
@@ -216,17 +262,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(run: NotebookRun) -> int:
-    """Print a run's row (and its error); 1 if it failed."""
-    status = "" if run.error is None else " **failed**"
+    """Print how a run went: time, memory, load, the longest silence and every cell silent longer than
+    `PROGRESS_EVERY_S` (and the error); 1 if it failed or a cell was silent too long."""
     cell, silence = run.longest_silence
-    print(f"| {run.name} | {run.seconds / 60:.1f} min | {run.peak_rss_gb:.2f} GB | {run.peak_anon_gb:.2f} GB | "
-          f"{silence:.0f} s (cell {cell}) |{status}", flush=True)
+    print(f"{run.name}: {run.seconds / 60:.1f} min, peak RSS {run.peak_rss_gb:.2f} GB "
+          f"({run.peak_anon_gb:.2f} GB without file-backed pages), load average {run.load_average:.1f}, "
+          f"longest silence {silence:.1f} s (cell {cell})" + ("" if run.error is None else ": **failed**"), flush=True)
+    for index, seconds in run.silent_cells():
+        first = (run.notebook.cells[index].source.strip().splitlines() or [""])[0][:80]
+        print(f"  cell {index} silent for {seconds:.1f} s (more than {PROGRESS_EVERY_S:.0f}) after "
+              f"{run.silent_after.get(index, '?')!r}: {first}", flush=True)
     if run.error:
         print(run.error[-3000:], file=sys.stderr)
-    return 1 if run.error else 0
+    return 1 if run.error or run.silent_cells() else 0
 
 
-def table_main(notebooks: list[Path]) -> int:
+def table_main(notebooks: list[Path], *, fast: bool = False) -> int:
     from . import runtimes
     from .launch import shipped_notebooks
 
@@ -234,7 +285,8 @@ def table_main(notebooks: list[Path]) -> int:
     table = runtimes.load(folder)
     failed = 0
     for path in notebooks:
-        failed += report(measure(path, table))
+        runs = [measure_fast(path, table)] if fast else measure(path, table)
+        failed += sum(report(run) for run in runs)
         runtimes.save(folder, table)
     readme = folder.parent / "README.md"  # the project README, in a source checkout
     changed = runtimes.write_docs(folder, readme if (readme.is_file() and runtimes.QUICKSTART.search(

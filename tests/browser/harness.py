@@ -197,6 +197,22 @@ _PROMPTS = """() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod
     .map(cell => cell.querySelector('.jp-InputPrompt').textContent.trim())"""
 
 
+_CLIPPED = """(box) => { const r = box.getBoundingClientRect();
+  const outside = [...box.querySelectorAll('*')].map((el) => [el.textContent.slice(0, 40), el.getBoundingClientRect()])
+    .filter(([, b]) => b.width > 0 && (b.left < r.left - 0.5 || b.right > r.right + 0.5 || b.bottom > r.bottom + 0.5))
+    .map(([text, b]) => [text, b.left, b.right, b.bottom]);
+  const scrolls = box.scrollWidth > box.clientWidth || box.scrollHeight > box.clientHeight;
+  return { scrolls, sizes: [box.scrollWidth, box.clientWidth, box.scrollHeight, box.clientHeight], outside }; }"""
+
+
+def clipped(locator: Any) -> dict[str, Any]:
+    """What of an element's content is cut off: ``scrolls`` (its content is larger than its box:
+    scrollWidth/Height against clientWidth/Height, ``sizes``) and the parts drawn outside its box
+    (``outside``: text, left, right, bottom). Nothing is clipped when ``scrolls`` is false and
+    ``outside`` empty."""
+    return locator.evaluate(_CLIPPED)
+
+
 class NotebookPage:
     """A notebook opened in JupyterLab in a browser page and driven through the UI: menus,
     clicks and the keyboard, like a learner."""

@@ -1,0 +1,16 @@
+"""Progress bars for work that is usually quick but can take long (a large vocabulary, a deep circuit
+search, a loaded machine): tqdm.auto bars that appear only once the work has run `DELAY_S` seconds,
+so quick calls print nothing and a learner never waits long without news."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+DELAY_S = 2.0
+
+
+def delayed_bar(*args: Any, **kwargs: Any) -> tqdm:
+    """``tqdm(*args, **kwargs)`` that shows itself after `DELAY_S` seconds (and is gone when done)."""
+    return tqdm(*args, delay=DELAY_S, leave=False, **kwargs)
