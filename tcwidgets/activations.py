@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -432,13 +432,15 @@ def _resume_or_start(root: Path, request: dict, tokens: torch.Tensor) -> dict:
     return manifest
 
 
-def trace_mlp(lm: Any, batch: torch.Tensor, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One forward pass that saves every requested layer's MLP input and output, then stops."""
+def trace_mlp(lm: Any, batch: torch.Tensor, layers: list[int],
+              after_norm: Collection[int] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass that saves every requested layer's MLP input and output (after the post-MLP
+    norm on the ``after_norm`` layers), then stops."""
     saved = []
     with lm.trace(batch) as tracer:
         for layer in layers:
-            mlp = lm.mlp(layer)
-            saved.append((mlp.input.save(), mlp.output.save()))
+            saved.append((lm.mlp(layer).input.save(),
+                          lm.mlp_writer(layer, after_norm=layer in after_norm).output.save()))
         tracer.stop()
     return saved
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .splicing import check_transcoders, run_transcoder, splice
+from .splicing import check_transcoders, run_transcoder, splice, writes_after_norm
 
 #: The per-layer metrics, in table order.
 LAYER_METRICS = ("fvu", "mse", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated",
@@ -289,6 +289,7 @@ def evaluate(
         runs["zero all"] = {"transcoders": {}, "zero_ablate": layers}
 
     reconstruction = {layer: ReconstructionStats(tc.n_latents) for layer, tc in transcoders.items()}
+    after_norm = [layer for layer, tc in transcoders.items() if writes_after_norm(lm, tc)]
     ce = dict.fromkeys(["clean", *runs], 0.0)
     kl = dict.fromkeys(runs, 0.0)
     options = {"progress": False, "remote": remote}
@@ -297,7 +298,7 @@ def evaluate(
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start:start + batch_size]
             targets = batch[:, 1:]
-            clean = splice(lm, {}, batch, save_mlp=layers, batch_size=len(batch), **options)
+            clean = splice(lm, {}, batch, save_mlp=layers, after_norm=after_norm, batch_size=len(batch), **options)
             bar.set_postfix_str("clean run done")  # news after each pass: a batch of a large model takes a while
             ce_batch, _, clean_log_probs = _losses(clean.logits, targets, None)
             ce["clean"] += ce_batch

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activations import ActivationStore, trace_mlp
+from .activations import ActivationStore
 from .files import (FileFormatError, MappedTensors, atomic_write, checksum, read_json, read_manifest, save_tensors,
                     write_manifest)
 from .corpus import bos_id
 from .models import resolve
 from .progress import delayed_bar
-from .splicing import check_transcoders, transcoder_input
+from .splicing import check_transcoders, traced_input, transcoder_input, writes_after_norm
 
 FORMAT = "tcwidgets.features"
 VERSION = 2  # 2: checksums of the arrays and the vocabulary, a sealed stats.json
@@ -661,6 +661,9 @@ def analyze_features(
     store = tokens if isinstance(tokens, ActivationStore) else None
     if store is not None:
         store.check(model=lm.name, layers=[layer])
+        if writes_after_norm(lm, transcoder) and transcoder.config.kind == "sae":
+            raise ValueError(f"This SAE reads the output of layer {layer}'s post-MLP norm, and stores hold the MLP "
+                             "module's output (before that norm): pass tokens instead of the store.")
         tokens = store.tokens
     tokens = lm.check_tokens(tokens)
     include = torch.ones_like(tokens, dtype=torch.bool)
@@ -689,10 +692,9 @@ def analyze_features(
                           leave=False):
             batch = tokens[start:start + batch_size]
             if store is None:
-                mlp_input, mlp_output = trace_mlp(lm, batch, [layer])[0]
+                site = traced_input(lm, transcoder, batch)
             else:
-                mlp_input, mlp_output = (values.view(*batch.shape, -1) for values in next(stored))
-            site = transcoder_input(transcoder, mlp_input, mlp_output)
+                site = transcoder_input(transcoder, *(values.view(*batch.shape, -1) for values in next(stored)))
             latents = transcoder.encode(site).float().cpu()  # [batch, context, n_latents]
             latents *= include[start:start + batch_size, :, None]
             state.add(latents, start * context)

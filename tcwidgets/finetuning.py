@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .features import transcoder_fingerprint
 from .files import FileFormatError, atomic_folder, inside, load_tensors, read_manifest, save_tensors, write_json
-from .splicing import check_transcoders, run_transcoder
+from .splicing import check_transcoders, run_transcoder, writes_after_norm
 from .training import clear_checkpoints, latest_checkpoint, lr_factor
 from .transcoder import Transcoder
 
@@ -318,8 +318,8 @@ def _spliced_pass(lm: Any, batch: torch.Tensor,
     with lm.trace(batch, remote=False):
         mlp = nnsight.save({})
         for layer, tc in transcoders.items():  # ascending layers: nnsight needs execution order
-            envoy = lm.mlp(layer)
-            x = envoy.input if tc.config.kind != "sae" else None
+            x = lm.mlp(layer).input if tc.config.kind != "sae" else None
+            envoy = lm.mlp_writer(layer, after_norm=writes_after_norm(lm, tc))
             y = envoy.output
             mlp[layer] = (x, y)
             envoy.output = run_transcoder(tc, x, y)[1]

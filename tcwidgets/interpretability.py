@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activations import trace_mlp
 from .corpus import bos_id
 from .evaluation import finite_or_none, html_table
 from .features import FeatureStats, LatentStats
-from .splicing import transcoder_input
+from .splicing import traced_input
 
 __all__ = ["Explanation", "HeldOutContext", "InterpretabilityScores", "LatentScore", "OpenAIExplainer",
            "TokenExplainer", "detection_score", "interpretability_scores"]
@@ -342,7 +341,6 @@ def _held_out_activations(lm: Any, transcoder: torch.nn.Module, tokens: torch.Te
                           progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where the chosen latents fire on ``tokens`` (positions in ``include`` only): flat token index,
     column in ``latents`` and activation of every firing, sorted by column then token."""
-    layer = transcoder.config.site["layer"]
     columns = torch.as_tensor(latents)
     found: list[torch.Tensor] = []
     training = transcoder.training
@@ -351,8 +349,7 @@ def _held_out_activations(lm: Any, transcoder: torch.nn.Module, tokens: torch.Te
         for start in tqdm(range(0, len(tokens), batch_size), desc="held-out activations", disable=not progress,
                           leave=False):
             batch = tokens[start:start + batch_size]
-            mlp_input, mlp_output = trace_mlp(lm, batch, [layer])[0]
-            z = transcoder.encode(transcoder_input(transcoder, mlp_input, mlp_output)).float().cpu()[..., columns]
+            z = transcoder.encode(traced_input(lm, transcoder, batch)).float().cpu()[..., columns]
             z *= include[start:start + batch_size, :, None]
             context, position, column = z.nonzero(as_tuple=True)
             flat = (start + context) * tokens.shape[1] + position

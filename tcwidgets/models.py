@@ -222,6 +222,16 @@ class Model(TransformersModel):
         self.check_layer(layer)
         return resolve(self, self.sites.mlp_path(layer))
 
+    def mlp_writer(self, layer: int, *, after_norm: bool = False) -> Any:
+        """The envoy whose ``.output`` a transcoder at ``layer`` reconstructs: the MLP module, or with
+        ``after_norm`` its post-MLP norm (Gemma 2 and 3; Gemma Scope's ``hook_mlp_out``)."""
+        if not after_norm:
+            return self.mlp(layer)
+        if self.sites.post_mlp_norm is None:
+            raise ValueError(f"{self.name} has no norm after its MLPs, so nothing is written after one.")
+        self.check_layer(layer)
+        return resolve(self, f"{self.sites.block(layer)}.{self.sites.post_mlp_norm}")
+
     def check_layer(self, layer: int) -> None:
         """Raise a clear error unless ``layer`` is one of this model's layers."""
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:

@@ -14,6 +14,11 @@ each chosen MLP is
 
 A transcoder (``config.kind`` ``"transcoder"`` or ``"skip"``) reads the MLP's input; an SAE
 (``"sae"``) reads the MLP's output. Transcoders work in model units; everything here does too.
+
+On Gemma 2 and 3, whose MLP output passes through a post-MLP norm, a transcoder whose site names the
+output after that norm (Gemma Scope's and circuit-tracer's ``hook_mlp_out``, or
+``post_feedforward_layernorm.output``) replaces the norm's output instead of the MLP module's
+(`writes_after_norm`); tcwidgets' own transcoders reconstruct the MLP module's output.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from .activations import trace_mlp
+
 Mode = Literal["replace", "error"]
 #: ``edit(layer, latents) -> latents``: change a spliced layer's latents before they are decoded.
 LatentEdit = Callable[[int, torch.Tensor], torch.Tensor]
@@ -38,7 +45,8 @@ class SplicedRun(NamedTuple):
 
     ``latents``: each spliced layer's latents ``[n, context, n_latents]`` before any edit (only
     with ``save_latents=True``). ``mlp``: ``{layer: (input, output)}`` of the layers in
-    ``save_mlp``, as the MLP saw and produced them in this run (before any replacement).
+    ``save_mlp``, as the MLP saw and produced them in this run (before any replacement; the output
+    after the post-MLP norm on the ``after_norm`` layers).
     """
 
     logits: torch.Tensor
@@ -71,6 +79,11 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
         if site.get("model") not in (None, lm.name):
             warnings.warn(f"The layer-{layer} transcoder was trained on {site['model']!r}, not {lm.name!r}; "
                           "its sizes match, so it is used anyway.", stacklevel=2)
+        _check_mlp_site(site, layer)
+        if writes_after_norm(lm, tc) and lm.sites.post_mlp_norm is None:
+            raise ValueError(
+                f"The layer-{layer} transcoder writes after a post-MLP norm ({site['output']!r}), which "
+                f"{lm.name} does not have: it was made for a model with one (Gemma 2 or 3, {site.get('model')!r}).")
         bad = _non_finite(tc)
         if bad:
             raise ValueError(f"The layer-{layer} transcoder has NaN or infinite values in {', '.join(bad)}: "
@@ -81,6 +94,26 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
                           "on the whole batch; call tc.eval() to use its inference threshold.", stacklevel=2)
         checked[layer] = tc
     return checked
+
+
+def writes_after_norm(lm: Any, tc: Any) -> bool:
+    """Whether ``tc`` reconstructs the output of the post-MLP norm (Gemma 2 and 3) rather than the MLP
+    module's output: its site's output is TransformerLens' ``hook_mlp_out`` (which Gemma Scope and
+    circuit-tracer's Gemma sets use) or the norm's own output."""
+    norm = lm.sites.post_mlp_norm
+    output = tc.config.site.get("output") or ""
+    return norm is not None and (output.endswith("hook_mlp_out") or output.endswith(f"{norm}.output"))
+
+
+def _check_mlp_site(site: dict[str, Any], layer: int) -> None:
+    """Refuse a transcoder or SAE that reads or writes the residual stream or attention (not an MLP)."""
+    for end in ("input", "output"):
+        hook = site.get(end) or ""
+        if any(name in hook for name in ("hook_resid", "attn", "hook_z")):
+            raise ValueError(
+                f"The layer-{layer} transcoder's {end} is {hook!r}, not an MLP site: tcwidgets splices transcoders "
+                "that read an MLP's input and SAEs on an MLP's output. Load one trained on an MLP "
+                "(e.g. Gemma Scope's '-transcoders' or '-mlp-' sets rather than '-res-').")
 
 
 _FINITE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transcoder -> parameter versions found finite
@@ -109,6 +142,7 @@ def splice(
     edit: LatentEdit | None = None,
     save_latents: bool = False,
     save_mlp: Sequence[int] = (),
+    after_norm: Sequence[int] = (),
     batch_size: int = 8,
     progress: bool = True,
     remote: bool | str | None = None,
@@ -127,6 +161,8 @@ def splice(
             (a notebook function or a ``tcwidgets`` one).
         save_latents: also return the spliced layers' latents.
         save_mlp: also return these layers' MLP inputs and outputs.
+        after_norm: layers whose MLP output is taken (saved, zeroed) after the post-MLP norm (Gemma);
+            a spliced transcoder that writes there (`writes_after_norm`) adds its layer itself.
         batch_size: contexts per forward pass.
         progress: show a progress bar when there is more than one batch.
         remote: run on NDIF (``True``) or through its request path in-process (``"local"``);
@@ -141,8 +177,11 @@ def splice(
                          "plus error term).")
     zero = sorted(set(zero_ablate))
     save_mlp = sorted(set(save_mlp))
-    for layer in zero + save_mlp:
+    after = sorted(set(after_norm) | {layer for layer, tc in transcoders.items() if writes_after_norm(lm, tc)})
+    for layer in zero + save_mlp + after:
         lm.check_layer(layer)
+    if after and lm.sites.post_mlp_norm is None:
+        raise ValueError(f"after_norm={after}: {lm.name} has no norm after its MLPs.")
     both = sorted(set(zero) & set(transcoders))
     if both:
         raise ValueError(f"Layers {both} are both zero-ablated and spliced: choose one per layer.")
@@ -157,7 +196,7 @@ def splice(
     with torch.no_grad():
         for start in tqdm(batches, desc="splicing", unit="batch", disable=not progress or len(batches) < 2):
             logits, latents, mlp = _trace(lm, tokens[start:start + batch_size].to(lm.device), transcoders,
-                                          mode, zero, edit, save_latents, save_mlp, remote, past_key_values)
+                                          mode, zero, edit, save_latents, save_mlp, after, remote, past_key_values)
             parts.append(SplicedRun(logits.cpu(), _to_cpu(latents), _to_cpu(mlp)))
     return SplicedRun(
         torch.cat([part.logits for part in parts]),
@@ -185,7 +224,7 @@ def _cache_argument(lm: Any) -> str:
 
 
 def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mode, zero: list[int],
-           edit: LatentEdit | None, save_latents: bool, save_mlp: list[int],
+           edit: LatentEdit | None, save_latents: bool, save_mlp: list[int], after_norm: list[int],
            remote: bool | str, past_key_values: Any) -> tuple[torch.Tensor, dict, dict]:
     """One forward pass of a batch; layers in ascending order (nnsight needs execution order)."""
     layers = sorted(set(transcoders) | set(zero) | set(save_mlp))
@@ -197,10 +236,10 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
     with lm.trace(tokens, remote=remote, **cache):
         latents, mlp = nnsight.save({}), nnsight.save({})
         for layer in layers:
-            envoy = lm.mlp(layer)
             tc = transcoders.get(layer)
             reads_input = layer in save_mlp or (tc is not None and tc.config.kind != "sae")
-            x = envoy.input if reads_input else None
+            x = lm.mlp(layer).input if reads_input else None
+            envoy = lm.mlp_writer(layer, after_norm=layer in after_norm)
             y = envoy.output
             if layer in save_mlp:
                 mlp[layer] = (x, y)
@@ -220,6 +259,14 @@ def run_transcoder(tc: Any, mlp_input: torch.Tensor | None,
     """``(latents, reconstruction)`` at one site; the reconstruction in the MLP output's dtype."""
     latents, reconstruction = tc(transcoder_input(tc, mlp_input, mlp_output))
     return latents, reconstruction.to(mlp_output.dtype)
+
+
+def traced_input(lm: Any, tc: Any, batch: torch.Tensor) -> torch.Tensor:
+    """What ``tc`` reads on ``batch``, from one forward pass stopped after its layer: the MLP input, or
+    for an SAE the MLP output (after the post-MLP norm when it writes there)."""
+    layer = tc.config.site["layer"]
+    mlp_input, mlp_output = trace_mlp(lm, batch, [layer], [layer] if writes_after_norm(lm, tc) else [])[0]
+    return transcoder_input(tc, mlp_input, mlp_output)
 
 
 def transcoder_input(tc: Any, mlp_input: torch.Tensor | None, mlp_output: torch.Tensor) -> torch.Tensor:

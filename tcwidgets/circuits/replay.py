@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..models import RUN_LOCK
 from ..models import resolve
+from ..splicing import writes_after_norm
 
 REPLAY_TOLERANCE = 1e-3  # relative error allowed between the float64 replay and the model's float32 pass
 
@@ -157,7 +158,8 @@ class _Layer:
     value_bias: Tensor  # [heads, d_head]: b_V + W_V · norm bias
     mlp_norm: _FrozenNorm
     mlp_stage: int  # where the MLP reads the residual stream
-    mlp_out: Tensor  # [positions, d_model], the MLP module's output (before a post-norm)
+    mlp_out: Tensor  # [positions, d_model], what the layer's transcoder reconstructs: the MLP module's output
+    # (before a post-norm), or the post-norm's output for a transcoder that writes after it (`writes_after_norm`)
     attn_gain: Tensor | None = None  # [positions, d_model]: frozen post-attention norm (Gemma), else None
     mlp_gain: Tensor | None = None  # [positions, d_model]: frozen post-MLP norm (Gemma), else None
     tc: Any = None  # the layer's transcoder, float64 copy
@@ -228,6 +230,8 @@ class FrozenRun:
             mlp_out = captured["mlp_out"][layer]
             mlp_gain = None if sites.post_mlp_norm is None else \
                 _FrozenNorm(resolve(block, sites.post_mlp_norm), mlp_out).gains()
+            if layer in transcoders and writes_after_norm(lm, transcoders[layer]):  # it replaces the norm's output
+                mlp_out, mlp_gain = mlp_out * mlp_gain, None
             frozen = _Layer(pattern, attn_norm, ov, values, value_bias, mlp_norm, mlp_stage, mlp_out,
                             attn_gain, mlp_gain)
             if layer in transcoders:

@@ -20,10 +20,12 @@ width and whether they have a skip path.
 Hooks: ours read the MLP input and write the MLP output, circuit-tracer's ``mlp.hook_in`` /
 ``mlp.hook_out``. For Gemma 2 and 3 its nnsight mapping names no ``mlp.hook_out``: its Gemma sets
 (Gemma Scope) write ``hook_mlp_out``, *after* ``post_feedforward_layernorm``, a non-linear norm that no
-weight folding can absorb. So a Gemma set written here loads with ``load_transcoder_set`` and computes
-the same function, but circuit-tracer's replacement model of Gemma would splice it after the post-MLP
-norm; and a Gemma Scope transcoder loaded here keeps ``output="hook_mlp_out"`` in its site, while
-`splice` replaces the MLP output before that norm.
+weight folding can absorb. A Gemma Scope transcoder loaded here keeps ``output="hook_mlp_out"`` in its
+site, and `splice`, `evaluate`, `analyze_features` and `attribute` then replace the norm's output, as
+Gemma Scope trained it (`tcwidgets.splicing.writes_after_norm`). The other way round, a Gemma set
+trained here (on the MLP module's output) loads with ``load_transcoder_set`` and computes the same
+function, but circuit-tracer's replacement model of Gemma would splice it after the post-MLP norm, where
+it was not trained: export Gemma transcoders for circuit-tracer knowing that.
 """
 
 from __future__ import annotations
