@@ -40,7 +40,7 @@ from .files import FileFormatError, load_tensors, read_manifest, save_tensors, w
 from .transcoder import TranscoderConfig, jumprelu
 
 __all__ = ["ACTIVATIONS", "CONFIG_FILE", "CrossLayerConfig", "CrossLayerFileError", "CrossLayerTranscoder",
-           "LayerView", "WEIGHTS_FILE"]
+           "LayerView", "WEIGHTS_FILE", "unspliced_sources"]
 
 FORMAT, VERSION = "tcwidgets.crosslayer", 1
 CONFIG_FILE, WEIGHTS_FILE = "crosslayer.json", "weights.safetensors"
@@ -232,8 +232,11 @@ class CrossLayerTranscoder(nn.Module):
 
     def views(self) -> dict[int, LayerView]:
         """``{layer: LayerView}``: this CLT as per-layer transcoders for `splice` and everything built on
-        it (each layer's output is the sum of the writes into it; see `LayerView`)."""
-        return {layer: LayerView(self, layer) for layer in self.layers}
+        it (each layer's output is the sum of the writes into it; see `LayerView`). The same views on
+        every call."""
+        if "_views" not in self.__dict__:
+            self.__dict__["_views"] = {layer: LayerView(self, layer) for layer in self.layers}
+        return dict(self.__dict__["_views"])
 
     # ---- decoder norm -------------------------------------------------------------------------------
 
@@ -376,3 +379,11 @@ class LayerView(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer {self.layer} of a cross-layer transcoder over layers {self.clt.layers}"
+
+
+def unspliced_sources(transcoders: Mapping[int, Any]) -> dict[int, LayerView]:
+    """``{layer: view}`` of the cross-layer transcoder layers whose latents the spliced views of
+    ``transcoders`` sum, but that are not spliced themselves: `splice` has them `LayerView.record` their
+    latents (from the clean MLP input) without replacing their MLP's output."""
+    return {layer: view.clt.views()[layer] for view in transcoders.values() if isinstance(view, LayerView)
+            for layer in view.sources if layer not in transcoders}
