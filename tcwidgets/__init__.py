@@ -24,7 +24,8 @@ from .widgets import AblationSliders, CircuitView, FeatureDashboard
 
 __all__ = [
     "ARCHITECTURES", "AblationSliders", "ActivationStore", "ActivationStream", "CheckpointError", "CircuitError",
-    "CircuitGraph", "CircuitView", "CorpusFileError", "CrossLayerTranscoder", "Edit", "EditResult", "EmptyCorpusError", "Explanation",
+    "CircuitGraph", "CircuitView", "CorpusFileError", "CrossLayerTranscoder",
+    "Edit", "EditResult", "EmptyCorpusError", "Explanation",
     "FeatureDashboard", "FeatureStats", "FeatureStatsError", "FileFormatError", "FineTuneConfig", "GraphFileError",
     "InterpretabilityScores", "JointFineTuner", "LatentScore", "LatentStats", "LatentTarget", "LayerMetrics",
     "LayerNotInStoreError", "LayerStats", "LogitTarget", "Metrics", "Model", "ModelConfigError", "ModelNotFoundError",
@@ -33,7 +34,8 @@ __all__ = [
     "TranscoderMismatchError", "UnrepresentableError", "UnsupportedArchitectureError", "analyze_features", "attribute",
     "collect_activations", "detection_score", "evaluate", "finetune_transcoders", "interpretability_scores",
     "load_corpus", "load_model", "load_transcoders", "logit_effects", "plot_frontier", "run_with_edits",
-    "save_transcoders", "splice", "spliced_logits", "start_session", "train_clt", "train_streaming", "train_transcoder",
+    "save_transcoders", "splice", "spliced_logits", "start_session", "train_clt",
+    "train_streaming", "train_transcoder",
     "transcoder_fingerprint",
 ]
 __version__ = "0.1.0"

@@ -296,7 +296,8 @@ class CrossLayerTranscoder(nn.Module):
             config = CrossLayerConfig(**data)
             sha256 = manifest["weights"]["sha256"]
         except (KeyError, TypeError, ValueError) as err:
-            raise CrossLayerFileError(f"{path / CONFIG_FILE}: invalid cross-layer transcoder config ({err}); {fix}") from err
+            raise CrossLayerFileError(
+                f"{path / CONFIG_FILE}: invalid cross-layer transcoder config ({err}); {fix}") from err
         tensors = load_tensors(path / WEIGHTS_FILE, sha256=sha256, fix=fix, error=CrossLayerFileError)
         model = cls(config)
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

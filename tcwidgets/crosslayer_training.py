@@ -220,7 +220,8 @@ class CrossLayerTrainer(Trainer):
                 if c.activation == "relu":
                     penalty = penalty + (z * decoder.norm(dim=1)).sum() / n_tokens
                 else:
-                    penalty = penalty + heaviside(pre, clt.log_threshold[i].exp(), clt.config.bandwidth).sum() / n_tokens
+                    active = heaviside(pre, clt.log_threshold[i].exp(), clt.config.bandwidth)
+                    penalty = penalty + active.sum() / n_tokens
                 fired[i] = (z > 0).sum(0)
             reconstruction = reconstruction + F.pad(writes.view(n_tokens, -1, d), (0, 0, i, 0))  # to layers >= i
         error = target - reconstruction
@@ -276,7 +277,8 @@ def _latents_at(clt: CrossLayerTranscoder, i: int, x: Tensor, rows: Tensor, cols
 
 
 @torch.no_grad()
-def reconstruction_metrics(clt: CrossLayerTranscoder, store: Any, batch_size: int = 4096) -> dict[int, dict[str, float]]:
+def reconstruction_metrics(clt: CrossLayerTranscoder, store: Any,
+                           batch_size: int = 4096) -> dict[int, dict[str, float]]:
     """``{layer: {"fvu", "mse", "l0", "dead_fraction"}}`` of ``clt`` on all of a store's activations."""
     stats = {layer: ReconstructionStats(clt.n_latents) for layer in clt.layers}
     was_training = clt.training
