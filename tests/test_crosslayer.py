@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+import yaml
+from safetensors.torch import load_file, save_file
 
 import tcwidgets as tcw
 from tcwidgets.crosslayer import CrossLayerConfig, CrossLayerFileError, CrossLayerTranscoder
@@ -310,3 +312,80 @@ def test_bad_input_is_refused_with_the_fix(store):
         tcw.train_clt(store, [0, 1], **{**SMALL, "k": 128})
     with pytest.raises(ValueError, match="larger than the store"):
         tcw.train_clt(store, [0, 1], **{**SMALL, "batch_size": 10**6})
+
+
+# ---- circuit-tracer's cross-layer transcoder files ------------------------------------------------------
+# (bench/crosslayer_interop.py checks the same against circuit-tracer's own load_clt)
+
+
+def circuit_tracer_clt_forward(folder, n_layers, xs):
+    """CrossLayerTranscoder.encode / compute_reconstruction of circuit-tracer 0.5.0, from its files, in
+    float64: per layer ``pre = x W_encᵀ + b_enc``, JumpReLU ``pre · (pre > θ)`` (ReLU without θ), and
+    at layer j ``Σ_{i ≤ j} z_i W_dec_i[:, j - i] + b_dec_j``."""
+    encoders = [{name.removesuffix(f"_{i}"): t.double() for name, t in
+                 load_file(folder / f"W_enc_{i}.safetensors").items()} for i in range(n_layers)]
+    decoders = [load_file(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"].double() for i in range(n_layers)]
+    latents = []
+    for e, x in zip(encoders, xs):
+        pre = x.double() @ e["W_enc"].T + e["b_enc"]
+        latents.append(pre * (pre > e["threshold"]) if "threshold" in e else pre.clamp_min(0))
+    outputs = [encoders[j]["b_dec"] + sum(latents[i] @ decoders[i][:, j - i] for i in range(j + 1))
+               for j in range(n_layers)]
+    return latents, outputs
+
+
+def write_circuit_tracer_clt_by_hand(folder, n_layers, d, n, threshold: bool):
+    torch.manual_seed(3)
+    folder.mkdir()
+    for i in range(n_layers):
+        encoder = {f"W_enc_{i}": torch.randn(n, d) * 0.5, f"b_enc_{i}": torch.randn(n) * 0.2,
+                   f"b_dec_{i}": torch.randn(d) * 0.2}
+        if threshold:
+            encoder[f"threshold_{i}"] = torch.rand(n) * 0.3
+        save_file(encoder, folder / f"W_enc_{i}.safetensors")
+        save_file({f"W_dec_{i}": torch.randn(n, n_layers - i, d) * 0.3}, folder / f"W_dec_{i}.safetensors")
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "cross_layer_transcoder", "model_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}))
+
+
+@pytest.mark.parametrize("threshold", [True, False])
+def test_circuit_tracer_clt_files_load_and_compute_what_circuit_tracer_does(tmp_path, threshold):
+    write_circuit_tracer_clt_by_hand(tmp_path / "clt", 3, 12, 20, threshold)
+    clt = tcw.load_transcoders(tmp_path / "clt")
+    assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1, 2]
+    assert clt.config.activation == ("jumprelu" if threshold else "relu")
+    assert clt.views()[1].config.site == {"model": "smollm2-135m", "layer": 1, "input": "hook_resid_mid",
+                                          "output": "hook_mlp_out"}
+    xs = [torch.randn(9, 12) for _ in range(3)]
+    expected_latents, expected_outputs = circuit_tracer_clt_forward(tmp_path / "clt", 3, xs)
+    with torch.no_grad():
+        latents, outputs = clt(xs)
+    for ours, theirs in zip([*latents, *outputs], [*expected_latents, *expected_outputs]):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(tcw.TranscoderFormatError, match="loads whole: leave out layers="):
+        tcw.load_transcoders(tmp_path / "clt", layers=[1])
+
+
+def test_saved_for_circuit_tracer_it_computes_the_same_and_reads_back(tiny, tmp_path):
+    clt = random_clt(tiny, [1, 3], "jumprelu")
+    clt.save(tmp_path / "ct", format="circuit-tracer", n_layers=5)
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert config["model_kind"] == "cross_layer_transcoder" and config["feature_input_hook"] == "mlp.hook_in"
+    xs = [torch.randn(9, tiny.d_model) for _ in range(5)]
+    latents, outputs = circuit_tracer_clt_forward(tmp_path / "ct", 5, xs)
+    with torch.no_grad():
+        ours_latents, ours_outputs = clt([xs[1], xs[3]])
+    for ours, theirs in zip([*ours_latents, *ours_outputs], [latents[1], latents[3], outputs[1], outputs[3]]):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+    for padding in (0, 2, 4):  # the layers it does not span: no latents, nothing written
+        assert not latents[padding].any() and not outputs[padding].any()
+    again = tcw.load_transcoders(tmp_path / "ct")
+    assert again.layers == [1, 3]
+    with torch.no_grad():
+        for ours, theirs in zip(again([xs[1], xs[3]])[1], ours_outputs):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    clt.save(tmp_path / "ours")
+    assert torch.equal(tcw.load_transcoders(tmp_path / "ours").W_dec_0, clt.W_dec_0)
+    with pytest.raises(tcw.UnrepresentableError, match="no TopK"):
+        random_clt(tiny, [0, 1]).save(tmp_path / "topk", format="circuit-tracer")
