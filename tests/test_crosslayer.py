@@ -352,7 +352,8 @@ def write_circuit_tracer_clt_by_hand(folder, n_layers, d, n, threshold: bool):
 @pytest.mark.parametrize("threshold", [True, False])
 def test_circuit_tracer_clt_files_load_and_compute_what_circuit_tracer_does(tmp_path, threshold):
     write_circuit_tracer_clt_by_hand(tmp_path / "clt", 3, 12, 20, threshold)
-    clt = tcw.load_transcoders(tmp_path / "clt")
+    with pytest.warns(UserWarning, match="reads 'hook_resid_mid'.*before the pre-MLP norm.*does not compute"):
+        clt = tcw.load_transcoders(tmp_path / "clt")
     assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1, 2]
     assert clt.config.activation == ("jumprelu" if threshold else "relu")
     assert clt.views()[1].config.site == {"model": "smollm2-135m", "layer": 1, "input": "hook_resid_mid",
@@ -364,7 +365,7 @@ def test_circuit_tracer_clt_files_load_and_compute_what_circuit_tracer_does(tmp_
     for ours, theirs in zip([*latents, *outputs], [*expected_latents, *expected_outputs]):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
     with pytest.raises(tcw.TranscoderFormatError, match="loads whole: leave out layers="):
-        tcw.load_transcoders(tmp_path / "clt", layers=[1])
+        tcw.load_transcoders(tmp_path / "clt", layers=[1])  # refused before reading the files: no warning
 
 
 def test_saved_for_circuit_tracer_it_computes_the_same_and_reads_back(tiny, tmp_path):

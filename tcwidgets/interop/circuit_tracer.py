@@ -28,6 +28,7 @@ norm; and a Gemma Scope transcoder loaded here keeps ``output="hook_mlp_out"`` i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -265,10 +266,15 @@ def read_circuit_tracer_clt(folder: Path, *, n_layers: int, path: Callable[[str]
     kept = [layer for layer in range(n_layers) if not silent(layer)]
     if not kept:
         raise TranscoderFormatError(f"{folder}: every weight of this cross-layer transcoder is zero.")
-    model = config.get("model_name")
+    model, reads = config.get("model_name"), config.get("feature_input_hook", INPUT_HOOK)
+    if reads != INPUT_HOOK:
+        warnings.warn(f"{folder}: this cross-layer transcoder reads {reads!r} (circuit-tracer's hook_resid_mid is "
+                      "the residual stream before the pre-MLP norm), while splice, evaluate and run_with_edits hand "
+                      "each layer its MLP input (after the norm): it loads as it is, but spliced it does not compute "
+                      "circuit-tracer's replacement.", stacklevel=3)
     clt = CrossLayerTranscoder(CrossLayerConfig(
         d_model=d, n_latents=n, layers=kept, activation="jumprelu" if thresholded else "relu",
-        model=model_alias(model), sites=[{"input": config.get("feature_input_hook", INPUT_HOOK),
+        model=model_alias(model), sites=[{"input": reads,
                                           "output": config.get("feature_output_hook", OUTPUT_HOOK)}] * len(kept)))
     state = {"W_enc": torch.stack([encoders[layer]["W_enc"] for layer in kept]),
              "b_enc": torch.stack([encoders[layer]["b_enc"] for layer in kept]),
