@@ -243,6 +243,9 @@ def read_circuit_tracer_clt(folder: Path, *, n_layers: int, path: Callable[[str]
     the residual stream *before* the pre-MLP norm, where `splice` hands each layer the MLP input (after it):
     such a CLT loads, but its splice is not the replacement circuit-tracer computes."""
     config = read_config(folder, kinds=(CLT_KIND,))
+    if n_layers < 1:
+        raise TranscoderFormatError(f"{folder}: {CONFIG_FILE} says it is a cross-layer transcoder, but there is no "
+                                    f"W_enc_0.safetensors beside it: {_FIX}")
     path = path or (lambda name: folder / name)
     encoders, decoders = [], []
     for layer in range(n_layers):
