@@ -314,7 +314,8 @@ class CrossLayerTranscoder(nn.Module):
 class LayerView(nn.Module):
     """One layer of a `CrossLayerTranscoder`, used like a per-layer `Transcoder` by `splice`.
 
-    Layers run in ascending order within one forward pass: ``view(x)`` encodes its layer's latents,
+    ``encode``, ``W_enc`` and ``W_dec`` (the latents' summed writes) serve `analyze_features` and the
+    dashboard. Layers run in ascending order within one forward pass: ``view(x)`` encodes its layer's latents,
     records them on the CLT (the first CLT layer starts a new pass) and returns ``(latents, output)``,
     the output summing the writes of the latents recorded for every CLT layer up to this one.
     ``decode(edited)`` records edited latents, and decodes from the edited latents of every layer up
@@ -368,7 +369,22 @@ class LayerView(nn.Module):
         return latents, self.clt.decode(self.layer, self._recorded(0))
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.record(x)
+        """This layer's latents for MLP inputs ``x`` (recording nothing)."""
+        return self.clt.encode(self.layer, x)
+
+    @property
+    def W_enc(self) -> Tensor:
+        """This layer's encoder [n_latents, d] (normalised units)."""
+        return self.clt.W_enc[self.position]
+
+    @property
+    def W_dec(self) -> Tensor:
+        """Each latent's writes into this and every later layer, summed, in this layer's normalised units
+        (``W_dec / config.output_scale`` is in model units): its direct effect on the residual stream, as
+        `logit_effects` reads a decoder row."""
+        c, i = self.clt.config, self.position
+        writes = self.clt.W_dec(i) / self.clt.W_dec(i).new_tensor(c.output_scales[i:])[:, None]
+        return writes.sum(1) * c.output_scales[i]
 
     def decode(self, latents: Tensor, x: Tensor | None = None) -> Tensor:
         """The output at this layer with this layer's latents replaced by ``latents`` (and earlier layers'

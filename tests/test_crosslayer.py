@@ -2,6 +2,7 @@
 exact resume, bad input), and splice / evaluate / run_with_edits against plain PyTorch forward hooks
 on a tiny random Llama that do the replacement by hand."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -390,3 +391,27 @@ def test_saved_for_circuit_tracer_it_computes_the_same_and_reads_back(tiny, tmp_
     assert torch.equal(tcw.load_transcoders(tmp_path / "ours").W_dec_0, clt.W_dec_0)
     with pytest.raises(tcw.UnrepresentableError, match="no TopK"):
         random_clt(tiny, [0, 1]).save(tmp_path / "topk", format="circuit-tracer")
+
+
+# ---- features, dashboard, sliders -------------------------------------------------------------------------
+
+
+def test_analyze_features_and_the_widgets_take_a_cross_layer_transcoder(tiny, tokens):
+    clt = random_clt(tiny, [0, 2], "relu")
+    view = clt.views()[2]
+    stats = tcw.analyze_features(tiny, view, tokens[:4], top_k=2, progress=False)
+    x = tcw.splice(tiny, {}, tokens[:4], save_mlp=[2], progress=False).mlp[2][0]
+    latents = reference_latents(clt, 2, x)[:, 1:].flatten(0, 1)  # BOS positions are left out
+    np.testing.assert_allclose(stats.max, latents.max(0).values.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(stats.count, (latents > 0).sum(0).numpy())
+    # logit effects read the latent's summed writes into layer 2 (and later: none here) in model units
+    summed = clt.W_dec_1[:, 0].double() / clt.config.output_scales[1]
+    torch.testing.assert_close(view.W_dec.double() / view.config.output_scale, summed)
+    first = clt.views()[0]
+    writes = (clt.W_dec_0[:, 0].double() / clt.config.output_scales[0]
+              + clt.W_dec_0[:, 1].double() / clt.config.output_scales[1])
+    torch.testing.assert_close(first.W_dec.double() / first.config.output_scale, writes)
+    tcw.FeatureDashboard(stats)
+
+    sliders = tcw.AblationSliders(tiny, clt, prompt="def add(a, b):")
+    assert sorted(sliders.transcoders) == [0, 2] and not sliders._problems
