@@ -378,6 +378,16 @@ class LayerView(nn.Module):
         return self.clt.W_enc[self.position]
 
     @property
+    def b_enc(self) -> Tensor:
+        """This layer's encoder bias [n_latents]."""
+        return self.clt.b_enc[self.position]
+
+    @property
+    def b_dec(self) -> Tensor:
+        """The decoder bias of this layer's output [d] (normalised units)."""
+        return self.clt.b_dec[self.position]
+
+    @property
     def W_dec(self) -> Tensor:
         """Each latent's writes into this and every later layer, summed, in this layer's normalised units
         (``W_dec / config.output_scale`` is in model units): its direct effect on the residual stream, as

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import tcwidgets as tcw
 from tcwidgets.crosslayer import CrossLayerConfig, CrossLayerFileError, CrossLayerTranscoder
 from tcwidgets.crosslayer_training import CrossLayerTrainer, reconstruction_metrics
+from tcwidgets.interventions import encode_prompt
 from tcwidgets.models import resolve
 from tcwidgets.training import CheckpointError, TrainingConfig
 
@@ -415,3 +416,43 @@ def test_analyze_features_and_the_widgets_take_a_cross_layer_transcoder(tiny, to
 
     sliders = tcw.AblationSliders(tiny, clt, prompt="def add(a, b):")
     assert sorted(sliders.transcoders) == [0, 2] and not sliders._problems
+
+
+# ---- attribution ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2, 3], [0, 2]])
+def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers):
+    from test_circuits import assert_exact
+    from test_circuits_graph import adjacency_row, folded
+
+    clt = random_clt(tiny, layers, "relu", seed=2)
+    prompt = "The war lasted from the year 1732 to the year 17"
+    tokens = encode_prompt(tiny, prompt)  # as attribute reads it
+    logits = tcw.splice(tiny, {}, tokens, progress=False).logits[0, -1].double()
+    x = tcw.splice(tiny, {}, tokens, save_mlp=[layers[-1]], progress=False).mlp[layers[-1]][0][0]
+    latent = int(reference_latents(clt, layers[-1], x)[5].argmax())
+    for target, value in [(tcw.LogitTarget("3", minus="1"), float(logits[tiny.tokenizer("3")["input_ids"][-1]]
+                                                                    - logits[tiny.tokenizer("1")["input_ids"][-1]])),
+                          (tcw.LatentTarget(layers[-1], latent, 5), None)]:
+        graph = tcw.attribute(tiny, clt, prompt, target, depth=1, top_k=None, threshold=0)
+        direct = graph.predecessors(graph.target_id)
+        assert sum(e.weight for e in direct) == pytest.approx(graph.target_value, abs=1e-9)
+        if value is not None:
+            assert graph.target_value == pytest.approx(value, abs=1e-4)
+        else:
+            pre = reference_latents(clt, layers[-1], x)  # activated; the target is the pre-activation
+            assert graph.target_value == pytest.approx(float(pre[5, latent]), abs=1e-4)
+        sources = {graph.nodes[e.source].layer for e in direct if graph.nodes[e.source].kind == "latent"}
+        assert sources and sources <= set(layers)
+        assert_exact(tcw.attribute(tiny, clt, prompt, target, depth=3, top_k=4, threshold=0))
+    # the full graph: every row sums to its value, and the target's row is the exact decomposition
+    graph = tcw.attribute(tiny, clt, "a b c", tcw.LogitTarget("3", minus="1"), depth=0)
+    adjacency = graph.adjacency()
+    rows = torch.isfinite(adjacency.values)
+    assert torch.allclose((adjacency.matrix.sum(1) + adjacency.bias)[rows], adjacency.values[rows], atol=1e-9)
+    expected, got = folded(graph, graph.target_id), adjacency_row(graph, graph.target_id)
+    for key, weight in expected.items():
+        assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-10), key
+    replacement, completeness = graph.scores()
+    assert 0 <= replacement <= 1 and 0 <= completeness <= 1
