@@ -427,7 +427,7 @@ def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers):
     from test_circuits_graph import adjacency_row, folded
 
     clt = random_clt(tiny, layers, "relu", seed=2)
-    prompt = "The war lasted from the year 1732 to the year 17"
+    prompt = "It lasted from 1732 to 17"
     tokens = encode_prompt(tiny, prompt)  # as attribute reads it
     logits = tcw.splice(tiny, {}, tokens, progress=False).logits[0, -1].double()
     x = tcw.splice(tiny, {}, tokens, save_mlp=[layers[-1]], progress=False).mlp[layers[-1]][0][0]
@@ -445,7 +445,7 @@ def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers):
             assert graph.target_value == pytest.approx(float(pre[5, latent]), abs=1e-4)
         sources = {graph.nodes[e.source].layer for e in direct if graph.nodes[e.source].kind == "latent"}
         assert sources and sources <= set(layers)
-        assert_exact(tcw.attribute(tiny, clt, prompt, target, depth=3, top_k=4, threshold=0))
+        assert_exact(tcw.attribute(tiny, clt, prompt, target, depth=3, top_k=3, threshold=0))
     # the full graph: every row sums to its value, and the target's row is the exact decomposition
     graph = tcw.attribute(tiny, clt, "a b c", tcw.LogitTarget("3", minus="1"), depth=0)
     adjacency = graph.adjacency()
