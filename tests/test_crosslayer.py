@@ -422,7 +422,7 @@ def test_analyze_features_and_the_widgets_take_a_cross_layer_transcoder(tiny, to
 
 
 @pytest.mark.parametrize("layers", [[0, 1, 2, 3], [0, 2]])
-def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers):
+def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers, tmp_path):
     from test_circuits import assert_exact
     from test_circuits_graph import adjacency_row, folded
 
@@ -456,3 +456,15 @@ def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers):
         assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-10), key
     replacement, completeness = graph.scores()
     assert 0 <= replacement <= 1 and 0 <= completeness <= 1
+    if layers == [0, 2]:  # the circuit view and circuit-tracer's graph files take it
+        from tcwidgets.widgets.circuit_view import CircuitView
+
+        graph = tcw.attribute(tiny, clt, prompt, tcw.LogitTarget("3", minus="1"), depth=2, top_k=6, threshold=0)
+        view = CircuitView(graph, threshold=0.0)
+        latent = next(n for n in graph.nodes.values() if n.kind == "latent" and n.layer == 0)
+        sent = []
+        view.send = sent.append
+        view._on_message(None, {"type": "summary", "request": "r1", "id": latent.node_id}, [])
+        assert sent[-1]["summary"]["kind"] == "latent" and len(sent[-1]["summary"]["promoted"]) == 5
+        graph.save(tmp_path / "graph", format="circuit-tracer")
+        assert (tmp_path / "graph").is_dir() and any((tmp_path / "graph").iterdir())
