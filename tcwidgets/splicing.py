@@ -52,7 +52,8 @@ def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int
     """Validate transcoders against a model; return them as ``{layer: transcoder}`` in layer order.
 
     Accepts one transcoder (its layer is ``config.site["layer"]``), a ``{layer: transcoder}``
-    mapping or a `CrossLayerTranscoder` (as its per-layer views). Raises a clear error when a layer is not the model's, when a transcoder was trained on
+    mapping or a `CrossLayerTranscoder` (as its per-layer views, `CrossLayerTranscoder.views`). Raises
+    a clear error when a layer is not the model's, when a transcoder was trained on
     another layer or on a model of another width, or when its weights are not finite.
     """
     if isinstance(transcoders, CrossLayerTranscoder):

@@ -238,8 +238,8 @@ def weights(module) -> dict[str, torch.Tensor]:
 
 def test_a_cross_layer_transcoder_learns_writes_across_layers_and_keeps_latents_alive(store):
     records = []
-    trainer = CrossLayerTrainer(store, [0, 1, 2], TrainingConfig(**SMALL, epochs=4, lr=3e-3), log_every=4, progress=False,
-                                callback=lambda trainer, record: records.append(record))
+    trainer = CrossLayerTrainer(store, [0, 1, 2], TrainingConfig(**SMALL, epochs=4, lr=3e-3), log_every=4,
+                                progress=False, callback=lambda trainer, record: records.append(record))
     before = reconstruction_metrics(trainer.transcoder, store)
     clt = trainer.fit()
     assert isinstance(clt, tcw.CrossLayerTranscoder) and not clt.training

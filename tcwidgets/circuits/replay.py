@@ -270,8 +270,9 @@ class FrozenRun:
         clt = self._float64[id(view.clt)]
         missing = [source for source in view.sources[:-1] if self.layers[source].tc is None]
         if missing:
-            raise CircuitError(f"The cross-layer transcoder's layer {layer} sums the writes of layers {view.sources}: "
-                               f"pass it whole (or all of its views up to layer {layer}), not without layers {missing}.")
+            raise CircuitError(f"The cross-layer transcoder's layer {layer} sums the writes of layers "
+                               f"{view.sources}: pass it whole (or all of its views up to layer {layer}), not "
+                               f"without layers {missing}.")
         with torch.no_grad():
             frozen.pre = clt.pre_activations(layer, x)
             frozen.latents = clt.activate(layer, frozen.pre)
