@@ -456,7 +456,9 @@ def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers, tmp
         assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-10), key
     replacement, completeness = graph.scores()
     assert 0 <= replacement <= 1 and 0 <= completeness <= 1
-    if layers == [0, 2]:  # the circuit view and circuit-tracer's graph files take it
+    if layers == [0, 2]:  # the circuit view and circuit-tracer's graph files take it; views need their sources
+        with pytest.raises(tcw.CircuitError, match=r"sums the writes of layers \[0, 2\]: pass it whole"):
+            tcw.attribute(tiny, {2: clt.views()[2]}, prompt, tcw.LogitTarget("3"), depth=0)
         from tcwidgets.widgets.circuit_view import CircuitView
 
         graph = tcw.attribute(tiny, clt, prompt, tcw.LogitTarget("3", minus="1"), depth=2, top_k=6, threshold=0)
