@@ -3,6 +3,8 @@
 from .activations import ActivationStore, LayerNotInStoreError, LayerStats, StoreError, collect_activations
 from .circuits import CircuitError, CircuitGraph, GraphFileError, LatentTarget, LogitTarget, Scores, attribute
 from .corpus import CorpusFileError, EmptyCorpusError, load_corpus
+from .crosslayer import CrossLayerTranscoder
+from .crosslayer_training import train_clt
 from .evaluation import LayerMetrics, Metrics, evaluate, plot_frontier
 from .features import (FeatureStats, FeatureStatsError, LatentStats, TranscoderMismatchError, analyze_features,
                        logit_effects, transcoder_fingerprint)
@@ -22,7 +24,8 @@ from .widgets import AblationSliders, CircuitView, FeatureDashboard
 
 __all__ = [
     "ARCHITECTURES", "AblationSliders", "ActivationStore", "ActivationStream", "CheckpointError", "CircuitError",
-    "CircuitGraph", "CircuitView", "CorpusFileError", "Edit", "EditResult", "EmptyCorpusError", "Explanation",
+    "CircuitGraph", "CircuitView", "CorpusFileError", "CrossLayerTranscoder",
+    "Edit", "EditResult", "EmptyCorpusError", "Explanation",
     "FeatureDashboard", "FeatureStats", "FeatureStatsError", "FileFormatError", "FineTuneConfig", "GraphFileError",
     "InterpretabilityScores", "JointFineTuner", "LatentScore", "LatentStats", "LatentTarget", "LayerMetrics",
     "LayerNotInStoreError", "LayerStats", "LogitTarget", "Metrics", "Model", "ModelConfigError", "ModelNotFoundError",
@@ -31,7 +34,8 @@ __all__ = [
     "TranscoderMismatchError", "UnrepresentableError", "UnsupportedArchitectureError", "analyze_features", "attribute",
     "collect_activations", "detection_score", "evaluate", "finetune_transcoders", "interpretability_scores",
     "load_corpus", "load_model", "load_transcoders", "logit_effects", "plot_frontier", "run_with_edits",
-    "save_transcoders", "splice", "spliced_logits", "start_session", "train_streaming", "train_transcoder",
+    "save_transcoders", "splice", "spliced_logits", "start_session", "train_clt",
+    "train_streaming", "train_transcoder",
     "transcoder_fingerprint",
 ]
 __version__ = "0.1.0"

@@ -297,7 +297,8 @@ def run_with_edits(
     if generate and lm.max_context is not None and length + generate > lm.max_context:
         raise ValueError(f"The prompt ({length} tokens) and {generate} generated tokens exceed {lm.name}'s "
                          f"{lm.max_context}: generate fewer.")
-    edited_layers = {edit.layer for edit in edits}
+    # a cross-layer transcoder's edited latents write to later layers too: splice those as well
+    edited_layers = {layer for edit in edits for layer in getattr(transcoders[edit.layer], "writes_to", [edit.layer])}
     spliced = {layer: tc for layer, tc in transcoders.items()
                if replace or save_latents or layer in edited_layers}
     remote = (session.remote if session is not None else lm.remote) if remote is None else remote

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import trace_mlp
+from .crosslayer import CrossLayerTranscoder, unspliced_sources
 
 Mode = Literal["replace", "error"]
 #: ``edit(layer, latents) -> latents``: change a spliced layer's latents before they are decoded.
@@ -57,10 +58,13 @@ class SplicedRun(NamedTuple):
 def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int, Any]:
     """Validate transcoders against a model; return them as ``{layer: transcoder}`` in layer order.
 
-    Accepts one transcoder (its layer is ``config.site["layer"]``) or a ``{layer: transcoder}``
-    mapping. Raises a clear error when a layer is not the model's, when a transcoder was trained on
+    Accepts one transcoder (its layer is ``config.site["layer"]``), a ``{layer: transcoder}``
+    mapping or a `CrossLayerTranscoder` (as its per-layer views, `CrossLayerTranscoder.views`). Raises
+    a clear error when a layer is not the model's, when a transcoder was trained on
     another layer or on a model of another width, or when its weights are not finite.
     """
+    if isinstance(transcoders, CrossLayerTranscoder):
+        transcoders = transcoders.views()
     if not isinstance(transcoders, Mapping):
         transcoders = {transcoders.config.site["layer"]: transcoders}
     checked = {}
@@ -227,7 +231,8 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
            edit: LatentEdit | None, save_latents: bool, save_mlp: list[int], after_norm: list[int],
            remote: bool | str, past_key_values: Any) -> tuple[torch.Tensor, dict, dict]:
     """One forward pass of a batch; layers in ascending order (nnsight needs execution order)."""
-    layers = sorted(set(transcoders) | set(zero) | set(save_mlp))
+    sources = unspliced_sources(transcoders)  # cross-layer transcoder layers read but not spliced
+    layers = sorted(set(transcoders) | set(zero) | set(save_mlp) | set(sources))
     cache = {}
     if past_key_values is not None:  # the mask covers the cached tokens and the new ones
         mask = torch.ones(len(tokens), past_key_values.get_seq_length() + tokens.shape[1], dtype=torch.long,
@@ -237,10 +242,12 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
         latents, mlp = nnsight.save({}), nnsight.save({})
         for layer in layers:
             tc = transcoders.get(layer)
-            reads_input = layer in save_mlp or (tc is not None and tc.config.kind != "sae")
+            reads_input = layer in save_mlp or layer in sources or (tc is not None and tc.config.kind != "sae")
             x = lm.mlp(layer).input if reads_input else None
             envoy = lm.mlp_writer(layer, after_norm=layer in after_norm)
             y = envoy.output
+            if layer in sources:
+                sources[layer].record(transcoder_input(sources[layer], x, y))
             if layer in save_mlp:
                 mlp[layer] = (x, y)
             if layer in zero:

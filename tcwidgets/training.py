@@ -549,7 +549,7 @@ class Trainer:
                 f"{self.checkpoint_dir} holds a run with {what} ({listed}): use another "
                 f"checkpoint_dir, or resume=False to start over"
             )
-        tc = Transcoder.load(path / "transcoder", device=self.device)
+        tc = type(self.transcoder).load(path / "transcoder", device=self.device)
         self.transcoder.load_state_dict(tc.state_dict())
         record = meta.get("tensors") if meta["version"] >= 2 else {}
         if not isinstance(record, dict):

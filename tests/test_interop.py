@@ -355,11 +355,11 @@ def test_negative_circuit_tracer_thresholds_are_refused(tmp_path):
         tcw.load_transcoders(tmp_path / "set")
 
 
-def test_cross_layer_transcoders_and_ambiguous_folders_are_refused(tmp_path):
+def test_cross_layer_transcoders_without_their_files_and_ambiguous_folders_are_refused(tmp_path):
     write_transcoder_set(tmp_path / "clt", 2)
     config = yaml.safe_load((tmp_path / "clt" / "config.yaml").read_text())
     (tmp_path / "clt" / "config.yaml").write_text(yaml.safe_dump({**config, "model_kind": "cross_layer_transcoder"}))
-    with pytest.raises(TranscoderFormatError, match="cross-layer"):
+    with pytest.raises(TranscoderFormatError, match="cross-layer transcoder, but there is no W_enc_0.safetensors"):
         tcw.load_transcoders(tmp_path / "clt")
     for width in ("width_16k", "width_65k"):
         folder = tmp_path / "scope" / "layer_4" / width

@@ -170,7 +170,8 @@ class _Backward:
         self._write(torch.arange(tokens, tokens + span), torch.einsum("rqd,qd->rq", self.grad, embedding))
 
     def _write(self, columns: Tensor, edges: Tensor) -> None:
-        self.matrix[self.rows[self.live][:, None], columns[None]] = edges
+        """Add ``edges`` to the live rows' ``columns`` (a cross-layer latent writes into several layers)."""
+        self.matrix[self.rows[self.live][:, None], columns[None]] += edges
 
     def _mlp_writers(self, layer: int, grad: Tensor) -> None:
         """Edges from layer ``layer``'s latents and error nodes, and its decoder bias."""
@@ -183,13 +184,14 @@ class _Backward:
             return
         tc = frozen.tc
         self.bias[self.rows[self.live]] += seen.sum(1) @ tc.b_dec.detach() / tc.config.output_scale
-        positions, indices = torch.nonzero(frozen.latents[:span], as_tuple=True)
-        decoder = tc.W_dec.detach() / tc.config.output_scale
-        edges = torch.empty(len(seen), len(indices), dtype=torch.float64)
-        for position in positions.unique().tolist():  # one matrix product per position
-            here = torch.nonzero(positions == position).flatten()
-            edges[:, here] = seen[:, position] @ decoder[indices[here]].T * frozen.latents[position, indices[here]]
-        self._write(self.columns[layer][:len(indices)], edges)  # node order: by position, then latent
+        for source, decoder in frozen.writes:  # a cross-layer transcoder's earlier layers write here too
+            latents = self.run.layers[source].latents
+            positions, indices = torch.nonzero(latents[:span], as_tuple=True)
+            edges = torch.empty(len(seen), len(indices), dtype=torch.float64)
+            for position in positions.unique().tolist():  # one matrix product per position
+                here = torch.nonzero(positions == position).flatten()
+                edges[:, here] = seen[:, position] @ decoder[indices[here]].T * latents[position, indices[here]]
+            self._write(self.columns[source][:len(indices)], edges)  # node order: by position, then latent
 
     def _skip(self, frozen, grad: Tensor) -> Tensor:
         """What the layer's skip path (skip transcoders) sends back to its input; its norm bias's part to ``bias``."""

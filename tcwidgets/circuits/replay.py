@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..crosslayer import LayerView
 from ..models import RUN_LOCK
 from ..models import resolve
 from ..splicing import writes_after_norm
@@ -167,6 +168,9 @@ class _Layer:
     latents: Tensor | None = None  # [positions, n_latents] activations
     error: Tensor | None = None  # [positions, d_model] MLP output − transcoder output
     skip: Tensor | None = None  # [positions, d_model] skip path's output (skip transcoders)
+    #: the latents writing into this MLP's output: (their layer, decoder rows [n_latents, d_model] in model
+    #: units); the layer's own for a transcoder, every layer up to it for a cross-layer transcoder
+    writes: list[tuple[int, Tensor]] | None = None
 
 
 class _Segment:
@@ -205,6 +209,7 @@ class FrozenRun:
         resid = captured["resid"] if self.position_embedding is not None else self.token_embedding
         self.resid: dict[int, Tensor] = {}
         self.layers: list[_Layer] = []
+        self._float64: dict[int, Any] = {}  # id(cross-layer transcoder) -> its float64 copy
         n = len(tokens)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         for layer in range(last_layer + 1):
@@ -235,7 +240,7 @@ class FrozenRun:
             frozen = _Layer(pattern, attn_norm, ov, values, value_bias, mlp_norm, mlp_stage, mlp_out,
                             attn_gain, mlp_gain)
             if layer in transcoders:
-                self._encode(frozen, transcoders[layer], x)
+                self._encode(frozen, layer, transcoders[layer], x)
             self.layers.append(frozen)
             resid = resid + attn_out + (mlp_out if mlp_gain is None else mlp_out * mlp_gain)
         if final:
@@ -247,9 +252,12 @@ class FrozenRun:
             self.logits = captured["logits"]  # the model's own, to check the replay
             self.softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma: cap · tanh(logit / cap)
 
-    @staticmethod
-    def _encode(frozen: _Layer, tc: Any, x: Tensor) -> None:
-        """The transcoder's latents and error term on the replayed MLP input (its own encode/decode)."""
+    def _encode(self, frozen: _Layer, layer: int, tc: Any, x: Tensor) -> None:
+        """The transcoder's latents and error term on the replayed MLP input (its own encode/decode); a
+        cross-layer transcoder's layer sums the writes of the latents of every layer up to it."""
+        if isinstance(tc, LayerView):
+            self._encode_cross_layer(frozen, layer, tc, x)
+            return
         tc = copy.deepcopy(tc).to("cpu", torch.float64).eval().requires_grad_(False)
         with torch.no_grad():
             frozen.pre = tc.pre_activations(x)
@@ -258,6 +266,25 @@ class FrozenRun:
             if tc.config.kind == "skip":
                 frozen.skip = x * tc.config.input_scale @ tc.W_skip.T / tc.config.output_scale
         frozen.tc = tc
+        frozen.writes = [(layer, tc.W_dec.detach() / tc.config.output_scale)]
+
+    def _encode_cross_layer(self, frozen: _Layer, layer: int, view: LayerView, x: Tensor) -> None:
+        if id(view.clt) not in self._float64:
+            self._float64[id(view.clt)] = copy.deepcopy(view.clt).to("cpu", torch.float64).eval().requires_grad_(False)
+        clt = self._float64[id(view.clt)]
+        missing = [source for source in view.sources[:-1] if self.layers[source].tc is None]
+        if missing:
+            raise CircuitError(f"The cross-layer transcoder's layer {layer} sums the writes of layers "
+                               f"{view.sources}: pass it whole (or all of its views up to layer {layer}), not "
+                               f"without layers {missing}.")
+        with torch.no_grad():
+            frozen.pre = clt.pre_activations(layer, x)
+            frozen.latents = clt.activate(layer, frozen.pre)
+            latents = {source: self.layers[source].latents for source in view.sources[:-1]}
+            frozen.error = frozen.mlp_out - clt.decode(layer, {**latents, layer: frozen.latents})
+        frozen.tc = clt.views()[layer]
+        scale = frozen.tc.config.output_scale
+        frozen.writes = [(source, clt.decoder(source, layer) / scale) for source in view.sources]
 
     # -- targets and nodes as readers -------------------------------------------------------------------
 
@@ -320,8 +347,11 @@ class FrozenRun:
     # -- decomposition ---------------------------------------------------------------------------------
 
     def decompose(self, reader: _Reader) -> list[_Segment]:
-        """Every direct contribution to ``reader``'s value, grouped in segments; they sum to it."""
+        """Every direct contribution to ``reader``'s value, grouped in segments; they sum to it. A latent's
+        writes into every MLP output the reader sees are summed into one contribution (a cross-layer
+        transcoder's latents write to several)."""
         sigma, w, stage, p = reader.sigma, reader.w, reader.stage, reader.position
+        writes: dict[int, Tensor] = {}  # latent layer -> invariant of its active latents at p
         segments = [_leaf(reader, self.token_embedding[p], {"kind": "embedding", "position": p})]
         if self.position_embedding is not None:
             segments.append(_leaf(reader, self.position_embedding[p], {"kind": "position", "position": p}))
@@ -340,12 +370,18 @@ class FrozenRun:
                                          lambda i, layer=layer: {"kind": "bias", "layer": layer, "position": p,
                                                                  "name": "attention"}))
             if 2 * layer + 1 < stage:
-                segments += self._mlp_segments(reader, layer, frozen)
+                segments += self._mlp_segments(reader, layer, frozen, writes)
+        for layer, invariant in writes.items():
+            active = torch.nonzero(self.layers[layer].latents[p]).flatten()
+            dependent = sigma * self.layers[layer].latents[p, active]
+            segments.append(_Segment(invariant * dependent, invariant, dependent,
+                                     lambda i, layer=layer, active=active: {"kind": "latent", "layer": layer,
+                                                                            "latent": int(active[i]), "position": p}))
         return segments
 
-    @staticmethod
-    def _mlp_segments(reader: _Reader, layer: int, frozen: _Layer) -> list[_Segment]:
-        """What one MLP writes: its latents, error, decoder bias and skip path; or itself, whole."""
+    def _mlp_segments(self, reader: _Reader, layer: int, frozen: _Layer, writes: dict[int, Tensor]) -> list[_Segment]:
+        """What one MLP writes: its error, decoder bias and skip path (its latents' writes are added to
+        ``writes``, by the latents' layer); or itself, whole."""
         p = reader.position
         where = {"layer": layer, "position": p}
         if frozen.mlp_gain is not None:  # what the MLP module outputs passes through the frozen post-norm
@@ -353,12 +389,10 @@ class FrozenRun:
         if frozen.tc is None:
             return [_leaf(reader, frozen.mlp_out[p], {"kind": "mlp", **where})]
         tc = frozen.tc
-        active = torch.nonzero(frozen.latents[p]).flatten()
-        invariant = tc.W_dec.detach()[active] @ reader.w / tc.config.output_scale
-        dependent = reader.sigma * frozen.latents[p, active]
+        for source, decoder in frozen.writes:
+            active = torch.nonzero(self.layers[source].latents[p]).flatten()
+            writes[source] = writes.get(source, 0) + decoder[active] @ reader.w
         segments = [
-            _Segment(invariant * dependent, invariant, dependent,
-                     lambda i: {"kind": "latent", "latent": int(active[i]), **where}),
             _leaf(reader, frozen.error[p], {"kind": "error", **where}),
             _leaf(reader, tc.b_dec.detach() / tc.config.output_scale, {"kind": "bias", "name": "decoder", **where}),
         ]

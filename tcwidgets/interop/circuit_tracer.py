@@ -30,6 +30,7 @@ it was not trained: export Gemma transcoders for circuit-tracer knowing that.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,22 +38,24 @@ from typing import Any
 import torch
 import yaml
 
+from ..crosslayer import CrossLayerConfig, CrossLayerTranscoder
 from ..files import atomic_write, load_tensors, save_tensors
 from ..transcoder import Transcoder
 from .saelens import read_gemma_scope
-from .sites import hub_model_id, site
+from .sites import hub_model_id, model_alias, site
 from .weights import TranscoderFormatError, UnrepresentableError, Weights, folded_weights, transcoder_from_weights
 
-__all__ = ["CONFIG_FILE", "INPUT_HOOK", "OUTPUT_HOOK", "read_circuit_tracer", "read_config", "set_files",
-           "write_circuit_tracer"]
+__all__ = ["CLT_KIND", "CONFIG_FILE", "INPUT_HOOK", "OUTPUT_HOOK", "read_circuit_tracer", "read_circuit_tracer_clt",
+           "read_config", "set_files", "write_circuit_tracer", "write_circuit_tracer_clt"]
 
 CONFIG_FILE = "config.yaml"
+CLT_KIND = "cross_layer_transcoder"
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"
 _FIX = "re-download the set or write it again with TranscoderSet.to_safetensors"
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """``config.yaml`` of a circuit-tracer set, checked to be a per-layer transcoder set."""
+def read_config(folder: Path, *, kinds: tuple[str, ...] = ("transcoder_set",)) -> dict[str, Any]:
+    """``config.yaml`` of a circuit-tracer set, checked to be of one of ``kinds`` (``model_kind``)."""
     path = folder / CONFIG_FILE
     try:
         config = yaml.safe_load(path.read_text())
@@ -60,10 +63,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise TranscoderFormatError(f"{path} is unreadable ({cause}): {_FIX}") from cause
     if not isinstance(config, dict):
         raise TranscoderFormatError(f"{path} does not hold a mapping: {_FIX}")
-    if config.get("model_kind") != "transcoder_set":
-        raise TranscoderFormatError(
-            f"{path}: model_kind {config.get('model_kind')!r} is not a per-layer transcoder set; cross-layer "
-            "transcoders (each latent writing to every later layer) have no equivalent in tcwidgets.")
+    if config.get("model_kind") not in kinds:
+        raise TranscoderFormatError(f"{path}: model_kind {config.get('model_kind')!r} is not one of {kinds}.")
     return config
 
 
@@ -177,11 +178,120 @@ def write_circuit_tracer(transcoders: dict[int, Transcoder], folder: Path, *, n_
                 tensors["W_skip"] = torch.zeros(d_model, d_model)
         save_tensors(folder / f"layer_{layer}.safetensors", tensors)
     models = {tc.config.site.get("model") for tc in transcoders.values()}
-    config = {"model_kind": "transcoder_set", "model_name": hub_model_id(models.pop()) if len(models) == 1 else None,
-              "feature_input_hook": INPUT_HOOK, "feature_output_hook": OUTPUT_HOOK, "scan": folder.name,
-              "transcoders": [f"layer_{layer}.safetensors" for layer in range(n_layers)]}
-    atomic_write(folder / CONFIG_FILE, lambda temporary: Path(temporary).write_text(yaml.safe_dump(config, sort_keys=False)))
+    _write_config(folder, "transcoder_set", models.pop() if len(models) == 1 else None,
+                  transcoders=[f"layer_{layer}.safetensors" for layer in range(n_layers)])
     return folder
+
+
+def _write_config(folder: Path, kind: str, model: str | None, **more: Any) -> None:
+    """``config.yaml`` of a set of ``kind`` (``model_kind``) for ``model``, reading the MLP input and writing
+    the MLP output."""
+    config = {"model_kind": kind, "model_name": hub_model_id(model), "feature_input_hook": INPUT_HOOK,
+              "feature_output_hook": OUTPUT_HOOK, "scan": folder.name, **more}
+    atomic_write(folder / CONFIG_FILE, lambda temporary: Path(temporary).write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+# ---- cross-layer transcoders -------------------------------------------------------------------------
+
+
+def write_circuit_tracer_clt(clt: CrossLayerTranscoder, folder: Path, *, n_layers: int | None = None) -> Path:
+    """Write the files circuit-tracer's ``load_clt`` reads: ``config.yaml`` (``model_kind:
+    cross_layer_transcoder``), and for every model layer ``i`` from 0 to ``n_layers - 1`` (default: the
+    CLT's last layer) ``W_enc_<i>.safetensors`` (``W_enc_<i>`` [n, d], ``b_enc_<i>``, ``b_dec_<i>``,
+    ``threshold_<i>`` for JumpReLU) and ``W_dec_<i>.safetensors`` (``W_dec_<i>`` [n, n_layers - i, d]),
+    scales folded in. Model layers the CLT does not span get zero weights: no latents there, nothing
+    written there. TopK has no circuit-tracer equivalent and is refused. Returns ``folder``."""
+    c = clt.config
+    if c.activation == "topk":
+        raise UnrepresentableError(
+            "circuit-tracer's cross-layer transcoders are ReLU or JumpReLU (no TopK: no file stores k): train "
+            "with activation='jumprelu' or 'relu' to save for circuit-tracer, or save as 'tcwidgets'.")
+    last = clt.layers[-1]
+    n_layers = last + 1 if n_layers is None else n_layers
+    if n_layers <= last:
+        raise ValueError(f"n_layers={n_layers} leaves out layer {last}.")
+    n, d = c.n_latents, c.d_model
+    state = {name: t.detach().cpu().float() for name, t in clt.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer in range(n_layers):
+        encoder = {f"W_enc_{layer}": torch.zeros(n, d), f"b_enc_{layer}": torch.zeros(n),
+                   f"b_dec_{layer}": torch.zeros(d)}
+        if c.activation == "jumprelu":
+            encoder[f"threshold_{layer}"] = torch.zeros(n)
+        decoder = torch.zeros(n, n_layers - layer, d)
+        if layer in clt.layers:
+            i = clt.index(layer)
+            encoder[f"W_enc_{layer}"] = state["W_enc"][i] * c.input_scales[i]
+            encoder[f"b_enc_{layer}"] = state["b_enc"][i]
+            if c.activation == "jumprelu":
+                encoder[f"threshold_{layer}"] = state["log_threshold"][i].exp()
+            for j in range(i, clt.n_layers):
+                decoder[:, clt.layers[j] - layer] = state[f"W_dec_{i}"][:, j - i] / c.output_scales[j]
+        if layer in clt.layers:
+            j = clt.index(layer)
+            encoder[f"b_dec_{layer}"] = state["b_dec"][j] / c.output_scales[j]
+        save_tensors(folder / f"W_enc_{layer}.safetensors", encoder)
+        save_tensors(folder / f"W_dec_{layer}.safetensors", {f"W_dec_{layer}": decoder})
+    _write_config(folder, CLT_KIND, c.model)
+    return folder
+
+
+def read_circuit_tracer_clt(folder: Path, *, n_layers: int, path: Callable[[str], Path] | None = None,
+                            device: Any = None) -> CrossLayerTranscoder:
+    """The cross-layer transcoder of circuit-tracer's files (``W_enc_<i>`` / ``W_dec_<i>`` for model layers
+    0 to ``n_layers - 1``) in ``folder``; ``path(name)`` finds a file (default: in ``folder``). Model layers
+    with no latents and nothing written to them (the padding `write_circuit_tracer_clt` adds) are left out.
+    The hooks stay circuit-tracer's names in ``config.sites``; published CLTs read ``hook_resid_mid``,
+    the residual stream *before* the pre-MLP norm, where `splice` hands each layer the MLP input (after it):
+    such a CLT loads, but its splice is not the replacement circuit-tracer computes."""
+    config = read_config(folder, kinds=(CLT_KIND,))
+    if n_layers < 1:
+        raise TranscoderFormatError(f"{folder}: {CONFIG_FILE} says it is a cross-layer transcoder, but there is no "
+                                    f"W_enc_0.safetensors beside it: {_FIX}")
+    path = path or (lambda name: folder / name)
+    encoders, decoders = [], []
+    for layer in range(n_layers):
+        tensors = load_tensors(path(f"W_enc_{layer}.safetensors"), sha256=None, fix=_FIX, error=TranscoderFormatError)
+        decoder = load_tensors(path(f"W_dec_{layer}.safetensors"), sha256=None, fix=_FIX, error=TranscoderFormatError)
+        missing = sorted({f"W_enc_{layer}", f"b_enc_{layer}", f"b_dec_{layer}"} - set(tensors)
+                         | {f"W_dec_{layer}"} - set(decoder))
+        if missing:
+            raise TranscoderFormatError(f"{folder}: layer {layer}'s files lack {missing}: {_FIX}")
+        encoders.append({name.removesuffix(f"_{layer}"): t.float() for name, t in tensors.items()})
+        decoders.append(decoder[f"W_dec_{layer}"].float())
+    n, d = encoders[0]["W_enc"].shape
+    thresholded = "threshold" in encoders[0]
+    if thresholded and any(bool((e["threshold"] < 0).any()) for e in encoders):
+        raise TranscoderFormatError(f"{folder}: some JumpReLU thresholds are negative; circuit-tracer's JumpReLU "
+                                    "then keeps negative activations, which tcwidgets' JumpReLU (θ > 0) cannot.")
+    def silent(layer: int) -> bool:  # padding: its latents write nothing, and nothing is written to it
+        return not (decoders[layer].any() or encoders[layer]["b_dec"].any()
+                    or any(decoders[i][:, layer - i].any() for i in range(layer)))
+
+    kept = [layer for layer in range(n_layers) if not silent(layer)]
+    if not kept:
+        raise TranscoderFormatError(f"{folder}: every weight of this cross-layer transcoder is zero.")
+    model, reads = config.get("model_name"), config.get("feature_input_hook", INPUT_HOOK)
+    if reads != INPUT_HOOK:
+        warnings.warn(f"{folder}: this cross-layer transcoder reads {reads!r} (circuit-tracer's hook_resid_mid is "
+                      "the residual stream before the pre-MLP norm), while splice, evaluate and run_with_edits hand "
+                      "each layer its MLP input (after the norm): it loads as it is (its weights can be saved again), "
+                      "but splice, evaluate, analyze_features and attribute refuse it, as it does not compute "
+                      "circuit-tracer's replacement there.", stacklevel=3)
+    clt = CrossLayerTranscoder(CrossLayerConfig(
+        d_model=d, n_latents=n, layers=kept, activation="jumprelu" if thresholded else "relu",
+        model=model_alias(model), sites=[{"input": reads,
+                                          "output": config.get("feature_output_hook", OUTPUT_HOOK)}] * len(kept)))
+    state = {"W_enc": torch.stack([encoders[layer]["W_enc"] for layer in kept]),
+             "b_enc": torch.stack([encoders[layer]["b_enc"] for layer in kept]),
+             "b_dec": torch.stack([encoders[layer]["b_dec"] for layer in kept])}
+    for i, layer in enumerate(kept):
+        state[f"W_dec_{i}"] = decoders[layer][:, [later - layer for later in kept[i:]]]
+    if thresholded:
+        state["log_threshold"] = torch.stack([encoders[layer]["threshold"] for layer in kept]).double().clamp_min(
+            torch.finfo(torch.float32).tiny).log().float()
+    clt.load_state_dict(state)
+    return clt.eval().to(device) if device is not None else clt.eval()
 
 
 def _check_representable(tc: Transcoder, layer: int) -> None:

@@ -5,10 +5,12 @@ The format is recognised from file names alone (so a hub repository is listed, t
 of the wanted layers are downloaded):
 
 ==============  ==============================================================
-tcwidgets       ``config.json`` + ``weights.safetensors`` (``Transcoder.save``)
+tcwidgets       ``config.json`` + ``weights.safetensors`` (``Transcoder.save``); a cross-layer
+                transcoder: ``crosslayer.json`` + ``weights.safetensors``
 sparsify        ``<hookpoint>/cfg.json`` + ``sae.safetensors``
 saelens         ``cfg.json`` + ``sae_weights.safetensors``; Gemma Scope ``params.npz``
-circuit-tracer  ``config.yaml`` + ``layer_<i>.safetensors``
+circuit-tracer  ``config.yaml`` + ``layer_<i>.safetensors``; a cross-layer transcoder
+                (``model_kind: cross_layer_transcoder``): ``W_enc_<i>`` + ``W_dec_<i>.safetensors``
 ==============  ==============================================================
 
 each in the folder itself or in its sub-folders (one transcoder per folder, e.g. one per layer).
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..crosslayer import CrossLayerTranscoder
 from ..files import read_json
 from ..transcoder import Transcoder
-from .circuit_tracer import read_circuit_tracer, write_circuit_tracer
+from .circuit_tracer import CLT_KIND, read_circuit_tracer, read_circuit_tracer_clt, read_config, write_circuit_tracer
 from .saelens import read_gemma_scope, read_saelens, write_saelens
 from .sites import layer_from_name
 from .sparsify import read_sparsify, write_sparsify
@@ -37,6 +40,7 @@ __all__ = ["load_transcoders", "save_transcoder", "save_transcoders"]
 _MARKERS: dict[str, tuple[str, ...]] = {
     "circuit-tracer": ("config.yaml",),
     "tcwidgets": ("config.json", "weights.safetensors"),
+    "tcwidgets-crosslayer": ("crosslayer.json", "weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
     "saelens": ("cfg.json", "sae_weights.safetensors"),
     "gemma-scope": ("params.npz",),
@@ -144,7 +148,7 @@ def _layer_of(format: str, source: _Source, folder: str) -> int | None:
 
 
 def load_transcoders(source: str | os.PathLike, *, layers: list[int] | None = None,
-                     device: str | Any = None) -> dict[int, Transcoder]:
+                     device: str | Any = None) -> dict[int, Transcoder] | CrossLayerTranscoder:
     """Transcoders from a folder or Hugging Face repository in any format tcwidgets reads.
 
     Args:
@@ -157,7 +161,9 @@ def load_transcoders(source: str | os.PathLike, *, layers: list[int] | None = No
     Returns ``{layer: Transcoder}`` in eval mode, each with its scales folded into the weights (unit
     ``input_scale``/``output_scale``) and ``config.site`` naming the model (its tcwidgets alias when it is
     an embedded model), the layer and the input and output hooks in the source's own terms, so `splice`,
-    `evaluate`, `analyze_features`, the widgets and `attribute` take them as they are. Formats: see
+    `evaluate`, `analyze_features`, the widgets and `attribute` take them as they are. A cross-layer
+    transcoder (ours, or circuit-tracer's) comes back whole, as a `CrossLayerTranscoder` (``layers``
+    must then be None). Formats: see
     `tcwidgets.interop.loading`. Raises `TranscoderFormatError` for a folder in no known format (listing
     them), pickled checkpoints (never unpickled), and architectures with no exact equivalent here.
     """
@@ -177,6 +183,11 @@ def load_transcoders(source: str | os.PathLike, *, layers: list[int] | None = No
         raise TranscoderFormatError(f"{source!r} is neither a local folder nor a Hugging Face repository id "
                                     "('owner/name').")
     format, folders = _units(origin)
+    if format == "tcwidgets-crosslayer" or (format == "circuit-tracer" and _is_clt(origin, folders)):
+        if layers is not None:
+            raise TranscoderFormatError(f"{origin.name} holds a cross-layer transcoder, which loads whole: "
+                                        "leave out layers=.")
+        return _load_clt(format, origin, folders, device)
     if format == "circuit-tracer":
         return _load_set(origin, folders, layers, device)
     by_layer: dict[int, list[str]] = {}
@@ -240,6 +251,28 @@ def _load_set(source: _Source, folders: list[str], layers: list[int] | None, dev
 
     return {layer: tc.eval() for layer, tc in read_circuit_tracer(where, layers=layers, device=device,
                                                                   fetch=fetch).items()}
+
+
+def _is_clt(source: _Source, folders: list[str]) -> bool:
+    """Whether the (single) circuit-tracer folder holds a cross-layer transcoder."""
+    if len(folders) != 1:
+        return False
+    where = source.path(f"{folders[0]}/config.yaml".lstrip("/")).parent
+    return read_config(where, kinds=("transcoder_set", CLT_KIND)).get("model_kind") == CLT_KIND
+
+
+def _load_clt(format: str, source: _Source, folders: list[str], device: Any) -> CrossLayerTranscoder:
+    if len(folders) > 1:
+        raise TranscoderFormatError(f"{source.name} holds {len(folders)} cross-layer transcoders "
+                                    f"({', '.join(folders[:4])}); pass the folder of the one you want.")
+    prefix = f"{folders[0]}/" if folders[0] else ""
+    if format == "tcwidgets-crosslayer":
+        source.path(f"{prefix}crosslayer.json")
+        return CrossLayerTranscoder.load(source.path(f"{prefix}weights.safetensors").parent, device=device).eval()
+    n_layers = sum(1 for file in source.files if re.fullmatch(re.escape(prefix) + r"W_enc_\d+\.safetensors", file))
+    where = source.path(f"{prefix}config.yaml").parent
+    return read_circuit_tracer_clt(where, n_layers=n_layers, path=lambda name: source.path(f"{prefix}{name}"),
+                                   device=device)
 
 
 def save_transcoders(transcoders: dict[int, Transcoder], folder: str | os.PathLike, *, format: str = "tcwidgets",

@@ -34,6 +34,7 @@ import anywidget
 import torch
 import traitlets
 
+from ..crosslayer import CrossLayerTranscoder
 from ..interventions import (EDIT_KINDS, Edit, PromptSession, check_edits, check_positions, run_with_edits,
                              start_session)
 from ..splicing import check_transcoders
@@ -94,6 +95,8 @@ class _Inline:
 
 def _usable(lm: Any, transcoders: Mapping[int, Any] | Any) -> tuple[dict[int, Any], list[str]]:
     """The transcoders that fit ``lm``, and a message for each one that does not."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        transcoders = transcoders.views()
     if not isinstance(transcoders, Mapping):
         transcoders = {transcoders.config.site["layer"]: transcoders}
     usable, problems = {}, []
