@@ -21,7 +21,7 @@ from ..circuits import LogitTarget, attribute
 from ..interventions import encode_prompt
 from ..splicing import splice
 
-__all__ = ["TEMPLATE", "Ablate", "CausalCheck", "causal_check", "digit_ids", "greater_target", "metrics", "prompts",
+__all__ = ["Ablate", "CausalCheck", "TEMPLATE", "causal_check", "digit_ids", "greater_target", "metrics", "prompts",
            "year_sentences"]
 
 TEMPLATE = "The war lasted from the year 17{:02d} to the year 17"
