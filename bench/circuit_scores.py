@@ -1,0 +1,115 @@
+"""How much of a circuit its transcoders explain: the table of docs/circuits.md.
+
+    python bench/circuit_scores.py [--sets late-4 every-layer every-layer-k4] [--extra NAME=FOLDER ...]
+                                   [--out FILE]
+
+For each set of transcoders, on the greater-than prompts of the case study (`tutorials.greater_than`)
+and on a few general prompts: circuit-tracer's replacement and completeness scores of the prompt's
+full attribution graph (`CircuitGraph.scores`, mean over the prompts of each group), and, on held-out
+documentation, the cross-entropy recovered with every transcoder of the set spliced in at once
+(`tcw.evaluate(...).ce_recovered_all`) and the set's total L0 (the latents active per token, summed
+over its layers).
+
+Sets (all trained by `tutorials.circuit_transcoders`: documentation plus year sentences, 2 × d_model
+latents, cached in ``$TCWIDGETS_CACHE/tutorials/circuit-transcoders``):
+
+- ``late-4``: layers 26–29, k=32 (today's tutorial layers; total L0 128);
+- ``every-layer``: all 30 layers, k=8 (notebook 07's set; total L0 240);
+- ``every-layer-k4``: all 30 layers, k=4 (total L0 120, matched to late-4).
+
+``--extra NAME=FOLDER`` adds a set read with `tcw.load_transcoders` (e.g. a cross-layer transcoder
+once `tcw.train_clt` exists: ``--extra clt=path/to/clt``); anything `tcw.attribute` and
+`tcw.evaluate` take works. The fast setting (``TCWIDGETS_TUTORIAL_FAST=1``) trains the sets on
+fewer tokens, as the notebooks do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tcwidgets as tcw
+from tcwidgets.circuits import LogitTarget
+from tcwidgets.tutorials import circuit_transcoders
+from tcwidgets.tutorials.greater_than import TEMPLATE, greater_target
+
+SETS = {
+    "late-4": {"layers": [26, 27, 28, 29], "k": 32},
+    "every-layer": {"layers": "all", "k": 8},
+    "every-layer-k4": {"layers": "all", "k": 4},
+}
+GREATER_THAN_YEARS = [32, 45, 53, 61, 27]
+GENERAL = [("The capital of France is", " Paris"), ("The Eiffel Tower is in the city of", " Paris"),
+           ("One, two, three, four,", " five"), ("The opposite of hot is", " cold")]
+
+
+def prompt_groups() -> dict[str, list[tuple[str, LogitTarget]]]:
+    """The prompts and their targets: the greater-than logit difference, and one answer's logit."""
+    return {"greater-than": [(TEMPLATE.format(y), greater_target(y // 10)) for y in GREATER_THAN_YEARS],
+            "general": [(prompt, LogitTarget(answer)) for prompt, answer in GENERAL]}
+
+
+def measure(lm: Any, name: str, transcoders: Any, test_tokens: torch.Tensor) -> dict:
+    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0."""
+    row: dict = {"set": name}
+    for group, items in prompt_groups().items():
+        scores = []
+        for prompt, target in items:
+            start = time.perf_counter()
+            graph = tcw.attribute(lm, transcoders, prompt, target, depth=0)
+            scores.append(graph.scores())
+            print(f"  {name} / {prompt!r}: replacement {scores[-1].replacement:.3f}, completeness "
+                  f"{scores[-1].completeness:.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
+        row[group] = {"replacement": statistics.mean(s.replacement for s in scores),
+                      "completeness": statistics.mean(s.completeness for s in scores),
+                      "per_prompt": [s._asdict() for s in scores]}
+    metrics = tcw.evaluate(lm, transcoders, test_tokens, label=name)
+    row.update(ce_recovered_all=metrics.ce_recovered_all, kl_all=metrics.kl_all, ce_clean=metrics.ce_clean,
+               ce_all_spliced=metrics.ce_all_spliced, total_l0=sum(metrics.l0.values()),
+               mean_fvu=statistics.mean(metrics.fvu.values()), fvu=metrics.fvu, layers=sorted(metrics.layers))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as the markdown table of docs/circuits.md."""
+    lines = ["| transcoders | layers | total L0 | greater-than: replacement | completeness | general: replacement "
+             "| completeness | CE recovered (all layers) | mean FVU |", "|---" * 9 + "|"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {len(r['layers'])} | {r['total_l0']:.0f} | {r['greater-than']['replacement']:.3f} "
+                     f"| {r['greater-than']['completeness']:.3f} | {r['general']['replacement']:.3f} "
+                     f"| {r['general']['completeness']:.3f} | {r['ce_recovered_all']:.3f} | {r['mean_fvu']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=FOLDER",
+                        help="more sets read with tcw.load_transcoders (e.g. a cross-layer transcoder)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/tcw-circuit-scores.json"))
+    args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.extra)
+    lm = tcw.load_model()
+    test_tokens = tcw.load_corpus("python-docs", lm, context=128, n_tokens=128 * 16, split="test")
+    rows = []
+    for name in [*args.sets, *extra]:
+        start = time.perf_counter()
+        if name in extra:
+            transcoders = tcw.load_transcoders(extra[name])
+        else:
+            transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"])
+        print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)
+        rows.append(measure(lm, name, transcoders, test_tokens))
+        args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    print(table(rows))
+    print(f"full results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
