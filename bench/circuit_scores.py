@@ -44,9 +44,9 @@ SETS = {
     "every-layer": {"layers": "all", "k": 8},
     "every-layer-k4": {"layers": "all", "k": 4},
 }
-GREATER_THAN_YEARS = [32, 45, 53, 61, 27]
-GENERAL = [("The capital of France is", " Paris"), ("The Eiffel Tower is in the city of", " Paris"),
-           ("One, two, three, four,", " five"), ("The opposite of hot is", " cold")]
+GREATER_THAN_YEARS = [32, 45, 61]
+GENERAL = [("The capital of France is", " Paris"), ("One, two, three, four,", " five"),
+           ("The opposite of hot is", " cold")]
 
 
 def prompt_groups() -> dict[str, list[tuple[str, LogitTarget]]]:
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.extra)
     lm = tcw.load_model()
-    test_tokens = tcw.load_corpus("python-docs", lm, context=128, n_tokens=128 * 16, split="test")
+    test_tokens = tcw.load_corpus("python-docs", lm, context=128, n_tokens=128 * 8, split="test")
     rows = []
     for name in [*args.sets, *extra]:
         start = time.perf_counter()
