@@ -47,3 +47,8 @@ def test_top_path_latents_move_the_target_more_than_matched_random_latents(lm):
             assert not set(control) & set(check.ablated)
         assert check.ablated and check.top_logit_change < 0, check
         assert check.top_logit_change < check.random_logit_change - 0.25 * check.target_value, check
+
+
+def test_circuit_transcoders_name_a_bad_layer_request(lm):
+    with pytest.raises(ValueError, match='"all", a layer number or a list'):
+        circuit_transcoders(lm, "every")

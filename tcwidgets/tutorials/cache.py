@@ -72,6 +72,8 @@ def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n
     Defaults (chosen by measurement, see docs/circuits.md): 24k tokens, 2 × d_model latents, k=8,
     two epochs; in the fast setting 12k tokens. The store (bfloat16, deleted after training) holds
     30 layers × 2 × d_model × 2 bytes per token: 0.8 GB for the default model's 12k tokens."""
+    if isinstance(layers, str) and layers != "all":
+        raise ValueError(f"layers={layers!r}: pass \"all\", a layer number or a list of layer numbers.")
     layers = list(range(lm.n_layers)) if layers == "all" else [layers] if isinstance(layers, int) else sorted(layers)
     n_tokens = n_tokens or pick(24_576, fast=12_288)
     n_latents = n_latents or 2 * lm.d_model
