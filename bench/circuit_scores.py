@@ -55,20 +55,41 @@ def prompt_groups() -> dict[str, list[tuple[str, LogitTarget]]]:
             "general": [(prompt, LogitTarget(answer)) for prompt, answer in GENERAL]}
 
 
-def measure(lm: Any, name: str, transcoders: Any, test_tokens: torch.Tensor) -> dict:
-    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0."""
+def all_layers_losses(lm: Any, transcoders: Any, tokens: torch.Tensor) -> dict:
+    """`tcw.evaluate`'s all-layers numbers (``ce_clean``, ``ce_all_spliced``, ``ce_all_zero_ablated``,
+    ``ce_recovered_all``, ``kl_all``) from its three all-layers passes alone, with its own loss
+    functions; `evaluate` also runs two passes per layer (62 for 30 layers)."""
+    from tcwidgets.evaluation import _losses, _recovered
+    from tcwidgets.splicing import splice
+
+    targets, layers = tokens[:, 1:], sorted(transcoders)
+    with torch.no_grad():
+        ce_clean, _, clean = _losses(splice(lm, {}, tokens, progress=False).logits, targets, None)
+        ce_spliced, kl, _ = _losses(splice(lm, transcoders, tokens, progress=False).logits, targets, clean)
+        ce_zero, _, _ = _losses(splice(lm, {}, tokens, zero_ablate=layers, progress=False).logits, targets, clean)
+    n = targets.numel()
+    return {"ce_clean": ce_clean / n, "ce_all_spliced": ce_spliced / n, "ce_all_zero_ablated": ce_zero / n,
+            "ce_recovered_all": _recovered(ce_clean / n, ce_spliced / n, ce_zero / n), "kl_all": kl / n}
+
+
+def measure(lm: Any, name: str, transcoders: Any, test_tokens: torch.Tensor, quick: bool = False,
+            scores: bool = True) -> dict:
+    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0 (``quick``:
+    `all_layers_losses` instead of `tcw.evaluate`, so no per-layer FVU and L0)."""
     row: dict = {"set": name}
-    for group, items in prompt_groups().items():
-        scores = []
+    for group, items in prompt_groups().items() if scores else ():
+        found = []
         for prompt, target in items:
             start = time.perf_counter()
-            graph = tcw.attribute(lm, transcoders, prompt, target, depth=0)
-            scores.append(graph.scores())
-            print(f"  {name} / {prompt!r}: replacement {scores[-1].replacement:.3f}, completeness "
-                  f"{scores[-1].completeness:.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
-        row[group] = {"replacement": statistics.mean(s.replacement for s in scores),
-                      "completeness": statistics.mean(s.completeness for s in scores),
-                      "per_prompt": [s._asdict() for s in scores]}
+            found.append(tcw.attribute(lm, transcoders, prompt, target, depth=0).scores())
+            print(f"  {name} / {prompt!r}: replacement {found[-1].replacement:.3f}, completeness "
+                  f"{found[-1].completeness:.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
+        row[group] = {"replacement": statistics.mean(s.replacement for s in found),
+                      "completeness": statistics.mean(s.completeness for s in found),
+                      "per_prompt": [s._asdict() for s in found]}
+    if quick:
+        row.update(all_layers_losses(lm, transcoders, test_tokens), layers=sorted(transcoders))
+        return row
     metrics = tcw.evaluate(lm, transcoders, test_tokens, label=name)
     row.update(ce_recovered_all=metrics.ce_recovered_all, kl_all=metrics.kl_all, ce_clean=metrics.ce_clean,
                ce_all_spliced=metrics.ce_all_spliced, total_l0=sum(metrics.l0.values()),
@@ -81,9 +102,11 @@ def table(rows: list[dict]) -> str:
     lines = ["| transcoders | layers | total L0 | greater-than: replacement | completeness | general: replacement "
              "| completeness | CE recovered (all layers) | mean FVU |", "|---" * 9 + "|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {len(r['layers'])} | {r['total_l0']:.0f} | {r['greater-than']['replacement']:.3f} "
-                     f"| {r['greater-than']['completeness']:.3f} | {r['general']['replacement']:.3f} "
-                     f"| {r['general']['completeness']:.3f} | {r['ce_recovered_all']:.3f} | {r['mean_fvu']:.3f} |")
+        cells = [f"{r[key]:{spec}}" if key in r else "—" for key, spec in (("total_l0", ".0f"), ("mean_fvu", ".3f"))]
+        scores = [f"{r[group][score]:.3f}" if group in r else "—" for group in prompt_groups()
+                  for score in ("replacement", "completeness")]
+        lines.append(f"| {r['set']} | {len(r['layers'])} | {cells[0]} | {' | '.join(scores)} "
+                     f"| {r['ce_recovered_all']:.3f} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -93,6 +116,9 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=FOLDER",
                         help="more sets read with tcw.load_transcoders (e.g. a cross-layer transcoder)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/tcw-circuit-scores.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="only the all-layers losses (3 passes) instead of tcw.evaluate (2 per layer + 3)")
+    parser.add_argument("--no-scores", action="store_true", help="skip the prompts' scores")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.extra)
     lm = tcw.load_model()
@@ -105,7 +131,7 @@ def main() -> None:
         else:
             transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"])
         print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)
-        rows.append(measure(lm, name, transcoders, test_tokens))
+        rows.append(measure(lm, name, transcoders, test_tokens, quick=args.quick, scores=not args.no_scores))
         args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=1))
     print(table(rows))
     print(f"full results: {args.out}")
