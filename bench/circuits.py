@@ -21,7 +21,8 @@ adjacency matrix (in its venv) against ours, and its frontend's count of our exp
 to the year 17", measures how much probability the default model puts on tens digits larger than
 YY's versus smaller ones; attributes the logit difference (mean logit of the larger digits minus
 that of the smaller) through transcoders on 6 layers; then ablates (zeroes, error terms kept) the
-latents with the largest positive attribution and, as a control, as many random active latents.
+latents with the largest positive attribution and, as a control, as many matched latents (same layer and
+position, similar activation: `tcwidgets.tutorials.greater_than.causal_check`).
 
 Transcoders for the case study (and for ``timing`` unless ``--random-transcoders``) are trained once
 with `tcw.train_transcoder` on the last six layers, on 100k tokens of the default corpus plus 20k
@@ -32,6 +33,7 @@ cached in ``/tmp/tcw-circuits/`` (``$TCW_CIRCUITS_CACHE``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -51,13 +53,14 @@ from tcwidgets.circuits import FORMAT, VERSION, LatentTarget, LogitTarget, attri
 from tcwidgets.interventions import encode_prompt  # noqa: E402
 from tcwidgets.models import resolve  # noqa: E402
 from tcwidgets.splicing import splice  # noqa: E402
+from tcwidgets.tutorials.greater_than import (TEMPLATE, causal_check, digit_ids, greater_target, metrics, prompts,  # noqa: E402
+                                              year_sentences)
 
 CACHE = Path(os.environ.get("TCW_CIRCUITS_CACHE", "/tmp/tcw-circuits"))
 LAYERS = [24, 25, 26, 27, 28, 29]
 N_LATENTS, K, EPOCHS, BATCH = 3072, 32, 2, 256
 DOCS_TOKENS, YEAR_TOKENS = 100_000, 20_000
 PROMPT_20 = "The war in Europe lasted from the year 1732 to the year 17"
-TEMPLATE = "The war lasted from the year 17{:02d} to the year 17"
 
 
 def transcoders(lm: tcw.Model, random_init: bool = False) -> dict[int, tcw.Transcoder]:
@@ -80,33 +83,6 @@ def transcoders(lm: tcw.Model, random_init: bool = False) -> dict[int, tcw.Trans
             tc.save(folder / f"layer-{layer}")
             print(f"trained layer {layer} in {time.perf_counter() - start:.0f} s", flush=True)
     return {layer: tcw.Transcoder.load(folder / f"layer-{layer}") for layer in LAYERS}
-
-
-def year_sentences(n_documents: int = 400, seed: int = 1) -> list[str]:
-    """Short documents of sentences about spans of years (lives, reigns, buildings, companies...),
-    so the transcoders see years in text; the evaluation template is not among them."""
-    rng = random.Random(seed)
-    names = ["Anna", "Johann", "Marie", "Pedro", "Elif", "Tomas", "Grace", "Ibrahim", "Lena", "Oscar"]
-    things = ["cathedral", "bridge", "library", "canal", "railway", "observatory", "harbour", "palace"]
-    templates = [
-        "{name} lived from {a} to {b}.", "The {thing} was built between {a} and {b}.",
-        "From {a} until {b}, the company was based in the old town.", "The dynasty ruled from {a} to {b}.",
-        "{name} served as mayor from {a} to {b}, and again in {c}.", "The treaty, signed in {a}, lasted until {b}.",
-        "The records cover the years {a} to {b}.", "The museum holds paintings dated {a} to {b}.",
-        "In {a} the firm was founded; it closed in {b}.", "Prices rose steadily from {a} through {b}.",
-        "The {thing} stayed open from {a} to {b}.", "{name} studied there between {a} and {b}.",
-        "The census of {a} counted more people than that of {c}.", "Between {a} and {b} the river flooded twice.",
-    ]
-    documents = []
-    for _ in range(n_documents):
-        sentences = []
-        for _ in range(rng.randint(3, 7)):
-            a = rng.randint(1000, 2020)
-            b = min(a + rng.randint(1, 60), 2024)
-            sentences.append(rng.choice(templates).format(name=rng.choice(names), thing=rng.choice(things),
-                                                          a=a, b=b, c=rng.randint(1000, 2024)))
-        documents.append(" ".join(sentences))
-    return documents
 
 
 # -- timing -------------------------------------------------------------------------------------------------------
@@ -233,44 +209,6 @@ def time_render(out: Path, results: dict) -> None:
 # -- the greater-than case study ---------------------------------------------------------------------------------------
 
 
-def digit_ids(lm: tcw.Model) -> list[int]:
-    ids = [lm.tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
-    assert all(len(i) == 1 for i in ids)
-    return [i[0] for i in ids]
-
-
-def metrics(logits: torch.Tensor, tens: list[int], digits: list[int]) -> tuple[list[float], list[float]]:
-    """Per prompt: P(larger tens digit) − P(smaller) and mean logit(larger) − mean logit(smaller)."""
-    probs, diffs = [], []
-    for row, t in zip(logits[:, -1].double(), tens, strict=True):
-        p, logit = row.softmax(-1)[digits], row[digits]
-        probs.append(float(p[t + 1:].sum() - p[:t].sum()))
-        diffs.append(float(logit[t + 1:].mean() - logit[:t].mean()))
-    return probs, diffs
-
-
-class Ablate:
-    """``edit(layer, latents)`` for `splice`: zero chosen (layer, latent, position) triples of row 0."""
-
-    def __init__(self, triples: list[tuple[int, int, int]]) -> None:
-        self.by_layer: dict[int, list[tuple[int, int]]] = {}
-        for layer, latent, position in triples:
-            self.by_layer.setdefault(layer, []).append((latent, position))
-
-    def __call__(self, layer: int, latents: torch.Tensor) -> torch.Tensor:
-        if layer not in self.by_layer:
-            return latents
-        edited = latents.clone()
-        for latent, position in self.by_layer[layer]:
-            edited[0, position, latent] = 0
-        return edited
-
-
-def greater_target(t: int) -> LogitTarget:
-    """Mean logit of the tens digits larger than ``t`` minus that of the smaller ones."""
-    return LogitTarget([str(d) for d in range(t + 1, 10)], minus=[str(d) for d in range(t)])
-
-
 def mlp_sweep(lm: tcw.Model, tokens: torch.Tensor, tens: list[int], digits: list[int]) -> list[float]:
     """The metric (mean over prompts) with each layer's MLP zero-ablated."""
     return [statistics.mean(metrics(splice(lm, {}, tokens, zero_ablate=[layer], batch_size=32, progress=False).logits,
@@ -340,7 +278,7 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
     rng = random.Random(0)
     years = rng.sample([y for y in range(20, 80) if y % 10 not in (0, 9)], n_prompts)
     tens = [y // 10 for y in years]
-    tokens = torch.cat([encode_prompt(lm, TEMPLATE.format(y)) for y in years])
+    tokens = prompts(lm, years)
     clean = splice(lm, tcs, tokens, mode="error", save_latents=True, progress=False)
     probs, diffs = metrics(clean.logits, tens, digits)
     study: dict = {"years": [1700 + y for y in years], "template": TEMPLATE, "layers": sorted(tcs),
@@ -351,31 +289,13 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
     study["example_graph"] = example.to_json()
 
     per_prompt = []
-    for i, (year, t) in enumerate(zip(years, tens, strict=True)):
+    for i, year in enumerate(years):
         start = time.perf_counter()
-        graph = attribute(lm, tcs, TEMPLATE.format(year), greater_target(t), depth=3, top_k=12, threshold=0.01)
-        seconds = time.perf_counter() - start
-        latents = sorted((n for n in graph.nodes.values() if n.kind == "latent" and n.attribution > 0),
-                         key=lambda n: -n.attribution)[:n_ablate]
-        chosen = [(n.layer, n.latent, n.position) for n in latents]
-        active = [(layer, int(j), p) for layer in tcs for p, j in torch.nonzero(clean.latents[layer][i]).tolist()
-                  if p > 0]  # random active latents, BOS left out
-        random_sets = [rng.sample(active, len(chosen)) for _ in range(n_random)]
-        row = {"year": 1700 + year, "graph_nodes": len(graph.nodes), "attribute_s": seconds,
-               "target_value": graph.target_value, "ablated": chosen,
-               "predicted_logit_change": -sum(n.attribution for n in latents)}
-        for name, sets in (("top", [chosen]), ("random", random_sets)):
-            changes_p, changes_l = [], []
-            for triples in sets:
-                logits = splice(lm, tcs, tokens[i:i + 1], mode="error", edit=Ablate(triples), progress=False).logits
-                p, logit = metrics(logits, [t], digits)
-                changes_p.append(p[0] - probs[i])
-                changes_l.append(logit[0] - diffs[i])
-            row[f"{name}_prob_change"] = statistics.mean(changes_p)
-            row[f"{name}_logit_change"] = statistics.mean(changes_l)
+        check = causal_check(lm, tcs, year, n_ablate=n_ablate, n_random=n_random, rng=rng)
+        row = {"attribute_and_ablate_s": time.perf_counter() - start, **dataclasses.asdict(check)}
         per_prompt.append(row)
-        print(f"17{year:02d}: metric {probs[i]:+.3f}, ablate {len(chosen)} top {row['top_prob_change']:+.3f}, "
-              f"random {row['random_prob_change']:+.3f} ({seconds:.1f} s)", flush=True)
+        print(f"17{year:02d}: metric {probs[i]:+.3f}, ablate {len(check.ablated)} top {check.top_prob_change:+.3f}, "
+              f"matched random {check.random_prob_change:+.3f} ({row['attribute_and_ablate_s']:.1f} s)", flush=True)
     study["per_prompt"] = per_prompt
     counts: dict[tuple[int, int], int] = {}
     for row in per_prompt:
@@ -386,7 +306,7 @@ def case_study(lm: tcw.Model, tcs: dict, n_prompts: int, n_ablate: int, n_random
                                 zip(frequent, latent_profiles(lm, tcs, frequent, clean, years), strict=True)]
     summary = {key: statistics.mean(r[key] for r in per_prompt) for key in
                ("top_prob_change", "random_prob_change", "top_logit_change", "random_logit_change",
-                "predicted_logit_change", "attribute_s")}
+                "predicted_logit_change", "attribute_and_ablate_s")}
     summary.update(metric_mean=statistics.mean(probs), metric_min=min(probs), logit_diff_mean=statistics.mean(diffs),
                    positive=sum(p > 0 for p in probs), n_prompts=len(probs), n_random=n_random,
                    n_ablated_mean=statistics.mean(len(r["ablated"]) for r in per_prompt),

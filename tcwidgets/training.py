@@ -829,7 +829,8 @@ def train_transcoder(
     if len(set(layers)) != len(layers):
         raise ValueError(f"layer lists {layers}: name each layer once")
     trainers = []
-    for each in layers:
+    # each trainer initialises its transcoder from the data (seconds per layer): show it for many layers
+    for each in tqdm(layers, desc="initialising", unit="layer", leave=False, disable=not progress or len(layers) < 4):
         directory = checkpoint_dir
         if checkpoint_dir is not None and not isinstance(layer, int):
             directory = Path(checkpoint_dir) / f"layer-{each}"

@@ -228,7 +228,7 @@ class _Backward:
 def normalize(matrix: Tensor) -> Tensor:
     """Absolute values, each row scaled to sum to 1 (rows of zeros stay zero)."""
     absolute = matrix.abs()
-    return absolute / absolute.sum(1, keepdim=True).clamp(min=1e-10)
+    return absolute.div_(absolute.sum(1, keepdim=True).clamp(min=1e-10))  # in place: one matrix, not two
 
 
 def influence(normalized: Tensor, output_weights: Tensor) -> Tensor:
@@ -259,7 +259,7 @@ def cumulative_ranks(scores: Tensor) -> Tensor:
 def find_threshold(scores: Tensor, share: float) -> Tensor:
     """The smallest score kept when keeping the largest scores up to ``share`` of their total."""
     ordered = torch.sort(scores, descending=True).values
-    cumulative = torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-300)
+    cumulative = torch.cumsum(ordered, 0).div_(ordered.sum().clamp(min=1e-300))
     return ordered[min(int(torch.searchsorted(cumulative, torch.tensor(share, dtype=cumulative.dtype))),
                        len(ordered) - 1)]
 
@@ -281,7 +281,9 @@ def prune(adjacency: Adjacency, node_threshold: float = 0.8, edge_threshold: flo
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
     normalized = normalize(pruned)
-    edge_scores = normalized * (influence(normalized, weights) + weights)[:, None]
+    del pruned  # dense [nodes, nodes] matrices: hold as few at once as possible
+    edge_scores = normalized.mul_((influence(normalized, weights) + weights)[:, None])
+    del normalized
     edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
     n_latents = adjacency.n_latents
     while True:
