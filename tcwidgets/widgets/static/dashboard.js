@@ -57,6 +57,19 @@ function tokenTable(title, pairs, cls) {
         h("td", { class: "tcw-num" }, fmt(value))))));
 }
 
+/** The latent's interpretability: its explanation and how well it predicts held-out firing. */
+function scoreView(s) {
+  return h("section", { class: "tcw-score" },
+    h("h4", {}, "Interpretability"),
+    h("dl", {},
+      h("dt", { title: "balanced accuracy of predicting, from the explanation alone, which held-out contexts make it fire (0.5: chance)" },
+        "detection score"),
+      h("dd", { class: "tcw-score-value" }, fmt(s.score)),
+      h("dt", {}, "recall"), h("dd", {}, `${fmt(s.recall)} of ${s.n_activating} firing`),
+      h("dt", {}, "specificity"), h("dd", {}, `${fmt(s.specificity)} of ${s.n_non_activating} not`)),
+    h("p", { class: "tcw-explanation" }, s.explanation));
+}
+
 function latentView(p) {
   const facts = h("div", { class: "tcw-facts" },
     h("section", { class: "tcw-summary" },
@@ -70,7 +83,8 @@ function latentView(p) {
       h("div", { class: "tcw-pair" }, tokenTable("promoted", p.promoted, "tcw-promoted"),
         tokenTable("suppressed", p.suppressed, "tcw-suppressed"))),
     p.embedding ? h("section", { class: "tcw-embedding" }, h("h4", {}, "Embedding"),
-      tokenTable("tokens that excite it", p.embedding, "tcw-embed")) : null);
+      tokenTable("tokens that excite it", p.embedding, "tcw-embed")) : null,
+    p.score ? scoreView(p.score) : null);
   if (p.count === 0) {
     return h("div", {}, facts,
       h("p", { class: "tcw-dead" }, `This latent never fired on the ${p.n_tokens} analysed tokens.`));
