@@ -1,6 +1,6 @@
 """The four measurements of docs/science.md, one sub-command each; each prints its Markdown table.
 
-    python bench/science.py finetune   [--layers 3 6 9] [--finetune-contexts 32] [--lr 1e-3]
+    python bench/science.py finetune   [--layers 3 6 9] [--finetune-contexts 16] [--lr 1e-3] [--eval-contexts 8]
     python bench/science.py absorption [--layer 6] [--matryoshka 64 256 1024] [--words 1000] [--letters s c p m l]
     python bench/science.py scores     [--layer 6] [--score-latents 300]
     python bench/science.py shuffle    [--layer 6] [--budgets 1 2]
@@ -72,20 +72,59 @@ def finetune(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
     train = tcw.load_corpus(CORPUS, lm, n_tokens=args.tokens)[:args.finetune_contexts]
     test = held_out_tokens(lm, args.eval_contexts)
     start = time.perf_counter()
-    after = tcw.finetune_transcoders(lm, before, train, epochs=1, batch_size=args.batch_contexts, lr=args.lr,
-                                     fvu_coefficient=args.fvu_coefficient)
+    tuner = tcw.JointFineTuner(lm, before, train, tcw.FineTuneConfig(
+        batch_size=args.batch_contexts, lr=args.lr, fvu_coefficient=args.fvu_coefficient), log_every=1)
+    after = tuner.fit()
     seconds = time.perf_counter() - start
-    metrics = {name: tcw.evaluate(lm, tcs, test, label=name) for name, tcs in (("before", before), ("after", after))}
-    rows = [[f"layer {layer}", metrics["before"][layer]["fvu"], metrics["after"][layer]["fvu"],
-             metrics["before"][layer]["ce_recovered"], metrics["after"][layer]["ce_recovered"],
-             metrics["before"][layer]["kl"], metrics["after"][layer]["kl"]] for layer in layers]
-    b, a = metrics["before"], metrics["after"]
-    rows.append([f"all {len(layers)} at once", "", "", b.ce_recovered_all, a.ce_recovered_all, b.kl_all, a.kl_all])
-    print(f"\nclean CE {b.ce_clean:.4f}; all spliced CE {b.ce_all_spliced:.4f} before, {a.ce_all_spliced:.4f} after; "
-          f"fine-tuning took {seconds:.0f} s")
-    print(table(["", "FVU before", "FVU after", "CE recovered before", "CE recovered after", "KL before",
-                 "KL after"], rows))
-    return {"before": b.to_dict(), "after": a.to_dict(), "seconds": seconds}
+    measured = all_at_once(lm, {"before": before, "after": after}, test, layers)
+    b, a = measured["before"], measured["after"]
+    rows = [[f"layer {layer}", b["fvu"][layer], a["fvu"][layer], a["fvu"][layer] - b["fvu"][layer]] for layer in layers]
+    print(f"\nfine-tuning: {len(train)} contexts of {train.shape[1]}, {args.batch_contexts} per step, lr {args.lr}, "
+          f"{seconds:.0f} s; its history (kl, fvu): "
+          + ", ".join(f"{r['kl']:.3f}/{r['fvu']:.3f}" for r in tuner.history))
+    print(f"held-out: {len(test)} contexts of {test.shape[1]}; clean CE {measured['ce_clean']:.4f}, all "
+          f"{len(layers)} MLPs zero-ablated {measured['ce_zero']:.4f}\n")
+    print(table([f"layers {', '.join(map(str, layers))} all at once", "CE", "CE recovered", "KL"],
+                [[name, m["ce"], m["ce_recovered"], m["kl"]] for name, m in (("trained alone", b), ("fine-tuned", a))]))
+    print()
+    print(table(["each layer's own FVU (clean inputs)", "trained alone", "fine-tuned", "cost"], rows))
+    return {**measured, "seconds": seconds, "history": tuner.history}
+
+
+@torch.no_grad()
+def all_at_once(lm: Any, variants: dict[str, dict[int, tcw.Transcoder]], tokens: torch.Tensor,
+                layers: list[int], batch_size: int = 4) -> dict[str, Any]:
+    """CE, CE recovered and KL with every layer's transcoder spliced in at once, and each layer's FVU
+    on the clean run's MLP inputs (`tcw.evaluate`'s definitions; the clean and zero-ablated runs
+    are shared by the variants, and the single-layer runs left out, to save forward passes)."""
+    from tcwidgets.evaluation import ReconstructionStats, _losses
+    from tcwidgets.splicing import run_transcoder
+
+    ce = dict.fromkeys(["clean", "zero", *variants], 0.0)
+    kl = dict.fromkeys(variants, 0.0)
+    fvu = {name: {layer: ReconstructionStats(tcs[layer].n_latents) for layer in layers} for name, tcs in variants.items()}
+    for begin in range(0, len(tokens), batch_size):
+        batch = tokens[begin:begin + batch_size]
+        targets = batch[:, 1:]
+        clean = tcw.splice(lm, {}, batch, save_mlp=layers, batch_size=len(batch), progress=False)
+        loss, _, clean_log_probs = _losses(clean.logits, targets, None)
+        ce["clean"] += loss
+        ce["zero"] += _losses(tcw.splice(lm, {}, batch, zero_ablate=layers, batch_size=len(batch),
+                                         progress=False).logits, targets, None)[0]
+        for name, tcs in variants.items():
+            loss, divergence, _ = _losses(tcw.splice(lm, tcs, batch, batch_size=len(batch), progress=False).logits,
+                                          targets, clean_log_probs)
+            ce[name] += loss
+            kl[name] += divergence
+            for layer in layers:
+                x, y = clean.mlp[layer]
+                fvu[name][layer].add(*run_transcoder(tcs[layer], x, y), y)
+        print(f"evaluated {begin + len(batch)} of {len(tokens)} contexts", flush=True)
+    n = tokens.shape[0] * (tokens.shape[1] - 1)
+    clean_ce, zero_ce = ce["clean"] / n, ce["zero"] / n
+    return {"ce_clean": clean_ce, "ce_zero": zero_ce, **{name: {
+        "ce": ce[name] / n, "kl": kl[name] / n, "ce_recovered": (zero_ce - ce[name] / n) / (zero_ce - clean_ce),
+        "fvu": {layer: fvu[name][layer].metrics()["fvu"] for layer in layers}} for name in variants}}
 
 
 # ---- (2) absorption: plain TopK vs Matryoshka --------------------------------------------------------------
@@ -204,7 +243,7 @@ def _f1(predicted: torch.Tensor, actual: torch.Tensor) -> float:
 def scores(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
     store = tut.activations(lm, [args.layer], n_tokens=args.tokens)
     test_store = held_out_store(lm, [args.layer], args.eval_tokens)
-    held_out = held_out_tokens(lm, args.eval_contexts)
+    held_out = held_out_tokens(lm, args.score_contexts)
     results, rows = {}, []
     for kind in ("transcoder", "skip", "sae"):
         tc = tut.transcoders(lm, args.layer, n_tokens=args.tokens, n_latents=args.latents, k=args.k, kind=kind,
@@ -277,10 +316,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30_000, help="training tokens")
     parser.add_argument("--latents", type=int, default=2304)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--eval-contexts", type=int, default=32, help="held-out contexts for CE/KL and the scores")
+    parser.add_argument("--eval-contexts", type=int, default=8, help="held-out contexts for CE/KL (finetune)")
+    parser.add_argument("--score-contexts", type=int, default=32, help="held-out contexts for the scores")
     parser.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens for the FVU")
-    parser.add_argument("--finetune-contexts", type=int, default=32, help="training contexts the fine-tuning sees")
-    parser.add_argument("--batch-contexts", type=int, default=4, help="contexts per fine-tuning step")
+    parser.add_argument("--finetune-contexts", type=int, default=16, help="training contexts the fine-tuning sees")
+    parser.add_argument("--batch-contexts", type=int, default=2, help="contexts per fine-tuning step")
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--fvu-coefficient", type=float, default=1.0)
     parser.add_argument("--matryoshka", type=int, nargs="+", default=[64, 256, 1024])
