@@ -273,7 +273,7 @@ def shuffle(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
     for order in ("global", "context", "document"):
         for epochs in args.budgets:
             tc = tcw.train_transcoder(store, args.layer, n_latents=args.latents, k=args.k, epochs=epochs,
-                                      shuffle=order, batch_size=args.batch_size)
+                                      shuffle=order, batch_size=args.batch_size, seed=args.seed)
             fvu.setdefault(order, {})[epochs] = reconstruction_metrics(tc, test_store)["fvu"]
             print(f"{order} {epochs} epochs: held-out FVU {fvu[order][epochs]:.4f}", flush=True)
     target = fvu["global"][min(args.budgets)]
@@ -329,6 +329,7 @@ def main() -> None:
     parser.add_argument("--score-latents", type=int, default=300)
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2], help="epochs of each run (shuffle)")
     parser.add_argument("--batch-size", type=int, help="tokens per step (shuffle; default the trainer's)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order (shuffle)")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
