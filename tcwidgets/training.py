@@ -2,8 +2,9 @@
 
 A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defaults.
 
-- Shuffled batches from the store (deterministic given the seed), Adam with a linear warm-up and
-  a linear decay to zero, a learning rate scaled with the width.
+- Shuffled batches from the store (deterministic given the seed; whole contexts or the corpus order
+  with ``shuffle=``), Adam with a linear warm-up and a linear decay to zero, a learning rate scaled
+  with the width.
 - Inputs and targets scaled to an average norm of sqrt(d) (the scales live in the transcoder's
   config, so it works in model units); loss = fraction of variance unexplained (FVU).
 - Unit-norm decoder rows (the gradient component parallel to each row is removed before the step,
@@ -11,6 +12,8 @@ A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defau
 - A data-driven initialisation (see `initialize` and docs/training.md for the measurements),
   ``b_dec`` at the target mean.
 - AuxK (Gao et al. 2024) for latents that have not fired in the last ``dead_window`` tokens.
+- Optional Matryoshka prefixes (``matryoshka=``): the loss also sums the FVU of nested prefixes of
+  the latents, each reconstructing alone.
 - TopK/BatchTopK train through a sparse path: the encoder's and decoder's backward passes only
   touch the active latents.
 - Checkpoints (safetensors + JSON, never pickles, checksummed) written atomically, and exact
