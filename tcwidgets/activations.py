@@ -43,6 +43,19 @@ stay within tens of times it: at most 17x in SmolLM2-135M's layers, its attentio
 _RECOLLECT = "Delete the store folder and run collect_activations again with the same arguments to re-collect it."
 
 
+SHUFFLES = ("global", "context", "document")
+
+
+def shuffle_mode(shuffle: bool | str) -> str:
+    """The name of a batch order (`ActivationStore.batches`): ``True`` is ``"global"``, ``False``
+    ``"document"``; a name must be one of `SHUFFLES`."""
+    if shuffle is True or shuffle is False:
+        return "global" if shuffle else "document"
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"shuffle={shuffle!r}: choose one of {', '.join(map(repr, SHUFFLES))} (or True/False)")
+    return shuffle
+
+
 class StoreError(FileFormatError):
     """An activation store is incomplete, corrupted, or does not match the request."""
 
@@ -232,18 +245,27 @@ class ActivationStore:
         per_epoch = self.n_tokens // batch_size if drop_last else math.ceil(self.n_tokens / batch_size)
         return per_epoch * epochs
 
-    def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
-                epochs: int = 1, start: int = 0, drop_last: bool = True,
+    def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool | str = True,
+                seed: int = 0, epochs: int = 1, start: int = 0, drop_last: bool = True,
                 part: tuple[int, int] = (0, 1)) -> Iterator[Any]:
         """Training batches ``(x, y)`` (float32, CPU) of one layer; with a list of layers, a list of
         ``(x, y)``, one per layer, of the same rows (one pass over the store for all of them).
 
-        Each epoch draws its own permutation of all rows across shards (seeded by ``seed`` and the
-        epoch), so batches are deterministic and the same for every layer; ``start`` skips that
-        many batches without reading them, for exact resume. With ``shuffle=False`` rows come in
-        corpus order. ``part=(i, n)`` reads only the i-th of n equal parts of each batch (one
-        data-parallel process's share; ``batch_size`` a multiple of n).
+        ``shuffle`` (see `shuffle_mode`) orders the rows of each epoch, seeded by ``seed`` and the
+        epoch, the same for every layer; batches are consecutive slices of that order:
+
+        - ``"global"`` (or ``True``): a permutation of all rows across shards; a batch mixes tokens
+          of about as many contexts as it has tokens.
+        - ``"context"``: the contexts in a random order, each context's tokens together and in
+          order; a batch is the tokens of ``batch_size / context`` whole contexts (sparsify's way).
+        - ``"document"`` (or ``False``): the stored corpus order (contexts pack documents in
+          order, so a long document's contexts follow each other), the same every epoch.
+
+        ``start`` skips that many batches without reading them, for exact resume. ``part=(i, n)``
+        reads only the i-th of n equal parts of each batch (one data-parallel process's share;
+        ``batch_size`` a multiple of n).
         """
+        shuffle = shuffle_mode(shuffle)
         layers = [layer] if isinstance(layer, int) else list(layer)
         for each in layers:
             self._check_layer(each)
@@ -257,9 +279,13 @@ class ActivationStore:
         if per_epoch == 0:
             raise StoreError(f"batch_size={batch_size} is larger than the store ({self.n_tokens} tokens).")
         for epoch in range(start // per_epoch, epochs):
-            if shuffle:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            if shuffle == "global":
                 order = torch.randperm(self.n_tokens, generator=generator).numpy()
+            elif shuffle == "context":
+                context = self.manifest["context"]
+                contexts = torch.randperm(self.n_tokens // context, generator=generator).numpy()
+                order = (contexts[:, None] * context + np.arange(context)).ravel()
             else:
                 order = np.arange(self.n_tokens)
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0

@@ -425,7 +425,7 @@ def interpretability_scores(
     context = stats.meta["settings"]["window"][0] + 1 if context is None else context
     if latents is None:
         latents = np.flatnonzero(stats.count > 0)
-    latents = np.asarray(latents, dtype=np.int64).reshape(-1)
+    latents = np.ascontiguousarray(latents, dtype=np.int64).reshape(-1)  # stats.order() gives a reversed view
     if latents.size and (latents.min() < 0 or latents.max() >= stats.n_latents):
         raise IndexError(f"latents must lie in 0..{stats.n_latents - 1}, the stats' latents.")
     tokens = lm.check_tokens(tokens)

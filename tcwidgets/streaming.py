@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .activations import ActivationStore, LayerNotInStoreError, LayerStats, StoreError, trace_mlp
+from .activations import ActivationStore, LayerNotInStoreError, LayerStats, StoreError, shuffle_mode, trace_mlp
 from .training import train_transcoder
 from .transcoder import Transcoder
 
@@ -122,13 +122,15 @@ class ActivationStream:
 
     n_batches = ActivationStore.n_batches
 
-    def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool = True, seed: int = 0,
-                epochs: int = 1, start: int = 0, drop_last: bool = True,
+    def batches(self, layer: int | Sequence[int], batch_size: int = 1024, *, shuffle: bool | str = True,
+                seed: int = 0, epochs: int = 1, start: int = 0, drop_last: bool = True,
                 part: tuple[int, int] = (0, 1)) -> Iterator[Any]:
         """Training batches ``(x, y)`` (float32, CPU) of one layer, or a list of them for a list
         of layers (the same rows), as `ActivationStore.batches`: the contexts in a shuffled order
-        per epoch (seeded by ``seed`` and the epoch), their tokens mixed through the buffer.
-        ``start`` skips that many batches, running the model but not handing them out."""
+        per epoch (seeded by ``seed`` and the epoch), their tokens mixed through the buffer
+        (``shuffle="global"``); not mixed with ``"context"``; contexts in stored order too with
+        ``"document"``. ``start`` skips that many batches, running the model but not handing them out."""
+        shuffle = shuffle_mode(shuffle)
         layers = [layer] if isinstance(layer, int) else list(layer)
         for each in layers:
             self._check_layer(each)
@@ -143,7 +145,8 @@ class ActivationStream:
         done = 0
         for epoch in range(start // per_epoch, epochs):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.tokens), generator=generator) if shuffle else torch.arange(len(self.tokens))
+            order = (torch.arange(len(self.tokens)) if shuffle == "document"
+                     else torch.randperm(len(self.tokens), generator=generator))
             done = epoch * per_epoch
             buffer: list[torch.Tensor] | None = None  # per layer, inputs and outputs side by side
             forwards = self._forward(order)
@@ -160,7 +163,7 @@ class ActivationStream:
                     held += len(pairs[0][0])
                 if not parts:
                     break
-                rows = torch.randperm(held, generator=generator) if shuffle else torch.arange(held)
+                rows = torch.randperm(held, generator=generator) if shuffle == "global" else torch.arange(held)
                 buffer = [torch.cat([p[i] for p in parts])[rows] for i in range(len(self.layers))]
                 hand_out = held if exhausted else (held // 2) // batch_size * batch_size
                 for begin in range(0, hand_out - batch_size + 1, batch_size):

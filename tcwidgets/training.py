@@ -2,8 +2,9 @@
 
 A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defaults.
 
-- Shuffled batches from the store (deterministic given the seed), Adam with a linear warm-up and
-  a linear decay to zero, a learning rate scaled with the width.
+- Shuffled batches from the store (deterministic given the seed; whole contexts or the corpus order
+  with ``shuffle=``), Adam with a linear warm-up and a linear decay to zero, a learning rate scaled
+  with the width.
 - Inputs and targets scaled to an average norm of sqrt(d) (the scales live in the transcoder's
   config, so it works in model units); loss = fraction of variance unexplained (FVU).
 - Unit-norm decoder rows (the gradient component parallel to each row is removed before the step,
@@ -11,6 +12,8 @@ A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defau
 - A data-driven initialisation (see `initialize` and docs/training.md for the measurements),
   ``b_dec`` at the target mean.
 - AuxK (Gao et al. 2024) for latents that have not fired in the last ``dead_window`` tokens.
+- Optional Matryoshka prefixes (``matryoshka=``): the loss also sums the FVU of nested prefixes of
+  the latents, each reconstructing alone.
 - TopK/BatchTopK train through a sparse path: the encoder's and decoder's backward passes only
   touch the active latents.
 - Checkpoints (safetensors + JSON, never pickles, checksummed) written atomically, and exact
@@ -35,12 +38,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import heap
-from .activations import OUTLIER_RATIO
+from .activations import OUTLIER_RATIO, shuffle_mode
 from .calibration import low_precision_pays
 from .evaluation import ReconstructionStats
 from .files import FileFormatError, atomic_folder, load_tensors, read_manifest, save_tensors, write_manifest
 from .progress import delayed_bar
-from .transcoder import Transcoder, TranscoderConfig, step as heaviside
+from .transcoder import SparseLatents, Transcoder, TranscoderConfig, step as heaviside
 
 __all__ = [
     "CheckpointError", "Trainer", "TrainingConfig", "default_batch_size", "default_lr", "fit_together",
@@ -51,6 +54,7 @@ CHECKPOINT_FORMAT = "tcwidgets.checkpoint"
 CHECKPOINT_VERSION = 2  # 2: the store's full identity, checksums, a sealed trainer.json
 _SPARSE = ("topk", "batchtopk")
 _DEFAULT_SPARSITY = {"relu": 3e-3, "jumprelu": 1e-3}
+_ADDED_SINCE_VERSION_2 = ("matryoshka", "shuffle")  # settings older checkpoints ran with at their defaults
 
 
 class CheckpointError(FileFormatError):
@@ -83,6 +87,14 @@ class TrainingConfig:
         dead_window: a latent is dead when it has not fired in this many tokens; default
             min(10M, a quarter of the tokens per epoch).
         seed: initialisation and batch order.
+        matryoshka: nested prefix sizes ``(m1, m2, ...)`` (TopK, BatchTopK; Bussmann et al. 2025,
+            Nabeshima 2024): the loss sums the FVU of each prefix's reconstruction, made with only
+            the chosen latents among the first ``m_i`` (the others zeroed), and of the whole
+            width's (counted once); strictly increasing, at most ``n_latents``. The history
+            records each prefix's FVU as ``fvu_<m>``.
+        shuffle: batch order (`ActivationStore.batches`): ``"global"`` (tokens shuffled across
+            the whole store), ``"context"`` (whole contexts in a shuffled order) or ``"document"``
+            (the stored corpus order).
     """
 
     n_latents: int | None = None
@@ -99,6 +111,8 @@ class TrainingConfig:
     k_aux: int | None = None
     dead_window: int | None = None
     seed: int = 0
+    matryoshka: tuple[int, ...] | None = None
+    shuffle: str = "global"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -114,6 +128,24 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be positive (or None for the default), got {value!r}")
         if self.auxk_coefficient < 0:
             raise ValueError(f"auxk_coefficient must be >= 0, got {self.auxk_coefficient!r}")
+        self.shuffle = shuffle_mode(self.shuffle)
+        if self.matryoshka is not None:
+            self.matryoshka = _check_matryoshka(self.matryoshka, self.activation, self.n_latents)
+
+
+def _check_matryoshka(sizes: Sequence[int], activation: str, n_latents: int | None) -> tuple[int, ...]:
+    """``sizes`` as a tuple, or a ValueError naming what is wrong with them."""
+    if activation not in _SPARSE:
+        raise ValueError(f"matryoshka=... needs activation='topk' or 'batchtopk', not {activation!r}: "
+                         f"drop matryoshka or change the activation")
+    sizes = tuple(sizes)
+    if not sizes or not all(isinstance(m, int) and m >= 1 for m in sizes):
+        raise ValueError(f"matryoshka={sizes!r}: give prefix sizes as positive integers, e.g. (128, 512, 2048)")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"matryoshka={sizes!r}: prefix sizes must be strictly increasing")
+    if n_latents is not None and sizes[-1] > n_latents:
+        raise ValueError(f"matryoshka={sizes!r}: the prefixes cannot be wider than n_latents={n_latents}")
+    return sizes
 
 
 def default_lr(n_latents: int) -> float:
@@ -447,7 +479,8 @@ class Trainer:
         with torch.no_grad():
             fired = self._sum_over_processes(step.fired)
             self.tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
-            metrics = {"loss": step.loss, "fvu": step.fvu, "l0": step.active / n_tokens}
+            metrics = {"loss": step.loss, "fvu": step.fvu, "l0": step.active / n_tokens,
+                       **{f"fvu_{m}": value for m, value in step.prefix_fvus.items()}}
             if step.auxk is not None:
                 metrics["auxk"] = step.auxk
             for name, value in metrics.items():
@@ -532,7 +565,9 @@ class Trainer:
         meta = read_manifest(path / "trainer.json", format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, fix=fix,
                              error=CheckpointError, sealed_since=2)
         try:
-            saved = TrainingConfig(**{f.name: meta["training"][f.name] for f in fields(TrainingConfig)})
+            training = meta["training"]
+            saved = TrainingConfig(**{f.name: training[f.name] for f in fields(TrainingConfig)
+                                      if f.name in training or f.name not in _ADDED_SINCE_VERSION_2})
             stored, step, history = dict(meta["store"]), int(meta["step"]), list(meta["history"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path / 'trainer.json'} is corrupted ({err!s}); {fix}") from err
@@ -586,6 +621,7 @@ class StepResult(NamedTuple):
     auxk: Tensor | None  # None without AuxK
     fired: Tensor  # [n_latents] how many of the tokens each latent fired on
     active: Tensor  # active (token, latent) pairs
+    prefix_fvus: dict[int, Tensor]  # Matryoshka: FVU of each prefix narrower than the whole width
 
 
 class _Objective(nn.Module):
@@ -607,7 +643,9 @@ class _Objective(nn.Module):
             latents = encoding.latents
             error = y - tc.decode_sparse(latents, x)
             fvu = error.square().sum() / total_variance
-            loss, auxk = fvu, None
+            prefix_fvus = {m: prefix_fvu(tc, latents, m, x, y, total_variance)
+                           for m in c.matryoshka or () if m < tc.n_latents}
+            loss, auxk = fvu + sum(prefix_fvus.values()), None
             if c.auxk_coefficient > 0:
                 auxk = self._auxk(x, encoding.pre, error.detach(), total_variance, dead)
                 loss = loss + c.auxk_coefficient * auxk
@@ -627,7 +665,8 @@ class _Objective(nn.Module):
             fired_mask = z > 0
             fired_counts = fired_mask.sum(0)
             active = fired_mask.sum()
-        return StepResult(loss, fvu, auxk, fired_counts, active)
+            prefix_fvus = {}
+        return StepResult(loss, fvu, auxk, fired_counts, active, prefix_fvus)
 
     def _auxk(self, x: Tensor, pre: Tensor, error: Tensor, total_variance: Tensor, dead: Tensor) -> Tensor:
         """AuxK: the top ``k_aux`` dead latents of each token reconstruct the residual error."""
@@ -640,6 +679,13 @@ class _Objective(nn.Module):
         aux = tc.latents_at(x, rows, cols, pre)
         fit = tc.decode_sparse(aux, bias=False)
         return min(1.0, len(dead) / self.k_aux) * (fit - error).square().sum() / total_variance
+
+
+def prefix_fvu(tc: Transcoder, latents: SparseLatents, m: int, x: Tensor, y: Tensor, total_variance: Tensor) -> Tensor:
+    """Matryoshka: the summed squared error of the reconstruction from the active latents among the
+    first ``m`` only (the others zeroed), over ``total_variance``."""
+    kept = latents._replace(values=latents.values * (latents.indices < m))
+    return (y - tc.decode_sparse(kept, x)).square().sum() / total_variance
 
 
 def _init_data_parallel(device: torch.device) -> tuple[int, int]:
@@ -685,14 +731,14 @@ def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
     c = first.config
     layers = [t.layer for t in trainers]
     for t in trainers[1:]:
-        if (t.store, t.total_steps, t.config.batch_size, t.config.seed, t.config.epochs, t.world) != (
-                first.store, first.total_steps, c.batch_size, c.seed, c.epochs, first.world):
+        if (t.store, t.total_steps, t.config.batch_size, t.config.seed, t.config.epochs, t.config.shuffle,
+                t.world) != (first.store, first.total_steps, c.batch_size, c.seed, c.epochs, c.shuffle, first.world):
             raise ValueError("fit_together needs trainers of one store with the same batch_size, epochs, "
-                             "seed and data parallelism")
+                             "seed, shuffle and data parallelism")
     if len(set(layers)) != len(layers):
         raise ValueError(f"fit_together needs one trainer per layer, got layers {layers}")
     start = min(t.step for t in trainers)
-    batches = first.store.batches(layers, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs, start=start,
+    batches = first.store.batches(layers, c.batch_size, shuffle=c.shuffle, seed=c.seed, epochs=c.epochs, start=start,
                                   part=(first.rank, first.world))
     name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
     bar = tqdm(total=first.total_steps, initial=start, desc=f"training {name}", unit="step",

@@ -21,15 +21,30 @@ dash = FeatureDashboard(FeatureStats.load("stats"), feature={feature})
 dash"""
 
 
+SCORED = """import json
+from tcwidgets.features import FeatureStats
+from tcwidgets.interpretability import InterpretabilityScores, LatentScore
+from tcwidgets.widgets import FeatureDashboard
+saved = json.load(open("scores.json"))
+scores = InterpretabilityScores({{row["latent"]: LatentScore(**row) for row in saved["latents"]}},
+                                model=saved["model"], transcoder=saved["transcoder"], explainer=saved["explainer"])
+dash = FeatureDashboard(FeatureStats.load("stats"), feature={feature}, scores=scores)
+dash"""
+
+
 @pytest.fixture(scope="module")
-def stats(lm, lab_root):
+def transcoder(lm):
+    torch.manual_seed(0)
+    return Transcoder(TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=128, k=8, input_scale=8.0,
+                                       site={"model": lm.name, "layer": 6}))
+
+
+@pytest.fixture(scope="module")
+def stats(lm, lab_root, transcoder):
     """Stats of a small random-init transcoder over a few contexts, saved where the notebooks run,
     with one token's text replaced by HTML (as a hostile corpus or tokenizer could)."""
-    torch.manual_seed(0)
-    tc = Transcoder(TranscoderConfig(d_in=lm.d_model, d_out=lm.d_model, n_latents=128, k=8, input_scale=8.0,
-                                     site={"model": lm.name, "layer": 6}))
     tokens = tcw.load_corpus("python-docs", lm, context=48, n_tokens=4 * 48, split="test")
-    stats = analyze_features(lm, tc, tokens, top_k=6, window=(8, 3), progress=False)
+    stats = analyze_features(lm, transcoder, tokens, top_k=6, window=(8, 3), progress=False)
     top = stats.latent(hostile_latent(stats)).top[0]
     stats.vocab[int(top.tokens[top.center])] = HOSTILE
     stats.save(lab_root / "stats")
@@ -81,6 +96,31 @@ def test_examples_render_shaded(open_notebook, stats):
     assert widget.locator(".tcw-quantiles .tcw-example").count() == sum(len(g.examples) for g in latent.quantiles)
     assert widget.locator(".tcw-list li").count() == min(50, stats.n_latents)
     notebook.screenshot("dashboard-light", widget)
+
+
+def test_interpretability_scores_show_beside_the_latent(open_notebook, stats, lm, transcoder, lab_root):
+    held_out = tcw.load_corpus("python-docs", lm, context=48, n_tokens=8 * 48, split="test")
+    scores = tcw.interpretability_scores(stats, lm=lm, tokens=held_out, transcoder=transcoder,
+                                         latents=stats.order("density")[:4], progress=False)
+    (lab_root / "scores.json").write_text(json.dumps(scores.to_dict()))
+    scored, unscored = int(stats.order("density")[1]), int(stats.order("density")[5])
+    notebook = open_notebook([SCORED.format(feature=scored)])
+    notebook.run_all()
+    widget = dashboard(notebook, scored)
+    section = widget.locator(".tcw-score")
+    assert section.count() == 1 and section.is_visible()
+    score = scores[scored]
+    assert section.locator(".tcw-score-value").text_content() == f"{score.score:.3g}".rstrip("0").rstrip(".")
+    assert section.locator(".tcw-explanation").text_content() == score.explanation
+    assert f"of {score.n_activating} firing" in section.text_content()
+    # at the top of the latent's view, above its activations
+    summary, box = widget.locator(".tcw-summary").bounding_box(), section.bounding_box()
+    assert box["y"] + box["height"] <= summary["y"] and box["width"] > summary["width"]
+    notebook.screenshot("dashboard-scores", widget)
+    widget.locator(".tcw-number").fill(str(unscored))
+    widget.locator(".tcw-number").press("Enter")
+    dashboard(notebook, unscored)
+    assert widget.locator(".tcw-score").count() == 0, "an unscored latent shows no score"
 
 
 def test_next_and_keys_change_python_feature(open_notebook, stats):

@@ -153,6 +153,25 @@ def test_scores_refuse_another_transcoder(lm, scored):
                                     explainer=lambda latent, stats: "just text", progress=False)
 
 
+def test_the_dashboard_shows_each_scored_latents_score_and_refuses_scores_of_other_stats(lm, scored):
+    tc, stats, held_out, scores = scored
+    latent = next(iter(scores))
+    dash = tcw.FeatureDashboard(stats, feature=latent, scores=scores)
+    assert dash._latent["score"] == json.loads(json.dumps(scores[latent].to_dict()))
+    assert dash._latent["score"]["score"] == pytest.approx(scores[latent].score)
+    unscored = next(i for i in np.flatnonzero(stats.count > 0) if scores.get(int(i)) is None)
+    dash.feature = int(unscored)
+    assert dash._latent["score"] is None
+    assert tcw.FeatureDashboard(stats, feature=latent)._latent["score"] is None
+    other = tcw.interpretability_scores(stats, lm=lm, tokens=held_out[:4], transcoder=tc, latents=[latent],
+                                        progress=False)
+    other.transcoder = {**other.transcoder, "n_latents": 512}
+    with pytest.raises(ValueError, match="scores are of another transcoder.*512 latents"):
+        tcw.FeatureDashboard(stats, scores=other)
+    with pytest.raises(TypeError, match="InterpretabilityScores"):
+        tcw.FeatureDashboard(stats, scores={latent: 0.9})
+
+
 class StandIn(BaseHTTPRequestHandler):
     """A deterministic OpenAI-compatible chat endpoint: explains every latent as 'the letter e'
     and judges a context to fire when its marked token contains an "e"."""

@@ -18,6 +18,7 @@ import torch
 import traitlets
 
 from ..features import SORT_KEYS, Example, FeatureStats, FeatureStatsError
+from ..interpretability import InterpretabilityScores
 from .assets import css, esm
 from .messages import whole
 
@@ -41,9 +42,12 @@ def _tokens(stats: FeatureStats, pairs: list[tuple[int, float]] | None) -> list[
     return None if pairs is None else [[stats.vocab[i], _round(v)] for i, v in pairs]
 
 
-def latent_payload(stats: FeatureStats, index: int) -> dict[str, Any]:
-    """What the page needs to draw latent ``index``: JSON values only, token strings decoded."""
+def latent_payload(stats: FeatureStats, index: int,
+                   scores: InterpretabilityScores | None = None) -> dict[str, Any]:
+    """What the page needs to draw latent ``index``: JSON values only, token strings decoded;
+    ``score`` is its `LatentScore` as a dict (``None`` when it was not scored)."""
     latent = stats.latent(index)
+    score = scores.get(index) if scores is not None else None
     counts = latent.histogram_counts
     used = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
     return {
@@ -57,17 +61,35 @@ def latent_payload(stats: FeatureStats, index: int) -> dict[str, Any]:
         "sample_size": latent.sample_size,
         "promoted": _tokens(stats, latent.promoted), "suppressed": _tokens(stats, latent.suppressed),
         "embedding": _tokens(stats, latent.embedding),
+        "score": None if score is None else score.to_dict(),
     }
+
+
+def _check_scores(scores: InterpretabilityScores | None, stats: FeatureStats) -> InterpretabilityScores | None:
+    """``scores``, or an error when they are not `InterpretabilityScores` of the same model and transcoder."""
+    if scores is None:
+        return None
+    if not isinstance(scores, InterpretabilityScores):
+        raise TypeError(f"scores must be the InterpretabilityScores of tcw.interpretability_scores(stats, ...), "
+                        f"not {type(scores).__name__}")
+    if (scores.model, scores.transcoder) != (stats.model, stats.transcoder):
+        site = scores.transcoder.get("site", {})
+        raise ValueError(f"these scores are of another transcoder ({scores.model}, layer {site.get('layer')}, "
+                         f"{scores.transcoder.get('kind')}, {scores.transcoder.get('n_latents')} latents): score "
+                         f"these stats with tcw.interpretability_scores(stats, ...)")
+    return scores
 
 
 class FeatureDashboard(anywidget.AnyWidget):
     """Browse the latents of `FeatureStats`: examples shaded by activation, quantile groups, a
-    histogram, logit effects and embedding tokens.
+    histogram, logit effects and embedding tokens, and each latent's interpretability score.
 
     Args:
         stats: `FeatureStats`, or the folder they were saved to.
         feature: the latent to show first (default: the first that ever fires).
         transcoder: when given, refuse stats computed for a different transcoder.
+        scores: `interpretability_scores` of these stats: each scored latent shows its
+            explanation and detection score (recall, specificity) beside its activations.
 
     ``feature`` is synced both ways: ``dash.feature = 12`` changes the page, clicks and keys
     (←/→, j/k) change ``dash.feature``, and ``dash.observe(fn, "feature")`` sees both.
@@ -82,10 +104,12 @@ class FeatureDashboard(anywidget.AnyWidget):
     _latent = traitlets.Dict().tag(sync=True)
 
     def __init__(self, stats: FeatureStats | str | os.PathLike, feature: int | None = None, *,
-                 transcoder: torch.nn.Module | None = None, **kwargs: Any) -> None:
+                 transcoder: torch.nn.Module | None = None, scores: InterpretabilityScores | None = None,
+                 **kwargs: Any) -> None:
         self.stats = stats if isinstance(stats, FeatureStats) else FeatureStats.load(stats)
         if transcoder is not None:
             self.stats.check_transcoder(transcoder)
+        self.scores = _check_scores(scores, self.stats)
         super().__init__(**kwargs)
         self.set_trait("n_latents", self.stats.n_latents)
         self.on_msg(self._on_message)
@@ -111,7 +135,7 @@ class FeatureDashboard(anywidget.AnyWidget):
 
     def _show(self, index: int) -> None:
         try:
-            payload = latent_payload(self.stats, index)
+            payload = latent_payload(self.stats, index, self.scores)
         except (FeatureStatsError, OSError) as error:
             self.error = str(error)
             raise

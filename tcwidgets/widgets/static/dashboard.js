@@ -57,6 +57,18 @@ function tokenTable(title, pairs, cls) {
         h("td", { class: "tcw-num" }, fmt(value))))));
 }
 
+/** The latent's interpretability: its explanation and how well it predicts held-out firing. */
+function scoreView(s) {
+  return h("section", { class: "tcw-score" },
+    h("span", { class: "tcw-score-label",
+      title: "detection score: balanced accuracy of predicting, from the explanation alone, which held-out contexts make it fire (0.5: chance, 1: perfect)" },
+    "detection score"),
+    h("span", { class: "tcw-score-value" }, fmt(s.score)),
+    h("span", { class: "tcw-score-parts" },
+      `recall ${fmt(s.recall)} of ${s.n_activating} firing, specificity ${fmt(s.specificity)} of ${s.n_non_activating} not`),
+    h("span", { class: "tcw-explanation", title: s.explanation }, s.explanation));
+}
+
 function latentView(p) {
   const facts = h("div", { class: "tcw-facts" },
     h("section", { class: "tcw-summary" },
@@ -71,15 +83,16 @@ function latentView(p) {
         tokenTable("suppressed", p.suppressed, "tcw-suppressed"))),
     p.embedding ? h("section", { class: "tcw-embedding" }, h("h4", {}, "Embedding"),
       tokenTable("tokens that excite it", p.embedding, "tcw-embed")) : null);
+  const score = p.score ? scoreView(p.score) : null;
   if (p.count === 0) {
-    return h("div", {}, facts,
+    return h("div", {}, score, facts,
       h("p", { class: "tcw-dead" }, `This latent never fired on the ${p.n_tokens} analysed tokens.`));
   }
   const groups = p.quantiles.filter((g) => g.examples.length).reverse().map((g) =>
     h("section", { class: "tcw-group" },
       h("h5", {}, `quantile ${Math.round(100 * g.low)}–${Math.round(100 * g.high)}%: activations ${fmt(g.min)}–${fmt(g.max)}`),
       g.examples.slice().reverse().map((ex) => example(ex, p.max))));
-  return h("div", {}, facts,
+  return h("div", {}, score, facts,
     h("section", { class: "tcw-top" }, h("h4", {}, "Top activations"), p.top.map((ex) => example(ex, p.max))),
     h("section", { class: "tcw-quantiles" },
       h("h4", {}, `Across the distribution (sample of ${p.sample_size} firing tokens)`), groups));
