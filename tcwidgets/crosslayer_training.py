@@ -79,6 +79,9 @@ class CrossLayerTrainer(Trainer):
         if config.activation not in ("topk", "jumprelu", "relu"):
             raise ValueError(f"activation={config.activation!r}: cross-layer transcoders train with 'topk', "
                              "'jumprelu' or 'relu'")
+        if config.matryoshka:
+            raise ValueError(f"matryoshka={config.matryoshka}: nested prefixes are for per-layer TopK and BatchTopK "
+                             "training (train_transcoder); train the cross-layer transcoder without it")
         store.check(model=model, layers=layers)
         if eval_store is not None:
             eval_store.check(model=store.model, layers=layers)
@@ -149,7 +152,7 @@ class CrossLayerTrainer(Trainer):
     def fit(self) -> CrossLayerTranscoder:
         """Train to the end (from the latest checkpoint if resumed); return the cross-layer transcoder."""
         c = self.config
-        batches = self.store.batches(self.layers, c.batch_size, shuffle=True, seed=c.seed, epochs=c.epochs,
+        batches = self.store.batches(self.layers, c.batch_size, shuffle=c.shuffle, seed=c.seed, epochs=c.epochs,
                                      start=self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
                    desc=f"training a cross-layer transcoder on layers {', '.join(map(str, self.layers))}")

@@ -314,6 +314,17 @@ def test_bad_input_is_refused_with_the_fix(store):
         tcw.train_clt(store, [0, 1], **{**SMALL, "k": 128})
     with pytest.raises(ValueError, match="larger than the store"):
         tcw.train_clt(store, [0, 1], **{**SMALL, "batch_size": 10**6})
+    with pytest.raises(ValueError, match=r"matryoshka=\(16, 32\): nested prefixes are for per-layer"):
+        tcw.train_clt(store, [0, 1], **SMALL, matryoshka=(16, 32))
+
+
+def test_the_batch_order_is_the_configured_one(store):
+    """shuffle= reaches the store's batches: the stored order and a global shuffle train differently,
+    and the same order twice trains identically."""
+    runs = {order: tcw.train_clt(store, [0, 1], **SMALL, shuffle=order, progress=False) for order in ("document", "global")}
+    again = tcw.train_clt(store, [0, 1], **SMALL, shuffle="document", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(runs["document"].state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(runs["document"].state_dict()["W_enc"], runs["global"].state_dict()["W_enc"])
 
 
 # ---- circuit-tracer's cross-layer transcoder files ------------------------------------------------------
