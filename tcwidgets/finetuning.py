@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .crosslayer import LayerView
 from .features import transcoder_fingerprint
 from .files import FileFormatError, atomic_folder, inside, load_tensors, read_manifest, save_tensors, write_json
 from .splicing import check_transcoders, run_transcoder, writes_after_norm
@@ -130,6 +131,10 @@ class JointFineTuner:
         given = check_transcoders(lm, transcoders)
         if not given:
             raise ValueError("No transcoders to fine-tune: pass {layer: transcoder}.")
+        if any(isinstance(tc, LayerView) for tc in given.values()):
+            raise ValueError("Joint fine-tuning takes per-layer transcoders; a cross-layer transcoder (its layers share "
+                             "one set of weights) is not supported by finetune_transcoders yet. Fine-tune per-layer "
+                             "transcoders, or train the cross-layer transcoder longer with train_clt.")
         self.lm, self.config = lm, config or FineTuneConfig()
         self.tokens = lm.check_tokens(tokens)
         if self.tokens.shape[1] < 2:

@@ -318,6 +318,11 @@ def test_bad_input_is_refused_with_the_fix(store):
         tcw.train_clt(store, [0, 1], **SMALL, matryoshka=(16, 32))
 
 
+def test_joint_fine_tuning_refuses_a_cross_layer_transcoder(tiny, tokens):
+    with pytest.raises(ValueError, match="cross-layer transcoder .* not supported by finetune_transcoders"):
+        tcw.finetune_transcoders(tiny, random_clt(tiny, [0, 1]), tokens, progress=False)
+
+
 def test_the_batch_order_is_the_configured_one(store):
     """shuffle= reaches the store's batches: the stored order and a global shuffle train differently,
     and the same order twice trains identically."""
