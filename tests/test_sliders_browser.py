@@ -92,9 +92,11 @@ def api(notebook, edits, ids, prompt=PROMPT, position=-1):
 
 
 def matches(drawn, computed, which):
-    """Each drawn percentage (2 decimals) is the computed one, rounded."""
+    """Each drawn percentage (2 decimals) is the computed one, rounded. The widget reruns the last token
+    from the prompt's kept key/value cache, the API call here every position: float32 sums in another order
+    move a percentage by up to about 0.01 (0.0067 seen), beyond the rounding's 0.005."""
     for token, shown in drawn.items():
-        assert abs(shown[which] - computed[token]) <= 0.0051, (token, shown, computed[token])
+        assert abs(shown[which] - computed[token]) <= 0.02, (token, shown, computed[token])
 
 
 @pytest.mark.browser
