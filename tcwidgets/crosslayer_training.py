@@ -32,8 +32,8 @@ from . import heap
 from .activations import OUTLIER_RATIO
 from .crosslayer import CrossLayerConfig, CrossLayerTranscoder
 from .evaluation import ReconstructionStats
-from .training import (_DEFAULT_SPARSITY, Trainer, TrainingConfig, _default_device, _plausible, clear_checkpoints,
-                       default_batch_size, default_lr, initialize, latest_checkpoint, lr_factor)
+from .training import (_DEFAULT_SPARSITY, Trainer, TrainingConfig, _default_device, _plausible, resume_or_clear,
+                       default_batch_size, default_lr, initialize, lr_factor)
 from .transcoder import SparseLatents, Transcoder, TranscoderConfig, _GatheredLinear, _SparseDecode
 from .transcoder import step as heaviside
 
@@ -113,11 +113,7 @@ class CrossLayerTrainer(Trainer):
         self.eval_metrics: dict[int, dict[str, float]] | None = None
         self._sums: dict[str, Any] = {}
         if self.checkpoint_dir is not None:
-            latest = latest_checkpoint(self.checkpoint_dir)
-            if latest is not None and resume:
-                self._load_checkpoint(latest)
-            elif latest is not None:
-                clear_checkpoints(self.checkpoint_dir)
+            resume_or_clear(self.checkpoint_dir, resume, self._load_checkpoint)
 
     def _new_clt(self) -> CrossLayerTranscoder:
         """A CLT initialised layer by layer as `training.initialize` starts a per-layer transcoder, each

@@ -49,7 +49,7 @@ from .crosslayer import LayerView
 from .features import transcoder_fingerprint
 from .files import FileFormatError, atomic_folder, inside, load_tensors, read_manifest, save_tensors, write_json
 from .splicing import check_transcoders, run_transcoder, writes_after_norm
-from .training import clear_checkpoints, latest_checkpoint, lr_factor
+from .training import clear_checkpoints, lr_factor, resume_or_clear
 from .transcoder import Transcoder
 
 __all__ = ["FineTuneConfig", "JointFineTuner", "finetune_transcoders"]
@@ -162,11 +162,7 @@ class JointFineTuner:
         self.history: list[dict[str, float]] = []
         self._sums: dict[str, float] = {}
         if self.checkpoint_dir is not None:
-            latest = latest_checkpoint(self.checkpoint_dir)
-            if latest is not None and resume:
-                self._load_checkpoint(latest)
-            elif latest is not None:
-                clear_checkpoints(self.checkpoint_dir)
+            resume_or_clear(self.checkpoint_dir, resume, self._load_checkpoint)
 
     # ---- training ---------------------------------------------------------------------------------
 

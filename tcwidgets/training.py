@@ -379,11 +379,7 @@ class Trainer:
         self._sums: dict[str, float] = {}
 
         if self.checkpoint_dir is not None:
-            latest = latest_checkpoint(self.checkpoint_dir)
-            if latest is not None and resume:
-                self._load_checkpoint(latest)
-            elif latest is not None:
-                clear_checkpoints(self.checkpoint_dir)
+            resume_or_clear(self.checkpoint_dir, resume, self._load_checkpoint)
 
     def _new_transcoder(self, sites: dict[str, str]) -> Transcoder:
         c, store, layer = self.config, self.store, self.layer
@@ -706,6 +702,16 @@ def _init_data_parallel(device: torch.device) -> tuple[int, int]:
 def latest_checkpoint(directory: Path) -> Path | None:
     done = sorted(directory.glob("step-[0-9]*")) if directory.is_dir() else []
     return done[-1] if done else None
+
+
+def resume_or_clear(directory: Path, resume: bool, load: Callable[[Path], None]) -> None:
+    """Load the newest checkpoint in ``directory`` with ``load`` (``resume``), or else clear the folder's
+    checkpoints so that a fresh run does not mix with an old one."""
+    latest = latest_checkpoint(directory)
+    if latest is not None and resume:
+        load(latest)
+    elif latest is not None:
+        clear_checkpoints(directory)
 
 
 def clear_checkpoints(directory: Path, keep: Path | None = None) -> None:
