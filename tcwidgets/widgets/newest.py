@@ -9,6 +9,7 @@ points at its kernel's event loop, so traits are changed on the kernel's thread 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import traceback
 from collections.abc import Callable
@@ -25,8 +26,8 @@ class Superseded(Exception):
 class Ticket:
     """One submitted request, as its job sees it."""
 
-    def __init__(self, runner: NewestWins, number: int) -> None:
-        self._runner, self.number = runner, number
+    def __init__(self, runner: NewestWins, number: int, deliver: Deliver) -> None:
+        self._runner, self.number, self._deliver = runner, number, deliver
 
     @property
     def current(self) -> bool:
@@ -39,12 +40,12 @@ class Ticket:
             raise Superseded
 
     def deliver(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` through the runner's ``deliver``, if this is still the newest request then
-        (progress reports, outcomes)."""
+        """Call ``callback`` through this request's ``deliver``, if this is still the newest request
+        then (progress reports, outcomes)."""
         def if_current() -> None:
             if self.current:
                 callback()
-        self._runner._deliver(if_current)
+        self._deliver(if_current)
 
 
 class NewestWins(Generic[Result]):
@@ -66,13 +67,14 @@ class NewestWins(Generic[Result]):
         self._thread.start()
 
     def submit(self, job: Callable[[Ticket], Result], done: Callable[[Result], None],
-               failed: Callable[[Exception], None]) -> Ticket:
-        """Run ``job`` as the newest request, superseding any other."""
+               failed: Callable[[Exception], None], deliver: Deliver | None = None) -> Ticket:
+        """Run ``job`` as the newest request, superseding any other; its progress and outcome go
+        through ``deliver`` (default: the runner's)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("This runner is closed.")
             self._newest += 1
-            ticket = Ticket(self, self._newest)
+            ticket = Ticket(self, self._newest, deliver or self._deliver)
             self._waiting = (ticket, job, done, failed)
             self._lock.notify()
         return ticket
@@ -115,17 +117,26 @@ class NewestWins(Generic[Result]):
 
 
 def kernel_deliver() -> Deliver:
-    """A ``deliver`` onto the Jupyter kernel's event loop (where widget messages are handled and
-    traits may be set): its IOLoop's thread-safe ``add_callback``. Outside a kernel (a script, a
-    test, a front-end without an IPython kernel) there is no kernel thread to return to, and
-    callbacks run at once on the calling thread. Any other running asyncio loop is not taken for the
-    kernel's: it may be pumped only now and then (Playwright's sync API keeps one "running")."""
+    """A ``deliver`` onto the event loop of the Jupyter kernel thread calling it (where widget
+    messages are handled and traits may be set). That is the kernel's main thread for code in a
+    cell, and a subshell's thread for widget messages when the front-end sends comms over subshells
+    (JupyterLab ≥ 4.4 does): results then return to the thread that handles the widget's messages,
+    which is not blocked by a running cell. Outside a kernel (a script, a test, a front-end without
+    an IPython kernel) there is no kernel thread to return to, and callbacks run at once on the
+    calling thread. Any other running asyncio loop is not taken for the kernel's: it may be pumped
+    only now and then (Playwright's sync API keeps one "running")."""
     try:
         from IPython import get_ipython
     except ImportError:
         return _call_now
-    loop = getattr(getattr(get_ipython(), "kernel", None), "io_loop", None)
-    return loop.add_callback if loop is not None else _call_now
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None:
+        return _call_now
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # a kernel thread without a running loop: the kernel's main loop
+        loop = getattr(kernel, "io_loop", None)
+        return loop.add_callback if loop is not None else _call_now
 
 
 def _call_now(callback: Callable[[], Any]) -> None:

@@ -15,7 +15,9 @@ sets a trait; it sends messages that Python validates and applies (failures go t
 Model work runs on a worker thread (`NewestWins`), and the newest state wins: each change takes a
 snapshot of the state on the kernel's thread and submits it; a snapshot still waiting when a newer
 one comes never runs, a running one stops at its next step, and results are applied to the traits
-on the kernel's thread (through its event loop), only while they answer the newest state.
+on the kernel thread that submitted it (through its event loop: the thread that handles the
+widget's messages), only while they answer the newest state. The trait changes that one page
+message makes reach the page as one message.
 ``_result["request"]`` names the page request it answers, so a page also ignores answers older than
 its latest request. The prompt's clean run is a `PromptSession` kept by the widget: a slider change
 reruns the tokens from the edited position on (none when no slider edits anything), a position
@@ -168,7 +170,6 @@ class AblationSliders(anywidget.AnyWidget):
         self._session_prompt = ""  # the text it is of
         self._version = 0
         self._clean_continuation: tuple[PromptSession, int, str] | None = None
-        self._deliver = kernel_deliver()
         self._runner: NewestWins | None = None
         self._holding = 0  # > 0: changes are collected, then submitted once (`_collected`)
         self._pending = False  # a change was collected
@@ -196,7 +197,7 @@ class AblationSliders(anywidget.AnyWidget):
             self._done(snapshot, self._compute(snapshot, _Inline()))
         except Exception as error:  # shown in the widget
             self._failed(snapshot, error)
-        self._runner = NewestWins(self._deliver, name="AblationSliders")
+        self._runner = NewestWins(kernel_deliver(), name="AblationSliders")
 
     # -- what the page shows, in code ---------------------------------------------------------------------
     @property
@@ -342,7 +343,7 @@ class AblationSliders(anywidget.AnyWidget):
         self._status = "loading" if snapshot.session is None else "running"
         self._runner.submit(lambda ticket: self._compute(snapshot, ticket),
                             lambda outcome: self._done(snapshot, outcome),
-                            lambda error: self._failed(snapshot, error))
+                            lambda error: self._failed(snapshot, error), kernel_deliver())
 
     def _snapshot(self) -> _Snapshot:
         session = self._session if self._session is not None and self._session_prompt == self.prompt else None
@@ -357,7 +358,12 @@ class AblationSliders(anywidget.AnyWidget):
     # -- messages from the page (on the kernel's thread) -------------------------------------------------------
     def _on_message(self, _: Any, content: Any, buffers: list) -> None:
         """Apply a page message. A malformed one is named in ``error`` and answered with ``{"type":
-        "error", request, message}`` (a "set" or "add" also by the run that follows), never raised."""
+        "error", request, message}`` (a "set" or "add" also by the run that follows), never raised.
+        What it changes goes to the page as one message."""
+        with self.hold_sync():
+            self._handle(content)
+
+    def _handle(self, content: Any) -> None:
         try:
             if not isinstance(content, dict):
                 raise ValueError(f"a message must be an object, not {type(content).__name__}")

@@ -15,6 +15,10 @@ const KINDS = [["scale", "×", "scale", "multiply by"], ["clamp", "=", "clamp", 
   ["steer", "+", "steer", "steer by (adds this × its decoder row)"]];
 const IDENTITY = { scale: 1, steer: 0 };
 const DEBOUNCE_MS = 40;
+// Busy longer than this: a spinner and a seconds count. A quicker answer (a slider move) shows
+// neither: the spinner's animation alone keeps the browser drawing frames (about a sixth of a core
+// in headless Chromium), taken from the model run on a small machine.
+const SLOW_MS = 500;
 
 const percent = (p) => `${(100 * p).toFixed(2)}%`;
 const signed = (v) => `${v >= 0 ? "+" : "−"}${Math.abs(v).toFixed(3)}`;
@@ -242,6 +246,7 @@ function render({ model, el }) {
     parts.slider.addEventListener("input", () => {
       const kind = parts.kind.value;
       const value = snap(parts.slider.value, Number(parts.slider.step));
+      item.drawn = null; // the user moved it: the next `setSlider` draws again
       parts.value.textContent = fmt(value);
       slide(entry(kind, value));
     });
@@ -266,6 +271,9 @@ function render({ model, el }) {
   function setSlider(item, entry) {
     const { parts } = item;
     const { min, max, step } = range(entry.kind, rowRef(item.row));
+    const drawn = `${entry.kind} ${entry.value} ${min} ${max} ${step}`;
+    if (item.drawn === drawn) return; // unchanged: no DOM writes (every sync of the sliders redraws the rows)
+    item.drawn = drawn;
     parts.kind.value = entry.kind;
     Object.assign(parts.slider, { min, max, step });
     parts.slider.value = entry.value;
@@ -351,25 +359,32 @@ function render({ model, el }) {
     const busy = Boolean(python) || timer !== null || (latest !== null && !cancelled);
     if (busy && busySince === null) {
       busySince = performance.now();
-      ticker = setInterval(drawStatus, 100);
+      ticker = setTimeout(() => { ticker = setInterval(drawStatus, 100); drawStatus(); }, SLOW_MS);
     } else if (!busy && busySince !== null) {
       busySince = null;
-      clearInterval(ticker);
+      stopTicker();
     }
+    const slow = busy && performance.now() - busySince >= SLOW_MS;
     root.classList.toggle("tcw-busy", busy);
+    root.classList.toggle("tcw-slow", slow);
     root.setAttribute("aria-busy", String(busy));
     cancel.disabled = !python;
     const result = model.get("_result");
     if (busy) {
       const where = model.get("_context").remote ? " on NDIF" : "";
-      const seconds = ((performance.now() - busySince) / 1000).toFixed(1);
-      statusText.textContent = `${python || "running"}${where}… ${seconds} s`;
+      const seconds = slow ? ` ${((performance.now() - busySince) / 1000).toFixed(1)} s` : "";
+      statusText.textContent = `${python || "running"}${where}…${seconds}`;
     } else if (cancelled) {
       statusText.textContent = "cancelled: showing the last finished run";
     } else {
       const edits = result.edits ? `${result.edits} edit${result.edits > 1 ? "s" : ""}` : "no edits";
       statusText.textContent = result.edits ? `${edits}, model ${Math.round(result.model_ms)} ms` : edits;
     }
+  }
+
+  function stopTicker() {
+    clearTimeout(ticker);
+    clearInterval(ticker);
   }
 
   function drawError() {
@@ -414,7 +429,7 @@ function render({ model, el }) {
   return () => {
     each((event, handler) => model.off(event, handler));
     clearTimeout(timer);
-    clearInterval(ticker);
+    stopTicker();
   };
 }
 
