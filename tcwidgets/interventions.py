@@ -29,7 +29,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from transformers import DynamicCache
 
 from .corpus import bos_id
 from .models import RUN_LOCK
+from .crosslayer import unspliced_sources
 from .splicing import check_transcoders, splice
 
 EDIT_KINDS = ("scale", "clamp", "steer")
@@ -177,7 +178,9 @@ class PromptSession:
     ``tokens``: ``[n, length]``; ``logits``: the clean logits ``[n, length, vocab]``; ``latents``:
     each transcoder's latents ``{layer: [n, length, n_latents]}`` (all on CPU); ``cache``: the
     model's key/value cache of the prompt on the model's device (``None`` for remote runs, which
-    cannot reuse it). Give it to `run_with_edits` as its prompt.
+    cannot reuse it); ``residuals``: the residual stream entering each transcoder's layer
+    ``{layer: [n, length, d_model]}`` (local runs), from which a rerun skips the layers before the
+    first edited one. Give it to `run_with_edits` as its prompt.
     """
 
     lm: Any
@@ -187,6 +190,7 @@ class PromptSession:
     latents: dict[int, torch.Tensor]
     cache: Any
     remote: bool | str
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -214,8 +218,8 @@ def start_session(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | t
     cache = None if remote else DynamicCache()
     with RUN_LOCK:
         run = splice(lm, transcoders, tokens, mode="error", save_latents=True, batch_size=len(tokens),
-                     progress=False, remote=remote, past_key_values=cache)
-    return PromptSession(lm, transcoders, tokens, run.logits, run.latents, cache, remote)
+                     progress=False, remote=remote, past_key_values=cache, save_blocks=[] if remote else list(transcoders))
+    return PromptSession(lm, transcoders, tokens, run.logits, run.latents, cache, remote, run.blocks)
 
 
 class LatentEditor:
@@ -322,8 +326,14 @@ def run_with_edits(
             run = forward(tokens, save_latents and not known)
             return run.logits, known or run.latents
         editor = LatentEditor(edits, [position - start for position in positions])
-        rest = splice(lm, spliced, tokens[:, start:], mode="error", edit=editor, batch_size=len(tokens),
-                      progress=False, remote=False, past_key_values=session.cache_before(start))
+        # the layers before the first edited one compute what the clean run did: skipped
+        first = min(edited_layers)
+        skip = first in session.residuals and not unspliced_sources(spliced) and not any(
+            hasattr(tc, "writes_to") for tc in spliced.values())
+        rerun = {layer: tc for layer, tc in spliced.items() if layer >= first} if skip else spliced
+        rest = splice(lm, rerun, tokens[:, start:], mode="error", edit=editor, batch_size=len(tokens),
+                      progress=False, remote=False, past_key_values=session.cache_before(start),
+                      start_at=(first, session.residuals[first][:, start:]) if skip else None)
         return torch.cat([session.logits[:, :start], rest.logits], dim=1), known
 
     total = max(generate, 1)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .activations import trace_mlp
 from .crosslayer import CrossLayerTranscoder, unspliced_sources
+from .models import resolve
 
 Mode = Literal["replace", "error"]
 #: ``edit(layer, latents) -> latents``: change a spliced layer's latents before they are decoded.
@@ -47,12 +48,14 @@ class SplicedRun(NamedTuple):
     ``latents``: each spliced layer's latents ``[n, context, n_latents]`` before any edit (only
     with ``save_latents=True``). ``mlp``: ``{layer: (input, output)}`` of the layers in
     ``save_mlp``, as the MLP saw and produced them in this run (before any replacement; the output
-    after the post-MLP norm on the ``after_norm`` layers).
+    after the post-MLP norm on the ``after_norm`` layers). ``blocks``: ``{layer: residual}``, the
+    residual stream entering each layer of ``save_blocks`` ``[n, context, d_model]``.
     """
 
     logits: torch.Tensor
     latents: dict[int, torch.Tensor]
     mlp: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    blocks: dict[int, torch.Tensor] = {}
 
 
 def check_transcoders(lm: Any, transcoders: Mapping[int, Any] | Any) -> dict[int, Any]:
@@ -151,6 +154,8 @@ def splice(
     progress: bool = True,
     remote: bool | str | None = None,
     past_key_values: Any = None,
+    save_blocks: Sequence[int] = (),
+    start_at: tuple[int, torch.Tensor] | None = None,
 ) -> SplicedRun:
     """Run ``lm`` on ``tokens`` with transcoders spliced in and chosen MLPs zero-ablated.
 
@@ -173,6 +178,10 @@ def splice(
             defaults to the model's own setting.
         past_key_values: the model's key/value cache (a transformers ``Cache``) of tokens that come
             before ``tokens``, which then continue them (one batch only; the cache grows by them).
+        save_blocks: also return the residual stream entering these layers.
+        start_at: ``(layer, residual)``: skip the layers before ``layer``, whose output would be
+            ``residual`` (the stream entering ``layer`` on ``tokens``, e.g. saved by ``save_blocks``
+            of an earlier run); no transcoder, ablation or saved site may lie before it.
     """
     transcoders = check_transcoders(lm, transcoders)
     tokens = lm.check_tokens(tokens)
@@ -193,19 +202,31 @@ def splice(
         raise ValueError(f"batch_size={batch_size} must be positive.")
     if past_key_values is not None and len(tokens) > batch_size:
         raise ValueError(f"past_key_values continues one batch: pass batch_size >= {len(tokens)}.")
+    save_blocks = sorted(set(save_blocks))
+    for layer in save_blocks:
+        lm.check_layer(layer)
+    if start_at is not None:
+        first = min([*transcoders, *zero, *save_mlp, *save_blocks, *unspliced_sources(transcoders)], default=None)
+        if first is not None and first < start_at[0]:
+            raise ValueError(f"start_at skips the layers before {start_at[0]}, but layer {first} is spliced, "
+                             "ablated or saved: start at or before it.")
+        if len(tokens) > batch_size:
+            raise ValueError(f"start_at continues one batch: pass batch_size >= {len(tokens)}.")
     remote = lm.remote if remote is None else remote
 
     batches = range(0, len(tokens), batch_size)
     parts = []
     with torch.no_grad():
         for start in tqdm(batches, desc="splicing", unit="batch", disable=not progress or len(batches) < 2):
-            logits, latents, mlp = _trace(lm, tokens[start:start + batch_size].to(lm.device), transcoders,
-                                          mode, zero, edit, save_latents, save_mlp, after, remote, past_key_values)
-            parts.append(SplicedRun(logits.cpu(), _to_cpu(latents), _to_cpu(mlp)))
+            logits, latents, mlp, blocks = _trace(lm, tokens[start:start + batch_size].to(lm.device), transcoders,
+                                                  mode, zero, edit, save_latents, save_mlp, after, remote,
+                                                  past_key_values, save_blocks, start_at)
+            parts.append(SplicedRun(logits.cpu(), _to_cpu(latents), _to_cpu(mlp), _to_cpu(blocks)))
     return SplicedRun(
         torch.cat([part.logits for part in parts]),
         {layer: torch.cat([part.latents[layer] for part in parts]) for layer in parts[0].latents},
         {layer: tuple(torch.cat([part.mlp[layer][i] for part in parts]) for i in range(2)) for layer in save_mlp},
+        {layer: torch.cat([part.blocks[layer] for part in parts]) for layer in save_blocks},
     )
 
 
@@ -229,18 +250,26 @@ def _cache_argument(lm: Any) -> str:
 
 def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mode, zero: list[int],
            edit: LatentEdit | None, save_latents: bool, save_mlp: list[int], after_norm: list[int],
-           remote: bool | str, past_key_values: Any) -> tuple[torch.Tensor, dict, dict]:
+           remote: bool | str, past_key_values: Any, save_blocks: list[int],
+           start_at: tuple[int, torch.Tensor] | None) -> tuple[torch.Tensor, dict, dict, dict]:
     """One forward pass of a batch; layers in ascending order (nnsight needs execution order)."""
     sources = unspliced_sources(transcoders)  # cross-layer transcoder layers read but not spliced
-    layers = sorted(set(transcoders) | set(zero) | set(save_mlp) | set(sources))
+    layers = sorted(set(transcoders) | set(zero) | set(save_mlp) | set(sources) | set(save_blocks))
     cache = {}
     if past_key_values is not None:  # the mask covers the cached tokens and the new ones
         mask = torch.ones(len(tokens), past_key_values.get_seq_length() + tokens.shape[1], dtype=torch.long,
                           device=tokens.device)
         cache = {_cache_argument(lm): past_key_values, "use_cache": True, "attention_mask": mask}
     with lm.trace(tokens, remote=remote, **cache):
-        latents, mlp = nnsight.save({}), nnsight.save({})
+        latents, mlp, blocks = nnsight.save({}), nnsight.save({}), nnsight.save({})
+        if start_at is not None:
+            for layer in range(start_at[0]):
+                resolve(lm, lm.sites.block(layer)).skip(start_at[1].to(tokens.device))
         for layer in layers:
+            if layer in save_blocks:
+                blocks[layer] = resolve(lm, lm.sites.block(layer)).input
+            if layer not in transcoders and layer not in zero and layer not in save_mlp and layer not in sources:
+                continue
             tc = transcoders.get(layer)
             reads_input = layer in save_mlp or layer in sources or (tc is not None and tc.config.kind != "sae")
             x = lm.mlp(layer).input if reads_input else None
@@ -258,7 +287,7 @@ def _trace(lm: Any, tokens: torch.Tensor, transcoders: dict[int, Any], mode: Mod
                     latents[layer] = z
                 envoy.output = new
         logits = lm.output.logits.save()
-    return logits, latents, mlp
+    return logits, latents, mlp, blocks
 
 
 def run_transcoder(tc: Any, mlp_input: torch.Tensor | None,

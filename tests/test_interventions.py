@@ -11,6 +11,7 @@ import torch
 
 from tcwidgets.interventions import Edit, encode_prompt, run_with_edits, start_session
 from tcwidgets.models import resolve
+from tcwidgets.splicing import splice
 from tcwidgets.transcoder import Transcoder, TranscoderConfig
 
 ATOL = 1e-4  # on logits (magnitudes ~10-30)
@@ -166,26 +167,30 @@ def test_positions_restrict_the_edit(lm, tcs, tokens):
 
 
 def test_an_edit_from_position_p_reruns_only_positions_from_p(lm, tcs, tokens):
-    """A PromptSession keeps the prompt's clean run: edits at the last token run one token's forward pass."""
-    lengths, clean = [], reference(lm, tokens, {})
-    hook = resolve(lm._module, lm.sites.mlp_path(0)).register_forward_hook(
-        lambda module, args, output: lengths.append(args[0].shape[1]))
+    """A PromptSession keeps the prompt's clean run: edits at the last token run one token's forward
+    pass, from the edited layer on (the layers before it are skipped: they compute what they did)."""
+    lengths, clean = {0: [], 6: []}, reference(lm, tokens, {})
+    hooks = [resolve(lm._module, lm.sites.mlp_path(layer)).register_forward_hook(
+        lambda module, args, output, layer=layer: lengths[layer].append(args[0].shape[1])) for layer in lengths]
     try:
         session = start_session(lm, tcs, PROMPT)
-        assert lengths == [tokens.shape[1]]  # one pass gives the logits, the latents and the cache
-        lengths.clear()
+        assert lengths == {0: [tokens.shape[1]], 6: [tokens.shape[1]]}  # one pass: logits, latents, cache
+        assert session.residuals[6].shape == (1, tokens.shape[1], lm.d_model)
+        for runs in lengths.values():
+            runs.clear()
         assert close(run_with_edits(lm, tcs, session).logits, clean)
-        assert lengths == []  # no edit: the clean logits, no run
+        assert lengths == {0: [], 6: []}  # no edit: the clean logits, no run
         got = run_with_edits(lm, tcs, session, [Edit(6, 4, steer=9.0)], positions=[-1]).logits
-        assert lengths == [1]
-        lengths.clear()
+        assert lengths == {0: [], 6: [1]}
+        lengths[6].clear()
         run_with_edits(lm, tcs, session, [Edit(6, 4, steer=9.0)], positions=[3, -1])
-        assert lengths == [tokens.shape[1] - 3]
-        lengths.clear()
+        assert lengths == {0: [], 6: [tokens.shape[1] - 3]}
+        lengths[6].clear()
         run_with_edits(lm, tcs, PROMPT, [Edit(6, 4, steer=9.0)], positions=[-1])
-        assert lengths == [tokens.shape[1]]  # no session, no hidden cache: the whole prompt
+        assert lengths == {0: [tokens.shape[1]], 6: [tokens.shape[1]]}  # no session: the whole prompt
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     again = run_with_edits(lm, tcs, session, [Edit(6, 4, steer=9.0)], positions=[-1]).logits
     assert torch.equal(again, got), "the session's cache is not changed by the runs that use it"
     latents = run_with_edits(lm, tcs, session, save_latents=True).latents
@@ -316,3 +321,8 @@ def test_bad_input_errors(lm, tcs):
         run_with_edits(lm, tcs, PROMPT, [(6, 0, 0.0)])
     with pytest.raises(IndexError, match=f"{lm.n_layers} layers"):
         run_with_edits(lm, {lm.n_layers: make_tc(lm, lm.n_layers)}, PROMPT)
+
+
+def test_a_run_that_skips_early_layers_refuses_a_spliced_layer_among_them(lm, tcs, tokens):
+    with pytest.raises(ValueError, match="layer 3 is spliced, ablated or saved"):
+        splice(lm, tcs, tokens, mode="error", progress=False, start_at=(6, torch.zeros(1, tokens.shape[1], lm.d_model)))

@@ -189,3 +189,45 @@ def test_in_a_jupyter_kernel_results_arrive_on_the_kernels_thread(tmp_path):
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookClient(notebook, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert notebook.cells[1].outputs[0]["text"].strip() == "[('NewestWins', 'MainThread')]"
+
+
+def test_in_a_kernel_subshell_results_arrive_on_the_subshells_thread():
+    """JupyterLab ≥ 4.4 sends widget messages over a kernel subshell, handled on a thread of its own
+    while the main thread may run a cell: what the subshell submits is delivered there, not to the
+    main thread."""
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        create = client.session.msg("create_subshell_request", {})
+        client.control_channel.send(create)
+        subshell = None
+        deadline = time.monotonic() + 30
+        while subshell is None and time.monotonic() < deadline:
+            message = client.get_control_msg(timeout=30)
+            if message["msg_type"] == "create_subshell_reply" and message["parent_header"].get("msg_id") == create["header"]["msg_id"]:
+                subshell = message["content"]["subshell_id"]
+        code = ("import threading, time\nfrom tcwidgets.widgets.newest import NewestWins, kernel_deliver\n"
+                "seen = []\nrunner = NewestWins(kernel_deliver())\n"
+                "runner.submit(lambda ticket: 1, lambda _: seen.append(threading.current_thread().name), print,"
+                " kernel_deliver())\n")
+        request = client.session.msg("execute_request", {"code": code, "silent": False, "store_history": False,
+                                                         "user_expressions": {}, "allow_stdin": False})
+        request["header"]["subshell_id"] = subshell
+        client.shell_channel.send(request)
+        while True:  # the reply comes once the subshell's cell ran
+            message = client.get_shell_msg(timeout=30)
+            if message["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                assert message["content"]["status"] == "ok", message["content"]
+                break
+        printed = []
+        seen = client.execute_interactive("for _ in range(100):\n    if seen: break\n    time.sleep(0.05)\n"
+                                          "print(seen, threading.current_thread().name)", timeout=30,
+                                          output_hook=printed.append)
+        assert seen["content"]["status"] == "ok"
+        text = "".join(m["content"].get("text", "") for m in printed if m["msg_type"] == "stream")
+        assert text.strip() == f"['subshell-{subshell}'] MainThread"
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
