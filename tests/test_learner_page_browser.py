@@ -130,6 +130,17 @@ def check_layout(notebook, theme):
         for track in tracks:
             assert not overlap(a, track), f"a bar label under a bar: {a} {track}"
 
+    # the circuit's nodes sit in their tokens' columns: one column per position, left to right in token order
+    nodes = page.locator(".tcw-circuit circle.tcw-cv-node").evaluate_all(
+        "cs => cs.filter(c => c.style.display !== 'none').map(c => { const b = c.getBoundingClientRect();"
+        " return [Number(c.dataset.position), Math.round(b.left + b.width / 2)]; })")
+    columns = {}
+    for position, x in nodes:
+        columns.setdefault(position, []).append(x)
+    assert len(columns) > 1, f"every node sits at one position: {columns}"
+    spans = [(min(columns[p]), max(columns[p])) for p in sorted(columns)]  # each position's nodes, left to right
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), f"token columns overlap or are out of order: {spans}"
+
     # the circuit's hover summary of its rightmost latent: inside the viewport, nothing in it cut off
     from browser.harness import clipped  # (imported here: pytest loads the harness as a plugin first)
 
