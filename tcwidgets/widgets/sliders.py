@@ -515,6 +515,7 @@ class AblationSliders(anywidget.AnyWidget):
             if snapshot.session is None:  # the prompt itself failed: nothing of the old one is shown
                 self._session, self._session_prompt = None, ""
                 self._context, self._rows, self._result = {}, [], {}
+            self._result = {**self._result, "request": snapshot.request}  # answered (the last bars stay)
             self._run_error = str(error) if isinstance(error, (ValueError, IndexError)) else f"{type(error).__name__}: {error}"
             self._show_error()
             self._status = ""

@@ -413,10 +413,9 @@ function render({ model, el }) {
     "change:error": () => { sent = new Map(); drawError(); drawRows(); drawInputs(); }, // maybe a refused change
     "change:_rows change:selected": drawRows,
     "change:_result change:pinned": drawResult,
-    "change:_status": () => {
-      if (!model.get("_status")) latest = null; // Python is done with every request it received
-      drawStatus();
-    },
+    // Python answers every request with `_result` (a failed run too); an empty `_status` is no answer:
+    // a newer request may still be on its way to Python
+    "change:_status": drawStatus,
     "change:prompt change:scope change:continuation": drawInputs,
   };
   const each = (f) => Object.entries(handlers).forEach(([events, handler]) => events.split(" ").forEach((e) => f(e, handler)));
