@@ -6,7 +6,8 @@ AVX2-only CPU it is emulated and ~7x slower, and a CPU flag says nothing about h
 with the rest of a training step. So the trainer times its own latent choice
 (`Transcoder.encode_sparse`) both ways on a batch of the run's shape, once per machine, and
 caches the answer in ``cache_dir()/calibration.json`` keyed by the device's model name (and a
-digest of the CPU's flags), torch's version, the threads and the shape. The timings are wall-clock
+digest of the CPU's flags and the instruction set torch's kernels may use), torch's version, the
+threads and the shape. The timings are wall-clock
 (best of three after a warm-up) on random inputs of the run's shape.
 """
 
