@@ -6,7 +6,8 @@ AVX2-only CPU it is emulated and ~7x slower, and a CPU flag says nothing about h
 with the rest of a training step. So the trainer times its own latent choice
 (`Transcoder.encode_sparse`) both ways on a batch of the run's shape, once per machine, and
 caches the answer in ``cache_dir()/calibration.json`` keyed by the device's model name (and a
-digest of the CPU's flags), torch's version, the threads and the shape. The timings are wall-clock
+digest of the CPU's flags and the instruction set torch's kernels may use), torch's version, the
+threads and the shape. The timings are wall-clock
 (best of three after a warm-up) on random inputs of the run's shape.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -43,15 +45,19 @@ def device_name(device: torch.device) -> str:
 
 
 def _instruction_sets(device: torch.device) -> str:
-    """A short digest of the CPU's feature flags (part of the cache key only: machines sold under
-    one model name, such as "AMD EPYC" in a virtual machine, differ in bfloat16 support)."""
+    """A short digest of the CPU's feature flags and of the instruction sets torch's kernels are
+    allowed (part of the cache key only: machines sold under one model name, such as "AMD EPYC" in
+    a virtual machine, differ in bfloat16 support, and ``ATEN_CPU_CAPABILITY`` or
+    ``ONEDNN_MAX_CPU_ISA`` restrict what the kernels use on the same CPU)."""
     if device.type != "cpu":
         return ""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return ""
-    return "flags " + hashlib.sha256(flags.encode()).hexdigest()[:8]
+        flags = ""
+    limits = "".join(f" {name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                                                                  "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(name))
+    return f"flags {hashlib.sha256(flags.encode()).hexdigest()[:8]}, kernels {torch.backends.cpu.get_cpu_capability()}{limits}"
 
 
 def low_precision_pays(tc: Transcoder, n_tokens: int, *, cache: Path | None = None) -> bool:

@@ -27,3 +27,15 @@ def test_an_unreadable_cache_is_measured_again(tmp_path):
     (tmp_path / "calibration.json").write_text("{not json")
     assert low_precision_pays(Transcoder(TranscoderConfig(32, 32, 64, k=4)), 64, cache=tmp_path) in (True, False)
     assert len(json.loads((tmp_path / "calibration.json").read_text())) == 1
+
+
+def test_a_kernel_isa_limit_is_measured_separately(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA and the like change what the kernels can use on the same CPU (an AVX2-only
+    run on an AVX512-BF16 machine): the cached unrestricted answer must not be reused."""
+    tc = Transcoder(TranscoderConfig(32, 32, 64, k=4))
+    low_precision_pays(tc, 64, cache=tmp_path)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    low_precision_pays(tc, 64, cache=tmp_path)
+    keys = list(json.loads((tmp_path / "calibration.json").read_text()))
+    assert len(keys) == 2 and "ONEDNN_MAX_CPU_ISA=AVX2" in keys[1] and "ONEDNN" not in keys[0]
+    assert all(f"kernels {torch.backends.cpu.get_cpu_capability()}" in key for key in keys)

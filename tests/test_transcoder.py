@@ -225,6 +225,28 @@ def test_sparse_latents_match_dense_encoding():
     assert torch.allclose(tc.decode_sparse(latents), tc.decode(tc.encode(x)), atol=1e-6)
 
 
+def test_sparse_decode_with_unit_rows_projects_the_decoder_gradient():
+    """``decode_sparse(..., unit_rows=True)`` leaves W_dec's gradient projected (each row's
+    component along the row removed), summed over two decodes into the same weight: the float64
+    dense gradient, projected by hand."""
+    tc = make(k=6).train()
+    tc.normalize_decoder()
+    x, y = torch.randn(40, D_IN), torch.randn(40, D_OUT)
+    latents = tc.encode_sparse(x).latents
+    aux = tc.latents_at(x, latents.rows, (latents.indices + 1) % N, tc.pre_activations(x).detach())
+    loss = (y - tc.decode_sparse(latents, unit_rows=True)).square().sum() + tc.decode_sparse(
+        aux, bias=False, unit_rows=True).square().sum()
+    loss.backward()
+    w = tc.W_dec.detach().double()
+    dense = [z.to_dense(N).detach().double() for z in (latents, aux)]
+    error = y.double() - (dense[0] @ w + tc.b_dec.detach().double()) / tc.config.output_scale
+    fit = dense[1] @ w / tc.config.output_scale
+    grad = (dense[0].t() @ (-2 * error) + dense[1].t() @ (2 * fit)) / tc.config.output_scale
+    projected = grad - (grad * w).sum(1, keepdim=True) * w
+    assert torch.allclose(tc.W_dec.grad.double(), projected, rtol=1e-4, atol=1e-5)
+    assert ((tc.W_dec.grad * tc.W_dec).sum(1).abs() <= 1e-5 * tc.W_dec.grad.norm(dim=1)).all()
+
+
 def test_decoder_gradient_projection_and_normalisation():
     tc = make()
     tc.W_dec.grad = torch.randn_like(tc.W_dec)
