@@ -104,9 +104,9 @@ class JointFineTuner:
 
     ``tuner = JointFineTuner(lm, transcoders, tokens, FineTuneConfig(...))``, then
     ``tuned = tuner.fit()``: new ``{layer: transcoder}``, or a new `CrossLayerTranscoder` when given
-    one. The given transcoders are copied, never changed. ``tuner.history``
-    holds a record every ``log_every`` steps (step, tokens, loss, kl, fvu = the layers' mean,
-    ``fvu_<layer>``, ``l0_<layer>``, lr); ``callback(tuner, record)`` is called with each.
+    one. The given transcoders are copied, never changed. ``tuner.history`` holds a record every
+    ``log_every`` steps (step, tokens, loss, kl, fvu = the layers' mean, ``fvu_<layer>``,
+    ``l0_<layer>``, lr); ``callback(tuner, record)`` is called with each.
 
     Args:
         lm: a model from `load_model` (local; its weights are frozen while fine-tuning).
