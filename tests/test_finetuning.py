@@ -62,24 +62,31 @@ def test_finetuning_lowers_the_all_layers_kl(setup, tuned, lm):
     assert all(0 < record[f"l0_{layer}"] <= 8 for record in tuner.history for layer in LAYERS)  # TopK, k=8
 
 
-def test_resume_is_bit_for_bit(setup, tuned, lm, tmp_path):
-    transcoders, train, _ = setup
-    full, result, _ = tuned
+class Interrupt(Exception):
+    pass
 
-    class Interrupt(Exception):
-        pass
+
+def interrupted_and_resumed(lm, transcoders, train, options) -> tcw.JointFineTuner:
+    """A run stopped after step 3 (its last checkpoint: step 2), then a tuner resumed from it."""
 
     def stop_at_three(tuner, record):
         if record["step"] == 3:
             raise Interrupt
 
-    options = dict(log_every=1, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
     with pytest.raises(Interrupt):
         tcw.JointFineTuner(lm, transcoders, train, tcw.FineTuneConfig(**SETTINGS), callback=stop_at_three,
                            **options).fit()
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+    assert [p.name for p in options["checkpoint_dir"].iterdir()] == ["step-00000002"]
     resumed = tcw.JointFineTuner(lm, transcoders, train, tcw.FineTuneConfig(**SETTINGS), **options)
     assert resumed.step == 2
+    return resumed
+
+
+def test_resume_is_bit_for_bit(setup, tuned, lm, tmp_path):
+    transcoders, train, _ = setup
+    full, result, _ = tuned
+    options = dict(log_every=1, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    resumed = interrupted_and_resumed(lm, transcoders, train, options)
     again = resumed.fit()
     for layer in LAYERS:
         for name, value in result[layer].state_dict().items():
@@ -169,20 +176,8 @@ def test_the_cross_layer_loss_terms_equal_a_hooked_float64_computation(setup, cl
 def test_a_cross_layer_transcoder_resumes_bit_for_bit(setup, clt_tuned, lm, tmp_path):
     _, train, _ = setup
     clt, _, full, result = clt_tuned
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_three(tuner, record):
-        if record["step"] == 3:
-            raise Interrupt
-
     options = dict(log_every=1, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
-    with pytest.raises(Interrupt):
-        tcw.JointFineTuner(lm, clt, train, tcw.FineTuneConfig(**SETTINGS), callback=stop_at_three, **options).fit()
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
-    resumed = tcw.JointFineTuner(lm, clt, train, tcw.FineTuneConfig(**SETTINGS), **options)
-    assert resumed.step == 2
+    resumed = interrupted_and_resumed(lm, clt, train, options)
     again, expected = weights(resumed.fit()), weights(result)
     assert all(torch.equal(value, expected[name]) for name, value in again.items())
     assert resumed.history == full.history
