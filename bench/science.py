@@ -1,6 +1,6 @@
 """The four measurements of docs/science.md, one sub-command each; each prints its Markdown table.
 
-    python bench/science.py finetune   [--layers 3 6 9] [--finetune-contexts 16] [--lr 1e-3] [--eval-contexts 8]
+    python bench/science.py finetune   [--layers 3 6 9] [--finetune-contexts 16] [--lr 1e-3] [--eval-contexts 8] [--clt]
     python bench/science.py absorption [--layer 6] [--matryoshka 64 256 1024] [--words 1000] [--letters s c p m l]
     python bench/science.py scores     [--layer 6] [--score-latents 300]
     python bench/science.py shuffle    [--layer 6] [--budgets 1 2]
@@ -13,7 +13,9 @@ setting), so a second run of a table only re-measures. ``--out DIR`` also writes
 
 - ``finetune``: per-layer TopK transcoders, spliced in all at once, before and after
   `finetune_transcoders` on the same training tokens: CE recovered and KL with all of them in place,
-  and each layer's own FVU (on clean inputs) before and after.
+  and each layer's own FVU (on clean inputs) before and after. ``--clt``: the same for one cross-layer
+  transcoder on those layers (``--latents`` per layer, `tut.cross_layer_transcoder`) instead; its JSON
+  goes to ``science-finetune-clt.json``.
 - ``absorption``: notebook 08's first-letter task for several letters, on a plain TopK transcoder and
   a Matryoshka one of the same width and k (so the same L0): each letter's probe, the best
   first-letter latent (its F1), and the absorption rate with the threshold calibrated on control
@@ -68,7 +70,8 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def finetune(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
     layers = sorted(args.layers)
-    before = tut.transcoders(lm, layers, n_tokens=args.tokens, n_latents=args.latents, k=args.k, epochs=1)
+    size = dict(n_tokens=args.tokens, n_latents=args.latents, k=args.k, epochs=1)
+    before = tut.cross_layer_transcoder(lm, layers, **size) if args.clt else tut.transcoders(lm, layers, **size)
     train = tcw.load_corpus(CORPUS, lm, n_tokens=args.tokens)[:args.finetune_contexts]
     test = held_out_tokens(lm, args.eval_contexts)
     start = time.perf_counter()
@@ -76,6 +79,8 @@ def finetune(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_contexts, lr=args.lr, fvu_coefficient=args.fvu_coefficient), log_every=1)
     after = tuner.fit()
     seconds = time.perf_counter() - start
+    if args.clt:  # as {layer: view}; each layer's FVU then sums the writes into it
+        before, after = before.views(), after.views()
     measured = all_at_once(lm, {"before": before, "after": after}, test, layers)
     b, a = measured["before"], measured["after"]
     rows = [[f"layer {layer}", b["fvu"][layer], a["fvu"][layer], a["fvu"][layer] - b["fvu"][layer]] for layer in layers]
@@ -84,7 +89,8 @@ def finetune(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
           + ", ".join(f"{r['kl']:.3f}/{r['fvu']:.3f}" for r in tuner.history))
     print(f"held-out: {len(test)} contexts of {test.shape[1]}; clean CE {measured['ce_clean']:.4f}, all "
           f"{len(layers)} MLPs zero-ablated {measured['ce_zero']:.4f}\n")
-    print(table([f"layers {', '.join(map(str, layers))} all at once", "CE", "CE recovered", "KL"],
+    what = "a cross-layer transcoder on layers" if args.clt else "layers"
+    print(table([f"{what} {', '.join(map(str, layers))} all at once", "CE", "CE recovered", "KL"],
                 [[name, m["ce"], m["ce_recovered"], m["kl"]] for name, m in (("trained alone", b), ("fine-tuned", a))]))
     print()
     print(table(["each layer's own FVU (clean inputs)", "trained alone", "fine-tuned", "cost"], rows))
@@ -323,6 +329,7 @@ def main() -> None:
     parser.add_argument("--batch-contexts", type=int, default=2, help="contexts per fine-tuning step")
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--fvu-coefficient", type=float, default=1.0)
+    parser.add_argument("--clt", action="store_true", help="fine-tune one cross-layer transcoder (finetune)")
     parser.add_argument("--matryoshka", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--words", type=int, default=1000)
     parser.add_argument("--letters", nargs="+", default=["s", "c", "p", "m", "l"])
@@ -342,7 +349,8 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        (args.out / f"science-{args.table}.json").write_text(json.dumps({"settings": settings, "result": result},
+        name = f"science-{args.table}{'-clt' if args.clt else ''}.json"
+        (args.out / name).write_text(json.dumps({"settings": settings, "result": result},
                                                                         indent=1, default=str))
 
 

@@ -103,6 +103,10 @@ class CrossLayerConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"scales, threshold_init and bandwidth must be positive finite numbers, got {value!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the ``config`` of ``crosslayer.json``)."""
+        return asdict(self)
+
     def site(self, index: int) -> dict[str, Any]:
         """Layer ``layers[index]``'s site in `TranscoderConfig.site`'s form."""
         return {"model": self.model, "layer": self.layers[index], **self.sites[index]}
@@ -276,7 +280,7 @@ class CrossLayerTranscoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         weights = save_tensors(path / WEIGHTS_FILE, self.state_dict(), metadata={"format": "pt"})
-        write_manifest(path / CONFIG_FILE, {"format": FORMAT, "version": VERSION, "config": asdict(self.config),
+        write_manifest(path / CONFIG_FILE, {"format": FORMAT, "version": VERSION, "config": self.config.to_dict(),
                                             "weights": weights})
         return path
 

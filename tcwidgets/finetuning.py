@@ -19,6 +19,12 @@ keeps reconstructing its own MLP:
   only the layer's own transcoder (its input and target are detached); the KL gradient reaches
   every transcoder through the spliced forward pass.
 
+A `CrossLayerTranscoder` is fine-tuned as one model: all its layers spliced in at once, each layer's
+reconstruction the sum of the writes into it (`CrossLayerTranscoder.views`, as `splice` runs it), and
+``FVU_layer`` that sum against the layer's MLP output. Its FVU gradient then reaches the encoders of
+the layer and every earlier CLT layer and their writes into the layer (still not the inputs: those
+stay detached).
+
 Transcoders stay in inference mode (BatchTopK uses its calibrated threshold, as when spliced);
 decoder rows stay unit norm as in `Trainer` (except ReLU's). The model's own weights are frozen.
 TopK and BatchTopK keep their sparsity; ReLU and JumpReLU transcoders get no sparsity penalty
@@ -45,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .crosslayer import LayerView
+from .crosslayer import CrossLayerTranscoder, LayerView
 from .features import transcoder_fingerprint
 from .files import FileFormatError, atomic_folder, inside, load_tensors, read_manifest, save_tensors, write_json
 from .splicing import check_transcoders, run_transcoder, writes_after_norm
@@ -93,16 +99,19 @@ class FineTuneConfig:
 
 
 class JointFineTuner:
-    """Fine-tune ``{layer: transcoder}`` jointly on ``tokens`` (see the module docstring).
+    """Fine-tune ``{layer: transcoder}`` or a cross-layer transcoder jointly on ``tokens`` (see the
+    module docstring).
 
     ``tuner = JointFineTuner(lm, transcoders, tokens, FineTuneConfig(...))``, then
-    ``tuned = tuner.fit()``. The given transcoders are copied, never changed. ``tuner.history``
-    holds a record every ``log_every`` steps (step, tokens, loss, kl, fvu = the layers' mean,
-    ``fvu_<layer>``, ``l0_<layer>``, lr); ``callback(tuner, record)`` is called with each.
+    ``tuned = tuner.fit()``: new ``{layer: transcoder}``, or a new `CrossLayerTranscoder` when given
+    one. The given transcoders are copied, never changed. ``tuner.history`` holds a record every
+    ``log_every`` steps (step, tokens, loss, kl, fvu = the layers' mean, ``fvu_<layer>``,
+    ``l0_<layer>``, lr); ``callback(tuner, record)`` is called with each.
 
     Args:
         lm: a model from `load_model` (local; its weights are frozen while fine-tuning).
-        transcoders: ``{layer: transcoder}`` (or one transcoder), spliced in all at once.
+        transcoders: ``{layer: transcoder}``, one transcoder, or a `CrossLayerTranscoder` (all its
+            layers), spliced in all at once.
         tokens: ``[n_contexts, context]`` training token contexts.
         config: the `FineTuneConfig` (default: all defaults).
         checkpoint_dir: write checkpoints here every ``checkpoint_every`` steps and at the end.
@@ -117,7 +126,7 @@ class JointFineTuner:
     def __init__(
         self,
         lm: Any,
-        transcoders: Mapping[int, Transcoder] | Transcoder,
+        transcoders: Mapping[int, Transcoder] | Transcoder | CrossLayerTranscoder,
         tokens: torch.Tensor,
         config: FineTuneConfig | None = None,
         *,
@@ -131,10 +140,10 @@ class JointFineTuner:
         given = check_transcoders(lm, transcoders)
         if not given:
             raise ValueError("No transcoders to fine-tune: pass {layer: transcoder}.")
-        if any(isinstance(tc, LayerView) for tc in given.values()):
-            raise ValueError("Joint fine-tuning takes per-layer transcoders; a cross-layer transcoder (its layers share "
-                             "one set of weights) is not supported by finetune_transcoders yet. Fine-tune per-layer "
-                             "transcoders, or train the cross-layer transcoder longer with train_clt.")
+        clt = transcoders if isinstance(transcoders, CrossLayerTranscoder) else None
+        if clt is None and any(isinstance(tc, LayerView) for tc in given.values()):
+            raise ValueError("These are layers of a cross-layer transcoder (its layers share one set of weights): "
+                             "pass the CrossLayerTranscoder itself, which is fine-tuned with all its layers at once.")
         self.lm, self.config = lm, config or FineTuneConfig()
         self.tokens = lm.check_tokens(tokens)
         if self.tokens.shape[1] < 2:
@@ -144,14 +153,22 @@ class JointFineTuner:
             raise ValueError(f"batch_size={self.config.batch_size} contexts is more than the {len(self.tokens)} "
                              "given: pass more contexts or a smaller batch_size.")
         self.total_steps = self.steps_per_epoch * self.config.epochs
+        # what is trained and checkpointed: {"<layer>": transcoder}, or {"clt": the cross-layer transcoder}
+        owners: dict[str, Transcoder | CrossLayerTranscoder] = (
+            {"clt": clt} if clt is not None else {str(layer): tc for layer, tc in given.items()})
         self.identity = {
             "model": lm.name, "layers": list(given),
             "tokens": hashlib.sha256(self.tokens.cpu().numpy().tobytes()).hexdigest(),
             "tokens_shape": list(self.tokens.shape),
-            "transcoders": {str(layer): transcoder_fingerprint(tc) for layer, tc in given.items()},
+            "transcoders": {key: transcoder_fingerprint(owner) for key, owner in owners.items()},
         }
-        self.transcoders = {layer: copy.deepcopy(tc).to(lm.device).eval() for layer, tc in given.items()}
-        parameters = [p for tc in self.transcoders.values() for p in tc.parameters()]
+        self._owners = {key: copy.deepcopy(owner).to(lm.device).eval() for key, owner in owners.items()}
+        #: the fine-tuned cross-layer transcoder (None for per-layer transcoders)
+        self.clt: CrossLayerTranscoder | None = self._owners.get("clt")
+        #: ``{layer: transcoder}`` as spliced (a cross-layer transcoder's `LayerView` per layer)
+        self.transcoders: dict[int, Transcoder | LayerView] = (
+            self.clt.views() if self.clt is not None else {int(key): tc for key, tc in self._owners.items()})
+        parameters = [p for owner in self._owners.values() for p in owner.parameters()]
         for p in parameters:
             p.requires_grad_(True)
         self.optimizer = torch.optim.Adam(parameters, lr=self.config.lr)
@@ -166,9 +183,11 @@ class JointFineTuner:
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def fit(self) -> dict[int, Transcoder]:
-        """Fine-tune to the end (from the latest checkpoint if resumed); return the new transcoders."""
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fine-tuning layers {list(self.transcoders)}",
+    def fit(self) -> dict[int, Transcoder] | CrossLayerTranscoder:
+        """Fine-tune to the end (from the latest checkpoint if resumed); return the new transcoders
+        (``{layer: transcoder}``, or the new `CrossLayerTranscoder` when given one)."""
+        what = "a cross-layer transcoder on layers" if self.clt is not None else "layers"
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fine-tuning {what} {list(self.transcoders)}",
                    unit="step", disable=not self.progress)
         frozen = [(p, p.requires_grad) for p in self.lm._module.parameters()]
         for p, _ in frozen:
@@ -190,7 +209,7 @@ class JointFineTuner:
             bar.close()
             for p, requires_grad in frozen:
                 p.requires_grad_(requires_grad)
-        return dict(self.transcoders)
+        return self.clt if self.clt is not None else dict(self.transcoders)
 
     def _batch(self, step: int) -> torch.Tensor:
         """The contexts of ``step``: epoch ``e``'s order is a permutation seeded by ``seed + e``."""
@@ -215,7 +234,7 @@ class JointFineTuner:
             loss = kl
             metrics = {"kl": kl.detach()}
             fvus = []
-            for layer, tc in self.transcoders.items():
+            for layer, tc in self.transcoders.items():  # ascending: a CLT layer sums the writes of those before
                 x, y = (None if value is None else value.detach() for value in mlp[layer])
                 latents, reconstruction = run_transcoder(tc, x, y)
                 y, reconstruction = y.flatten(0, -2), reconstruction.flatten(0, -2)
@@ -228,7 +247,7 @@ class JointFineTuner:
             metrics.update(loss=loss.detach(), fvu=fvu_total.detach() / len(fvus))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        constrained = [tc for tc in self.transcoders.values() if tc.config.activation != "relu"]
+        constrained = [owner for owner in self._owners.values() if owner.config.activation != "relu"]
         for tc in constrained:
             tc.project_decoder_grad()
         self.optimizer.step()
@@ -261,8 +280,8 @@ class JointFineTuner:
         target = self.checkpoint_dir / f"step-{self.step:08d}"
         with atomic_folder(target) as temporary:
             names = self._parameter_names()
-            tensors = {f"{layer}.{name}": value for layer, tc in self.transcoders.items()
-                       for name, value in tc.state_dict().items()}
+            tensors = {f"{key}.{name}": value for key, owner in self._owners.items()
+                       for name, value in owner.state_dict().items()}
             for parameter, state in self.optimizer.state.items():
                 for key, value in state.items():
                     tensors[f"optimizer.{names[parameter]}.{key}"] = value
@@ -276,7 +295,7 @@ class JointFineTuner:
         return target
 
     def _parameter_names(self) -> dict[torch.nn.Parameter, str]:
-        return {p: f"{layer}.{name}" for layer, tc in self.transcoders.items() for name, p in tc.named_parameters()}
+        return {p: f"{key}.{name}" for key, owner in self._owners.items() for name, p in owner.named_parameters()}
 
     def _load_checkpoint(self, path: Path) -> None:
         fix = f"delete {path} to resume from an older checkpoint, or pass resume=False to start over"
@@ -295,13 +314,13 @@ class JointFineTuner:
         tensors = load_tensors(inside(path, _STATE), sha256=files[_STATE].get("sha256"), fix=fix,
                                device=self.lm.device)
         with torch.no_grad():
-            for layer, tc in self.transcoders.items():
-                tc.load_state_dict({name: tensors.pop(f"{layer}.{name}") for name in tc.state_dict()})
+            for key, owner in self._owners.items():
+                owner.load_state_dict({name: tensors.pop(f"{key}.{name}") for name in owner.state_dict()})
         index = {name: i for i, name in enumerate(self._parameter_names().values())}
         state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():  # optimizer.<layer>.<parameter>.<field>
-            _, layer, name, field = key.split(".")
-            state.setdefault(index[f"{layer}.{name}"], {})[field] = value.cpu() if field == "step" else value
+        for key, value in tensors.items():  # optimizer.<layer or "clt">.<parameter>.<field>
+            _, owner, name, field = key.split(".")
+            state.setdefault(index[f"{owner}.{name}"], {})[field] = value.cpu() if field == "step" else value
         self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
         self.step, self.history = meta["step"], meta["history"]
 
@@ -313,7 +332,7 @@ def _clean_logits(lm: Any, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _spliced_pass(lm: Any, batch: torch.Tensor,
-                  transcoders: dict[int, Transcoder]) -> tuple[torch.Tensor, dict[int, tuple]]:
+                  transcoders: dict[int, Transcoder | LayerView]) -> tuple[torch.Tensor, dict[int, tuple]]:
     """Logits with every transcoder spliced in (no error terms), differentiable with respect to the
     transcoders, and each layer's MLP input and output in this run (before the replacement)."""
     with lm.trace(batch, remote=False):
@@ -330,7 +349,7 @@ def _spliced_pass(lm: Any, batch: torch.Tensor,
 
 def finetune_transcoders(
     lm: Any,
-    transcoders: Mapping[int, Transcoder] | Transcoder,
+    transcoders: Mapping[int, Transcoder] | Transcoder | CrossLayerTranscoder,
     tokens: torch.Tensor,
     *,
     epochs: int = 1,
@@ -344,9 +363,11 @@ def finetune_transcoders(
     resume: bool = True,
     callback: Callable[[JointFineTuner, dict[str, float]], None] | None = None,
     progress: bool = True,
-) -> dict[int, Transcoder]:
+) -> dict[int, Transcoder] | CrossLayerTranscoder:
     """Fine-tune transcoders jointly, all spliced in at once, on KL to the clean model plus each
-    layer's FVU; return new ``{layer: transcoder}`` (the given ones are not changed).
+    layer's FVU; return new ``{layer: transcoder}``, or a new `CrossLayerTranscoder` when given one
+    (all its layers and cross-layer writes spliced in and trained together). The given ones are not
+    changed.
 
     See `JointFineTuner` (which also keeps the history) and `FineTuneConfig` for the arguments.
     """

@@ -80,14 +80,17 @@ def reference_output(clt, layer, latents):
     return out / c.output_scales[j]
 
 
-def hooked_logits(tiny, clt, tokens, *, spliced, mode="replace", edit=None):
+def hooked_logits(tiny, clt, tokens, *, spliced, mode="replace", edit=None, mlp=None):
     """Logits with the CLT's replacement done by plain forward hooks on the HF modules, in float64: every
     CLT layer's latents from its MLP input; the layers in ``spliced`` get the reconstruction (``"replace"``)
-    or ``y + edited − unedited reconstruction`` (``"error"``); ``edit(layer, latents)`` edits latents."""
+    or ``y + edited − unedited reconstruction`` (``"error"``); ``edit(layer, latents)`` edits latents.
+    ``mlp``, a dict, receives each CLT layer's ``(input, output, reconstruction)`` of this run in float64."""
     clean, edited = {}, {}
 
     def hook(module, args, output, layer):
         clean[layer] = reference_latents(clt, layer, args[0])
+        if mlp is not None:
+            mlp[layer] = (args[0].double(), output.double(), reference_output(clt, layer, clean))
         edited[layer] = edit(layer, clean[layer]) if edit is not None else clean[layer]
         if layer not in spliced:
             return None
@@ -316,11 +319,6 @@ def test_bad_input_is_refused_with_the_fix(store):
         tcw.train_clt(store, [0, 1], **{**SMALL, "batch_size": 10**6})
     with pytest.raises(ValueError, match=r"matryoshka=\(16, 32\): nested prefixes are for per-layer"):
         tcw.train_clt(store, [0, 1], **SMALL, matryoshka=(16, 32))
-
-
-def test_joint_fine_tuning_refuses_a_cross_layer_transcoder(tiny, tokens):
-    with pytest.raises(ValueError, match="cross-layer transcoder .* not supported by finetune_transcoders"):
-        tcw.finetune_transcoders(tiny, random_clt(tiny, [0, 1]), tokens, progress=False)
 
 
 def test_the_batch_order_is_the_configured_one(store):

@@ -17,6 +17,9 @@ import torch
 
 from ..activations import ActivationStore, collect_activations
 from ..corpus import load_corpus
+from ..crosslayer import CONFIG_FILE as CLT_CONFIG_FILE
+from ..crosslayer import CrossLayerTranscoder
+from ..crosslayer_training import train_clt
 from ..features import FeatureStats, analyze_features, transcoder_fingerprint
 from ..models import cache_dir
 from ..training import train_transcoder
@@ -51,14 +54,36 @@ def transcoders(lm: Any, layers: int | Sequence[int] = 6, *, n_tokens: int | Non
     epochs; in the fast setting 20k tokens, 4 × d_model latents, one epoch. Other keyword arguments
     go to `train_transcoder` (and into the cache key). An interrupted training resumes."""
     layers = [layers] if isinstance(layers, int) else sorted(layers)
-    n_tokens = n_tokens or pick(100_000, fast=20_000)
-    n_latents = n_latents or pick(8, fast=4) * lm.d_model
-    epochs = epochs or pick(2, fast=1)
-    extra = "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
+    n_tokens, n_latents, epochs, extra = _standard(lm, n_tokens, n_latents, epochs, options)
     run = _safe(f"{lm.name}-{kind}-{activation}-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{extra}")
     return _trained(tutorial_cache() / "transcoders" / run, layers,
                     lambda missing: activations(lm, missing, n_tokens=n_tokens),
                     n_latents=n_latents, k=k, kind=kind, activation=activation, epochs=epochs, **options)
+
+
+def _standard(lm: Any, n_tokens: int | None, n_latents: int | None, epochs: int | None,
+              options: dict[str, Any]) -> tuple[int, int, int, str]:
+    """The tutorials' standard tokens, latents and epochs where not given, and ``options`` as a cache key suffix."""
+    extra = "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
+    return (n_tokens or pick(100_000, fast=20_000), n_latents or pick(8, fast=4) * lm.d_model,
+            epochs or pick(2, fast=1), extra)
+
+
+def cross_layer_transcoder(lm: Any, layers: Sequence[int], *, n_tokens: int | None = None,
+                           n_latents: int | None = None, k: int = 32, epochs: int | None = None,
+                           **options: Any) -> CrossLayerTranscoder:
+    """A TopK cross-layer transcoder on ``layers``: from the cache, else trained now (`train_clt`) and
+    cached. ``n_latents`` per layer; the defaults (and ``options``, in the cache key) as `transcoders`'."""
+    layers = sorted(layers)
+    n_tokens, n_latents, epochs, extra = _standard(lm, n_tokens, n_latents, epochs, options)
+    folder = tutorial_cache() / "crosslayer" / _safe(
+        f"{lm.name}-topk-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs-layers-"
+        f"{'-'.join(map(str, layers))}{extra}")
+    if not (folder / CLT_CONFIG_FILE).is_file():  # written last: its presence marks a finished save
+        train_clt(activations(lm, layers, n_tokens=n_tokens), layers, n_latents=n_latents, k=k, epochs=epochs,
+                  checkpoint_dir=folder / "checkpoints", **options).save(folder)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return CrossLayerTranscoder.load(folder)
 
 
 def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n_tokens: int | None = None,
