@@ -5,14 +5,15 @@
 - `setup`: seeds, the device, and the widget manager on Colab.
 - `FAST` / `pick`: the fast setting (``TCWIDGETS_TUTORIAL_FAST=1``, used by CI) shrinks token counts
   and steps; a notebook never skips a cell in it.
-- `activations`, `transcoders`, `circuit_transcoders` (every layer, for circuits), `features`: cached
+- `activations`, `transcoders`, `circuit_transcoders` (every layer, for circuits), `circuit_clt`
+  (a cross-layer transcoder on every layer), `features`: cached
   results (in ``$TCWIDGETS_CACHE/tutorials``), built on first use, so any notebook can be opened alone.
 - `check`, `check_close`: check cells that say whether an exercise is right.
 """
 
-from .cache import activations, circuit_transcoders, features, transcoders, tutorial_cache
+from .cache import activations, circuit_clt, circuit_transcoders, features, transcoders, tutorial_cache
 from .checks import ExerciseFailed, check, check_close
 from .setting import FAST, pick, setup
 
-__all__ = ["FAST", "ExerciseFailed", "activations", "check", "check_close", "circuit_transcoders", "features", "pick",
-           "setup", "transcoders", "tutorial_cache"]
+__all__ = ["FAST", "ExerciseFailed", "activations", "check", "check_close", "circuit_clt", "circuit_transcoders",
+           "features", "pick", "setup", "transcoders", "tutorial_cache"]
