@@ -134,7 +134,7 @@ def main() -> None:
         if name in extra:
             transcoders = tcw.load_transcoders(extra[name])
         elif SETS[name].get("clt"):
-            transcoders = circuit_clt(lm, n_latents=2 * lm.d_model, k=SETS[name]["k"])
+            transcoders = circuit_clt(lm, k=SETS[name]["k"])
         else:
             transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"])
         print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)

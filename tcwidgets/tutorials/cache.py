@@ -97,10 +97,12 @@ def circuit_clt(lm: Any, *, n_tokens: int | None = None, n_latents: int | None =
 
     Trained on the same tokens as `circuit_transcoders` (the default corpus plus one third year
     sentences; 24k tokens, 12k in the fast setting). ``n_latents`` and ``k`` are per layer (default
-    d_model latents, k=4: 30 × 4 = 120 active latents per token, matched to four late layers at
-    k=32). Other keyword arguments go to `train_clt` (and into the cache key)."""
+    2 × d_model latents, as `circuit_transcoders`, and k=4: 30 × 4 = 120 active latents per token,
+    matched to four late layers at k=32). Each latent writes to every later layer: for the default
+    model that is 329M parameters, and training held 8.6 GB (docs/circuits.md), beyond the
+    tutorials' 2 GB. Other keyword arguments go to `train_clt` (and into the cache key)."""
     n_tokens = n_tokens or pick(24_576, fast=12_288)
-    n_latents = n_latents or lm.d_model
+    n_latents = n_latents or 2 * lm.d_model
     extra = "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
     run = _safe(f"{lm.name}-clt-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{extra}")
     folder = tutorial_cache() / "circuit-clt" / run
