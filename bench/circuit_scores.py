@@ -15,10 +15,13 @@ latents, cached in ``$TCWIDGETS_CACHE/tutorials/circuit-transcoders``):
 
 - ``late-4``: layers 26–29, k=32 (today's tutorial layers; total L0 128);
 - ``every-layer``: all 30 layers, k=8 (notebook 07's set; total L0 240);
-- ``every-layer-k4``: all 30 layers, k=4 (total L0 120, matched to late-4).
+- ``every-layer-k4``: all 30 layers, k=4 (total L0 120, matched to late-4);
+- ``clt-k4``, ``clt-k8``: one cross-layer transcoder on all 30 layers (`tutorials.circuit_clt`, the same
+  tokens, 2 × d_model latents per layer), k=4 and k=8 per layer (total L0 120 and 240, matched to
+  late-4 and every-layer).
 
 ``--extra NAME=FOLDER`` adds a set read with `tcw.load_transcoders` (e.g. a cross-layer transcoder
-once `tcw.train_clt` exists: ``--extra clt=path/to/clt``); anything `tcw.attribute` and
+saved elsewhere: ``--extra clt=path/to/clt``); anything `tcw.attribute` and
 `tcw.evaluate` take works. The fast setting (``TCWIDGETS_TUTORIAL_FAST=1``) trains the sets on
 fewer tokens, as the notebooks do.
 """
@@ -36,13 +39,15 @@ import torch
 
 import tcwidgets as tcw
 from tcwidgets.circuits import LogitTarget
-from tcwidgets.tutorials import circuit_transcoders
+from tcwidgets.tutorials import circuit_clt, circuit_transcoders
 from tcwidgets.tutorials.greater_than import TEMPLATE, greater_target
 
 SETS = {
     "late-4": {"layers": [26, 27, 28, 29], "k": 32},
     "every-layer": {"layers": "all", "k": 8},
     "every-layer-k4": {"layers": "all", "k": 4},
+    "clt-k4": {"clt": True, "k": 4},
+    "clt-k8": {"clt": True, "k": 8},
 }
 GREATER_THAN_YEARS = [32, 45, 61]
 GENERAL = [("The capital of France is", " Paris"), ("One, two, three, four,", " five"),
@@ -128,6 +133,8 @@ def main() -> None:
         start = time.perf_counter()
         if name in extra:
             transcoders = tcw.load_transcoders(extra[name])
+        elif SETS[name].get("clt"):
+            transcoders = circuit_clt(lm, k=SETS[name]["k"])
         else:
             transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"])
         print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)

@@ -132,8 +132,9 @@ class CrossLayerTrainer(Trainer):
             d_model=d, n_latents=c.n_latents, layers=self.layers, activation=c.activation, k=c.k,
             input_scales=[s for s, _ in scales], output_scales=[s for _, s in scales], model=store.model,
             sites=[store.sites(layer) for layer in self.layers]))
+        initialising = tqdm(list(zip(samples, scales)), desc="initialising", unit="layer", disable=not self.progress)
         with torch.no_grad():
-            for i, ((x, y), (input_scale, output_scale)) in enumerate(zip(samples, scales)):
+            for i, ((x, y), (input_scale, output_scale)) in enumerate(initialising):
                 tc = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_latents=c.n_latents, activation=c.activation, k=c.k,
                                                  input_scale=input_scale, output_scale=output_scale))
                 initialize(tc, x, y, torch.Generator().manual_seed(c.seed + i))

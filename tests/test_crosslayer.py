@@ -484,3 +484,28 @@ def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers, tmp
         assert sent[-1]["summary"]["kind"] == "latent" and len(sent[-1]["summary"]["promoted"]) == 5
         graph.save(tmp_path / "graph", format="circuit-tracer")
         assert (tmp_path / "graph").is_dir() and any((tmp_path / "graph").iterdir())
+
+
+# ---- the tutorials' cached cross-layer transcoder ---------------------------------------------------------
+
+
+def test_circuit_clt_is_trained_once_on_every_layer_then_read_from_the_cache(lm, tmp_path, monkeypatch):
+    from tcwidgets.tutorials import cache
+
+    torch.manual_seed(0)
+    tiny = tcw.load_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=lm.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)).eval(), tokenizer=lm.tokenizer)
+    monkeypatch.setenv("TCWIDGETS_CACHE", str(tmp_path))
+    clt = cache.circuit_clt(tiny, n_tokens=384, n_latents=16, k=2, epochs=1)
+    assert clt.layers == list(range(tiny.n_layers)) and clt.n_latents == 16 and clt.config.k == 2
+    (folder,) = (tmp_path / "tutorials" / "circuit-clt").iterdir()
+    assert [path.name for path in folder.iterdir()] == ["clt"]  # the store and the checkpoints are gone
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("circuit_clt trained again instead of reading its cache")
+
+    monkeypatch.setattr(cache, "train_clt", train_again)
+    again = cache.circuit_clt(tiny, n_tokens=384, n_latents=16, k=2, epochs=1)
+    saved, read = weights(clt), weights(again)
+    assert saved.keys() == read.keys() and all(torch.equal(saved[name], read[name]) for name in saved)
