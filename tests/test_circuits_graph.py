@@ -219,6 +219,24 @@ def test_scores_and_pruning_of_a_real_graph(tiny):
     assert best in pruned.nodes
 
 
+def test_graphs_of_the_same_transcoders_share_their_float64_copies_until_one_is_edited(tiny):
+    lm, transcoders = tiny
+    first = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=0)
+    second = attribute(lm, transcoders, PROMPTS[1], LatentTarget(2, 5), depth=0)
+    assert first._run.layers[1].tc is second._run.layers[1].tc  # one float64 copy, not one per graph
+    assert first._run.layers[0].ov is second._run.layers[0].ov
+    with torch.no_grad():
+        transcoders[1].W_dec.data[3] *= 2  # an edit no tensor version counts
+    try:
+        edited = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=0)
+        assert edited._run.layers[1].tc is not first._run.layers[1].tc
+        assert torch.equal(edited._run.layers[1].tc.W_dec, transcoders[1].W_dec.double())
+        assert not torch.equal(first._run.layers[1].tc.W_dec, edited._run.layers[1].tc.W_dec)
+    finally:
+        with torch.no_grad():
+            transcoders[1].W_dec.data[3] /= 2
+
+
 # -- graph files -------------------------------------------------------------------------------------------------
 
 #: circuit-tracer 0.5.0's pydantic models (frontend/graph_models.py), as {field: (types, required)}

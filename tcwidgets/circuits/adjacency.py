@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import heap
 from .replay import CircuitError, FrozenRun, _Reader
 
 MAX_NODES = 30_000  # a dense float64 matrix of this many nodes takes 7.2 GB
@@ -112,6 +113,7 @@ def build_adjacency(run: FrozenRun, target: tuple[_Reader, float], target_value:
                       disable=len(order) <= CHUNK):
         _Backward(run, matrix, bias, columns, rows[chunk], vectors[chunk], positions[chunk], stages[chunk],
                   n_latents, n_writers).sweep()
+    heap.trim()  # the passes' temporaries (tens of MB each) would otherwise stay resident
     values = torch.full((n_nodes,), float("nan"), dtype=torch.float64)
     if n_latents:
         values[:n_latents] = torch.cat(pre)
