@@ -44,7 +44,7 @@ def dense_influence(normalized: torch.Tensor, weights: torch.Tensor) -> torch.Te
 
 def dense(adjacency) -> tuple[tuple[float, float], torch.Tensor, torch.Tensor]:
     """circuit-tracer 0.5.0's ``compute_graph_scores`` and ``prune_graph``, dense, as tcwidgets did before."""
-    from tcwidgets.circuits.adjacency import normalize
+    from tcwidgets.circuits.adjacency import drop_dead_ends, normalize
 
     def threshold(scores: torch.Tensor, share: float) -> torch.Tensor:
         ordered = torch.sort(scores, descending=True).values
@@ -67,18 +67,10 @@ def dense(adjacency) -> tuple[tuple[float, float], torch.Tensor, torch.Tensor]:
     pruned[:, ~node_mask] = 0
     normalized = normalize(pruned)
     del pruned
-    edge_scores = normalized * (dense_influence(normalized, weights) + weights)[:, None]
-    del normalized
+    edge_scores = normalized.mul_((dense_influence(normalized, weights) + weights)[:, None])
     edge_mask = edge_scores >= threshold(edge_scores.flatten(), 0.9)
-    n_latents = adjacency.n_latents
-    while True:
-        before = node_mask.clone()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[:inner] &= edge_mask[:, :inner].any(0)
-        node_mask[:n_latents] &= edge_mask[:n_latents].any(1)
-        if torch.equal(node_mask, before):
-            return scores, node_mask, edge_mask
+    drop_dead_ends(node_mask, edge_mask, adjacency)
+    return scores, node_mask, edge_mask
 
 
 def package(adjacency) -> tuple[tuple[float, float], torch.Tensor, torch.Tensor]:

@@ -314,7 +314,14 @@ def prune(adjacency: Adjacency, node_threshold: float = 0.8, edge_threshold: flo
     positive = edge_scores[edge_scores > 0]
     edge_mask = torch.zeros(n, n, dtype=torch.bool)  # edges outside the block: dropped with their nodes below
     edge_mask[kept[:, None], kept[None]] = edge_scores >= find_threshold(positive, edge_threshold, size=n * n)
-    n_latents = adjacency.n_latents
+    drop_dead_ends(node_mask, edge_mask, adjacency)
+    return node_mask, edge_mask, cumulative_ranks(scores)
+
+
+def drop_dead_ends(node_mask: Tensor, edge_mask: Tensor, adjacency: Adjacency) -> None:
+    """circuit-tracer's clean-up after pruning, in place: drop the edges of dropped nodes, latents and
+    errors without outgoing edges and latents without incoming ones, until nothing changes."""
+    inner, n_latents = adjacency.token_slice.start, adjacency.n_latents
     while True:
         before = node_mask.clone()
         edge_mask[~node_mask] = False
@@ -322,8 +329,7 @@ def prune(adjacency: Adjacency, node_threshold: float = 0.8, edge_threshold: flo
         node_mask[:inner] &= edge_mask[:, :inner].any(0)
         node_mask[:n_latents] &= edge_mask[:n_latents].any(1)
         if torch.equal(node_mask, before):
-            break
-    return node_mask, edge_mask, cumulative_ranks(scores)
+            return
 
 
 def scores(adjacency: Adjacency) -> tuple[float, float]:
