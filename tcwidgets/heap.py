@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["retained"]
+__all__ = ["retained", "trim"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEPT_TRIM, _KEPT_MMAP = 1 << 30, 32 << 20  # 32 MiB: glibc's largest mmap threshold on 64-bit
@@ -60,3 +60,11 @@ def retained() -> Iterator[None]:
                 _LIBC.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
                 _LIBC.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
                 _LIBC.malloc_trim(0)
+
+
+def trim() -> None:
+    """Hand the heap's free memory back to the system now (glibc keeps freed blocks below its mmap
+    threshold, which grows after large frees, in every thread's arena; a burst of temporaries
+    then stays resident). Outside `retained` only, where it would undo the point."""
+    if _LIBC is not None and _active == 0:
+        _LIBC.malloc_trim(0)

@@ -890,4 +890,6 @@ def train_transcoder(
                                 checkpoint_every=checkpoint_every, resume=resume, device=device,
                                 low_precision=low_precision, data_parallel=data_parallel, eval_store=eval_store, callback=callback, progress=progress))
     trained = fit_together(trainers)
+    del trainers
+    heap.trim()  # their optimiser states, freed now, were allocated while `heap.retained` kept them in the heap
     return trained[layer] if isinstance(layer, int) else trained

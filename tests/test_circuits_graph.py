@@ -59,6 +59,51 @@ def test_pruning_keeps_the_stated_share_of_influence():
         prune(hand_graph(), node_threshold=1.5)
 
 
+def random_graph(n_latents: int = 60, n_errors: int = 20, n_tokens: int = 6, seed: int = 0) -> Adjacency:
+    """A random acyclic full graph: latent i reads earlier latents, errors and tokens; the target reads all."""
+    generator = torch.Generator().manual_seed(seed)
+    n = n_latents + n_errors + n_tokens + 1
+    matrix = torch.randn(n, n, generator=generator, dtype=torch.float64) ** 3
+    matrix[torch.rand(n, n, generator=generator) < 0.6] = 0
+    matrix[:n_latents, :n_latents] = matrix[:n_latents, :n_latents].tril(-1)
+    matrix[n_latents:-1] = 0  # errors and tokens have no inputs
+    matrix[:, -1] = 0
+    latents = torch.stack([torch.arange(n_latents) // 10, torch.zeros(n_latents).long(), torch.arange(n_latents)], 1)
+    return Adjacency(matrix, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), latents,
+                     torch.ones(n_latents, dtype=torch.float64), torch.zeros(n_errors, 2).long(), n_tokens)
+
+
+def test_influence_and_pruning_equal_circuit_tracers_dense_definitions():
+    """Influence is w @ ((I - A)^-1 - I) for the row-normalised |matrix| A; pruning scores the edges of the
+    matrix with the pruned nodes' rows and columns zeroed, and keeps the largest of all of them."""
+    for seed, (node_share, edge_share) in enumerate([(0.8, 0.98), (0.6, 0.9), (0.5, 1.0), (1.0, 0.5)]):
+        adjacency = random_graph(seed=seed)
+        a = adjacency.matrix.abs()
+        a = a / a.sum(1, keepdim=True).clamp(min=1e-10)
+        eye, w = torch.eye(len(a), dtype=torch.float64), adjacency.output_weights
+        expected = w @ (torch.linalg.inv(eye - a) - eye)
+        assert torch.allclose(node_influence(adjacency), expected, rtol=1e-12, atol=1e-15)
+
+        node_mask, edge_mask, _ = prune(adjacency, node_share, edge_share)
+        kept = expected >= find_threshold(expected, node_share)
+        kept[adjacency.token_slice.start:] = True
+        zeroed = adjacency.matrix * kept[:, None] * kept[None]
+        a = zeroed.abs() / zeroed.abs().sum(1, keepdim=True).clamp(min=1e-10)
+        edge_scores = a * (w @ torch.linalg.inv(eye - a))[:, None]  # (influence + w), through (I - A)^-1
+        edges = edge_scores >= find_threshold(edge_scores.flatten(), edge_share)
+        inner, n_latents = adjacency.token_slice.start, adjacency.n_latents
+        while True:  # circuit-tracer's clean-up: nodes without kept edges go, with their edges
+            before = kept.clone()
+            edges &= kept[:, None] & kept[None]
+            kept[:inner] &= edges[:, :inner].any(0)
+            kept[:n_latents] &= edges[:n_latents].any(1)
+            if torch.equal(kept, before):
+                break
+        assert torch.equal(node_mask, kept), seed
+        assert torch.equal(edge_mask, edges), seed
+        assert 0 < int(kept.sum()) < len(kept) or node_share == 1.0
+
+
 # -- the adjacency of a real run ----------------------------------------------------------------------------------
 
 
@@ -172,6 +217,24 @@ def test_scores_and_pruning_of_a_real_graph(tiny):
     ranks = {node_id: float(r) for node_id, r in zip(ids, prune(graph.adjacency(), 0.6, 0.9)[2])}
     best = min((i for i in ids if i.startswith("latent")), key=ranks.get)
     assert best in pruned.nodes
+
+
+def test_graphs_of_the_same_transcoders_share_their_float64_copies_until_one_is_edited(tiny):
+    lm, transcoders = tiny
+    first = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=0)
+    second = attribute(lm, transcoders, PROMPTS[1], LatentTarget(2, 5), depth=0)
+    assert first._run.layers[1].tc is second._run.layers[1].tc  # one float64 copy, not one per graph
+    assert first._run.layers[0].ov is second._run.layers[0].ov
+    with torch.no_grad():
+        transcoders[1].W_dec.data[3] *= 2  # an edit no tensor version counts
+    try:
+        edited = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=0)
+        assert edited._run.layers[1].tc is not first._run.layers[1].tc
+        assert torch.equal(edited._run.layers[1].tc.W_dec, transcoders[1].W_dec.double())
+        assert not torch.equal(first._run.layers[1].tc.W_dec, edited._run.layers[1].tc.W_dec)
+    finally:
+        with torch.no_grad():
+            transcoders[1].W_dec.data[3] /= 2
 
 
 # -- graph files -------------------------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import heap
 from .replay import CircuitError, FrozenRun, _Reader
 
 MAX_NODES = 30_000  # a dense float64 matrix of this many nodes takes 7.2 GB
 CHUNK = 256  # rows per backward pass: bounds the memory (rows × positions × d_model float64 tensors)
+BLOCK = 512  # rows of |matrix| formed at a time by `influence` and `scores` (the matrix itself is the one [nodes, nodes])
 
 
 @dataclass
@@ -111,6 +113,7 @@ def build_adjacency(run: FrozenRun, target: tuple[_Reader, float], target_value:
                       disable=len(order) <= CHUNK):
         _Backward(run, matrix, bias, columns, rows[chunk], vectors[chunk], positions[chunk], stages[chunk],
                   n_latents, n_writers).sweep()
+    heap.trim()  # the passes' temporaries (tens of MB each) would otherwise stay resident
     values = torch.full((n_nodes,), float("nan"), dtype=torch.float64)
     if n_latents:
         values[:n_latents] = torch.cat(pre)
@@ -231,20 +234,37 @@ def normalize(matrix: Tensor) -> Tensor:
     return absolute.div_(absolute.sum(1, keepdim=True).clamp(min=1e-10))  # in place: one matrix, not two
 
 
-def influence(normalized: Tensor, output_weights: Tensor) -> Tensor:
-    """``w @ (A + A² + …)``: each node's total influence on the outputs along all paths."""
-    current = output_weights @ normalized
+def _row_totals(matrix: Tensor) -> Tensor:
+    """Each row's sum of absolute values (at least 1e-10, as `normalize` divides by), by blocks of rows."""
+    return torch.cat([block.abs().sum(1) for block in matrix.split(BLOCK)]).clamp(min=1e-10)
+
+
+def influence(matrix: Tensor, output_weights: Tensor) -> Tensor:
+    """``w @ (A + A² + …)`` for ``A = normalize(matrix)``: each node's total influence on the outputs
+    along all paths. ``A`` is never formed whole (at 5,000 nodes it is 200 MB): ``x @ A`` is
+    ``(x / row totals) @ |matrix|``, one block of `BLOCK` rows at a time."""
+    totals = _row_totals(matrix)
+
+    def step(x: Tensor) -> Tensor:
+        scaled, out = x / totals, torch.zeros_like(x)
+        for start in range(0, len(matrix), BLOCK):
+            part = scaled[start:start + BLOCK]
+            if part.any():
+                out += part @ matrix[start:start + BLOCK].abs()
+        return out
+
+    current = step(output_weights)
     total = current.clone()
-    for _ in range(len(normalized)):
+    for _ in range(len(matrix)):
         if not current.any():
             return total
-        current = current @ normalized
+        current = step(current)
         total += current
     raise CircuitError("The graph has a cycle: influence does not converge.")
 
 
 def node_influence(adjacency: Adjacency) -> Tensor:
-    return influence(normalize(adjacency.matrix), adjacency.output_weights)
+    return influence(adjacency.matrix, adjacency.output_weights)
 
 
 def cumulative_ranks(scores: Tensor) -> Tensor:
@@ -256,36 +276,52 @@ def cumulative_ranks(scores: Tensor) -> Tensor:
     return ranks
 
 
-def find_threshold(scores: Tensor, share: float) -> Tensor:
-    """The smallest score kept when keeping the largest scores up to ``share`` of their total."""
+def find_threshold(scores: Tensor, share: float, size: int | None = None) -> Tensor:
+    """The smallest score kept when keeping the largest scores up to ``share`` of their total.
+
+    ``scores`` may leave out zeros (they add nothing to the total): ``size`` is then the count with
+    them, and where no share short of the last zero reaches ``share``, the threshold is 0."""
+    size = len(scores) if size is None else size
+    if not len(scores):
+        return torch.zeros((), dtype=scores.dtype)
     ordered = torch.sort(scores, descending=True).values
     cumulative = torch.cumsum(ordered, 0).div_(ordered.sum().clamp(min=1e-300))
-    return ordered[min(int(torch.searchsorted(cumulative, torch.tensor(share, dtype=cumulative.dtype))),
-                       len(ordered) - 1)]
+    index = min(int(torch.searchsorted(cumulative, torch.tensor(share, dtype=cumulative.dtype))), size - 1)
+    return ordered[index] if index < len(ordered) else torch.zeros((), dtype=scores.dtype)
 
 
 def prune(adjacency: Adjacency, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> tuple[Tensor, Tensor, Tensor]:
     """circuit-tracer's ``prune_graph``: ``(node_mask, edge_mask, cumulative ranks)``. Keeps the nodes
     holding ``node_threshold`` of the total influence (tokens and the target always), then the edges
     holding ``edge_threshold`` of the total edge influence, then drops latents and errors left without
-    outgoing edges and latents without incoming ones."""
+    outgoing edges and latents without incoming ones.
+
+    The edges are scored on the kept nodes' block of the matrix only (circuit-tracer zeroes the other
+    rows and columns of a copy of the whole matrix, which gives the same scores): a few hundred rows
+    instead of three copies of a [nodes, nodes] matrix."""
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise CircuitError(f"{name}={value!r} must be between 0 and 1 (a share of the total influence).")
-    weights = adjacency.output_weights
     scores = node_influence(adjacency)
     node_mask = scores >= find_threshold(scores, node_threshold)
     inner = adjacency.token_slice.start  # latents and errors come first
     node_mask[inner:] = True
-    pruned = adjacency.matrix.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    normalized = normalize(pruned)
-    del pruned  # dense [nodes, nodes] matrices: hold as few at once as possible
-    edge_scores = normalized.mul_((influence(normalized, weights) + weights)[:, None])
-    del normalized
-    edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
-    n_latents = adjacency.n_latents
+    kept = torch.nonzero(node_mask).flatten()
+    block, weights = adjacency.matrix[kept[:, None], kept[None]], adjacency.output_weights[kept]
+    edge_scores = normalize(block).mul_((influence(block, weights) + weights)[:, None])
+    del block
+    n = len(adjacency.matrix)
+    positive = edge_scores[edge_scores > 0]
+    edge_mask = torch.zeros(n, n, dtype=torch.bool)  # edges outside the block: dropped with their nodes below
+    edge_mask[kept[:, None], kept[None]] = edge_scores >= find_threshold(positive, edge_threshold, size=n * n)
+    drop_dead_ends(node_mask, edge_mask, adjacency)
+    return node_mask, edge_mask, cumulative_ranks(scores)
+
+
+def drop_dead_ends(node_mask: Tensor, edge_mask: Tensor, adjacency: Adjacency) -> None:
+    """circuit-tracer's clean-up after pruning, in place: drop the edges of dropped nodes, latents and
+    errors without outgoing edges and latents without incoming ones, until nothing changes."""
+    inner, n_latents = adjacency.token_slice.start, adjacency.n_latents
     while True:
         before = node_mask.clone()
         edge_mask[~node_mask] = False
@@ -293,8 +329,7 @@ def prune(adjacency: Adjacency, node_threshold: float = 0.8, edge_threshold: flo
         node_mask[:inner] &= edge_mask[:, :inner].any(0)
         node_mask[:n_latents] &= edge_mask[:n_latents].any(1)
         if torch.equal(node_mask, before):
-            break
-    return node_mask, edge_mask, cumulative_ranks(scores)
+            return
 
 
 def scores(adjacency: Adjacency) -> tuple[float, float]:
@@ -305,10 +340,9 @@ def scores(adjacency: Adjacency) -> tuple[float, float]:
     target (the target weighted 1), the share of its input that does not come from error nodes.
     """
     weights = adjacency.output_weights
-    normalized = normalize(adjacency.matrix)
-    total = influence(normalized, weights)
+    total = influence(adjacency.matrix, weights)
     tokens, errors = total[adjacency.token_slice].sum(), total[adjacency.error_slice].sum()
     replacement = tokens / (tokens + errors).clamp(min=1e-300)
-    explained = 1 - normalized[:, adjacency.error_slice].sum(-1)
+    explained = 1 - adjacency.matrix[:, adjacency.error_slice].abs().sum(-1) / _row_totals(adjacency.matrix)
     output = total + weights
     return float(replacement), float((explained * output).sum() / output.sum())

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..files import read_json, write_json
-from .adjacency import cumulative_ranks, influence, normalize
+from .adjacency import cumulative_ranks, influence
 
 if TYPE_CHECKING:
     from .graph import CircuitGraph
@@ -131,7 +131,7 @@ def _rank(nodes: dict[str, dict[str, Any]], links: dict[tuple[str, str], float],
         matrix[order[t], order[s]] = w
     weights = torch.zeros(len(order), dtype=torch.float64)
     weights[order[target]] = 1.0
-    ranks = cumulative_ranks(influence(normalize(matrix), weights))
+    ranks = cumulative_ranks(influence(matrix, weights))
     for node_id, i in order.items():
         if nodes[node_id]["feature_type"] != LOGIT:
             nodes[node_id]["influence"] = float(ranks[i])

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import heap
 from ..activations import ActivationStore, collect_activations
 from ..corpus import load_corpus
 from ..crosslayer import CONFIG_FILE, CrossLayerTranscoder
@@ -158,6 +159,8 @@ def _trained(folder: Path, layers: list[int], store: Callable[[list[int]], Activ
         for layer, tc in trained.items():
             tc.save(folder / f"layer-{layer}")  # config.json is written last: its presence marks a finished save
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        del trained
+        heap.trim()  # trained in `heap.retained`: their memory goes back only when trimmed (0.16 GB for 30 layers)
     return {layer: Transcoder.load(folder / f"layer-{layer}") for layer in layers}
 
 
