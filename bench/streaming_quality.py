@@ -2,7 +2,7 @@
 activations, over several seeds, without running the model.
 
 The streamed run uses `ActivationStream` as `train_streaming` does (its shuffle buffer, its
-initialisation sample of whole contexts, its statistics from that sample), but its forward passes
+initialisation sample of random rows of the first buffer, its statistics from that sample), but its forward passes
 replay the rows of each context from the training store instead of running the model: the same
 activations, so only what streaming changes (the sample, the statistics, the batch order) differs.
 Variants swap one of them back to the store's, to find which one costs quality:
@@ -35,11 +35,11 @@ def replay_stream(train: ActivationStore, layer: int, context: int):
     x_all, y_all = train.layer(layer)
 
     class Replay(ActivationStream):
-        def __init__(self, buffer_tokens: int = 65536, sample_tokens: int = 18432, sample_seed: int = 1):
+        def __init__(self, buffer_tokens: int = 65536, sample_tokens: int = 18432, seed: int = 0):
             self.layers = [layer]
             self.tokens = torch.zeros(train.n_tokens // context, context, dtype=torch.long)
             self.buffer_tokens, self.forward_batch = buffer_tokens, 32
-            self.sample_tokens, self.sample_seed, self._samples = sample_tokens, sample_seed, {}
+            self.sample_tokens, self.seed, self._samples, self._first_forwards = sample_tokens, seed, {}, []
 
         model = property(lambda self: train.model)
         d_model = property(lambda self: train.d_model)
@@ -58,7 +58,7 @@ def replay_stream(train: ActivationStore, layer: int, context: int):
 
     class StoreSample(Replay):
         def sample(self, layer, n=None, seed=None):
-            return train.sample(layer, n or self.sample_tokens, seed=self.sample_seed if seed is None else seed)
+            return train.sample(layer, n or self.sample_tokens, seed=self.seed + 1 if seed is None else seed)
 
     return {"stream": Replay, "stream-storestats": StoreStats, "stream-storesample": StoreSample}
 
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         for mode in args.modes.split(","):
             name, _, buffer = mode.partition("=")
             source = train if name == "store" else kinds[name](
-                sample_seed=seed + 1, **({"buffer_tokens": int(buffer)} if buffer else {}))
+                seed=seed, **({"buffer_tokens": int(buffer)} if buffer else {}))
             tc = train_transcoder(source, args.layer, n_latents=4608, k=32, batch_size=1024, epochs=args.epochs,
                                   seed=seed, progress=False)
             m = reconstruction_metrics(tc, test)

@@ -8,12 +8,16 @@ the buffer (``buffer_tokens`` rows of inputs and outputs per layer), whatever th
 
 `ActivationStream` is the source: it answers the calls a `Trainer` makes of an
 `ActivationStore` (statistics, an initialisation sample, shuffled batches), so the trainers,
-their checkpoints and exact resume are the store-based ones. Resuming replays the model's forward
-passes up to the checkpoint (without training), so the batches after it are the very same.
+their checkpoints and exact resume are the store-based ones. The initialisation sample is random
+rows of the first buffer of the training order, whose forward passes then serve the first batches:
+the model runs over each token once per epoch, and the sample spans as many contexts as a buffer.
+Resuming replays the model's forward passes up to the checkpoint (without training), so the
+batches after it are the very same.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -39,20 +43,23 @@ class ActivationStream:
         buffer_tokens: rows the shuffle buffer holds (per layer, inputs and outputs), at least
             twice the batch size; larger buffers mix tokens from more contexts into each batch.
         forward_batch: contexts per forward pass.
-        sample_tokens: size of the sample (`sample`) the statistics (input and output norms) and
-            a trainer's initialisation come from, collected once before training.
-        sample_seed: the seed of that sample.
+        sample_tokens: size of the sample (`sample`) the statistics (input and output norms) come
+            from; a trainer asks for its own initialisation sample size.
+        seed: the seed of the training order (`batches(seed=...)`, a `Trainer`'s seed): the
+            sample is drawn from the first contexts of its first epoch, whose forward passes are
+            kept for its first batches.
     """
 
     def __init__(self, lm: Any, layers: Sequence[int], tokens: torch.Tensor, *, buffer_tokens: int = 65536,
-                 forward_batch: int = 32, sample_tokens: int = 16384, sample_seed: int = 1):
+                 forward_batch: int = 32, sample_tokens: int = 16384, seed: int = 0):
         self.lm, self.layers = lm, sorted(set(layers))
         for layer in self.layers:
             lm.check_layer(layer)
         self.tokens = lm.check_tokens(tokens)
         self.buffer_tokens, self.forward_batch = buffer_tokens, forward_batch
-        self.sample_tokens, self.sample_seed = min(sample_tokens, self.tokens.numel()), sample_seed
+        self.sample_tokens, self.seed = min(sample_tokens, self.tokens.numel()), seed
         self._samples: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._first_forwards: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
 
     # ---- what a Trainer asks of its store -------------------------------------------------------
 
@@ -92,25 +99,39 @@ class ActivationStream:
         return LayerStats(x.mean(0), y.mean(0), float(x.norm(dim=1).mean()), float(y.norm(dim=1).mean()))
 
     def sample(self, layer: int, n: int | None = None, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` of ``n`` tokens (default ``sample_tokens``) drawn at random: the first
-        contexts of an order shuffled by ``seed`` (default ``sample_seed``), their tokens shuffled.
-        Collected once per seed for all layers."""
+        """``(x, y)`` of ``n`` tokens (default ``sample_tokens``): random rows (drawn with ``seed``,
+        default the stream's seed + 1, a `Trainer`'s choice) of the first buffer of the training
+        order (at least ``n`` tokens of its first contexts). Collected once, for all layers."""
         self._check_layer(layer)
-        seed = self.sample_seed if seed is None else seed
+        seed = self.seed + 1 if seed is None else seed
         n = self.sample_tokens if n is None else min(n, self.n_tokens)
         if seed not in self._samples or len(self._samples[seed][layer][0]) < n:
-            generator = torch.Generator().manual_seed(seed)
-            order = torch.randperm(len(self.tokens), generator=generator)
-            contexts = order[:math.ceil(max(n, self.sample_tokens) / self.tokens.shape[1])]
-            collected: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {l: ([], []) for l in self.layers}
-            for pairs in self._forward(contexts):
-                for each, (x, y) in zip(self.layers, pairs):
-                    collected[each][0].append(x)
-                    collected[each][1].append(y)
-            rows = torch.randperm(len(contexts) * self.tokens.shape[1], generator=generator)
-            self._samples[seed] = {each: (torch.cat(xs)[rows], torch.cat(ys)[rows]) for each, (xs, ys) in collected.items()}
+            first = self._first_buffer(max(n, self.buffer_tokens))
+            held = len(first[0][0])
+            rows = torch.randperm(held, generator=torch.Generator().manual_seed(seed))[:max(n, self.sample_tokens)]
+            self._samples[seed] = {each: (x[rows], y[rows]) for each, (x, y) in zip(self.layers, first)}
         x, y = self._samples[seed][layer]
         return x[:n], y[:n]
+
+    def _first_buffer(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's ``(x, y)`` of the first contexts of the training order's first epoch, at
+        least ``n`` tokens; their forward passes are kept for the first batches (`batches`)."""
+        order, _ = self._epoch(self.seed, 0, "global")
+        have = sum(len(pairs[0][0]) for pairs in self._first_forwards)
+        if have < n:
+            begin = len(self._first_forwards) * self.forward_batch
+            contexts = math.ceil((n - have) / self.tokens.shape[1])
+            contexts += -contexts % self.forward_batch  # whole forward batches, as `batches` runs them
+            self._first_forwards += self._forward(order[begin:begin + contexts])
+        return [(torch.cat([pairs[i][0] for pairs in self._first_forwards]),
+                 torch.cat([pairs[i][1] for pairs in self._first_forwards])) for i in range(len(self.layers))]
+
+    def _epoch(self, seed: int, epoch: int, shuffle: str) -> tuple[torch.Tensor, torch.Generator]:
+        """The contexts of one epoch in training order, and the generator that then shuffles its buffers."""
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        if shuffle == "document":
+            return torch.arange(len(self.tokens)), generator
+        return torch.randperm(len(self.tokens), generator=generator), generator
 
     def verify(self) -> None:
         """Raise `StoreError` if the sample holds NaN or infinite values (the model overflowed)."""
@@ -143,13 +164,14 @@ class ActivationStream:
         per_epoch = self.n_batches(batch_size)
         picked = [self.layers.index(each) for each in layers]
         done = 0
+        kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # the sample's forward passes: epoch 0's first
+        if seed == self.seed and shuffle != "document":
+            kept, self._first_forwards = (self._first_forwards if start < per_epoch else []), []
         for epoch in range(start // per_epoch, epochs):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = (torch.arange(len(self.tokens)) if shuffle == "document"
-                     else torch.randperm(len(self.tokens), generator=generator))
+            order, generator = self._epoch(seed, epoch, shuffle)
             done = epoch * per_epoch
             buffer: list[torch.Tensor] | None = None  # per layer, inputs and outputs side by side
-            forwards = self._forward(order)
+            forwards = itertools.chain(_emptied(kept), self._forward(order[len(kept) * self.forward_batch:]))
             exhausted = False
             while not exhausted:
                 parts = [] if buffer is None else [buffer]
@@ -185,6 +207,12 @@ class ActivationStream:
             batch = self.tokens[contexts[begin:begin + self.forward_batch]].to(self.lm.device)
             yield [(x.reshape(-1, x.shape[-1]).to("cpu", torch.float32), y.reshape(-1, y.shape[-1]).to("cpu", torch.float32))
                    for x, y in trace_mlp(self.lm, batch, self.layers)]
+
+
+def _emptied(items: list) -> Iterator:
+    """The items of a list, each dropped from it as it is handed out (so its memory can go)."""
+    while items:
+        yield items.pop(0)
 
 
 def train_streaming(
@@ -231,7 +259,7 @@ def train_streaming(
     listed = [layers] if isinstance(layers, int) else list(layers)
     width = n_latents or 8 * lm.d_model
     stream = ActivationStream(lm, listed, tokens, buffer_tokens=buffer_tokens, forward_batch=forward_batch,
-                              sample_tokens=max(16384, 4 * width), sample_seed=seed + 1)
+                              sample_tokens=max(16384, 4 * width), seed=seed)
     return train_transcoder(stream, layers, n_latents=n_latents, activation=activation, k=k, kind=kind,
                             epochs=epochs, batch_size=batch_size, lr=lr, checkpoint_dir=checkpoint_dir,
                             checkpoint_every=checkpoint_every, resume=resume, device=device,
