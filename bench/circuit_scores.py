@@ -1,6 +1,6 @@
 """How much of a circuit its transcoders explain: the table of docs/circuits.md.
 
-    python bench/circuit_scores.py [--sets late-4 every-layer every-layer-k4] [--extra NAME=FOLDER ...]
+    python bench/circuit_scores.py [--sets late-4 every-layer every-layer-skip ...] [--extra NAME=FOLDER ...]
                                    [--out FILE]
 
 For each set of transcoders, on the greater-than prompts of the case study (`tutorials.greater_than`)
@@ -16,6 +16,9 @@ latents, cached in ``$TCWIDGETS_CACHE/tutorials/circuit-transcoders``):
 - ``late-4``: layers 26–29, k=32 (today's tutorial layers; total L0 128);
 - ``every-layer``: all 30 layers, k=8 (notebook 07's set; total L0 240);
 - ``every-layer-k4``: all 30 layers, k=4 (total L0 120, matched to late-4);
+- ``every-layer-skip``, ``every-layer-skip-k4``: skip transcoders (``kind="skip"``, an affine skip
+  path W_skip·x beside the latents) on all 30 layers, k=8 and k=4; the attribution folds the skip
+  path into the edges like an attention head, so what it carries is not error;
 - ``clt-k4``, ``clt-k8``: one cross-layer transcoder on all 30 layers (`tutorials.circuit_clt`, the same
   tokens, 2 × d_model latents per layer), k=4 and k=8 per layer (total L0 120 and 240, matched to
   late-4 and every-layer).
@@ -46,6 +49,8 @@ SETS = {
     "late-4": {"layers": [26, 27, 28, 29], "k": 32},
     "every-layer": {"layers": "all", "k": 8},
     "every-layer-k4": {"layers": "all", "k": 4},
+    "every-layer-skip": {"layers": "all", "k": 8, "kind": "skip"},
+    "every-layer-skip-k4": {"layers": "all", "k": 4, "kind": "skip"},
     "clt-k4": {"clt": True, "k": 4},
     "clt-k8": {"clt": True, "k": 8},
 }
@@ -136,7 +141,8 @@ def main() -> None:
         elif SETS[name].get("clt"):
             transcoders = circuit_clt(lm, k=SETS[name]["k"])
         else:
-            transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"])
+            options = {"kind": SETS[name]["kind"]} if "kind" in SETS[name] else {}
+            transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"], **options)
         print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)
         rows.append(measure(lm, name, transcoders, test_tokens, quick=args.quick, scores=not args.no_scores))
         args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=1))
