@@ -67,25 +67,38 @@ def prompt_groups() -> dict[str, list[tuple[str, LogitTarget]]]:
 
 def all_layers_losses(lm: Any, transcoders: Any, tokens: torch.Tensor) -> dict:
     """`tcw.evaluate`'s all-layers numbers (``ce_clean``, ``ce_all_spliced``, ``ce_all_zero_ablated``,
-    ``ce_recovered_all``, ``kl_all``) from its three all-layers passes alone, with its own loss
-    functions; `evaluate` also runs two passes per layer (62 for 30 layers)."""
-    from tcwidgets.evaluation import _losses, _recovered
-    from tcwidgets.splicing import splice
+    ``ce_recovered_all``, ``kl_all``) and per-layer ``fvu`` and ``l0`` (with ``total_l0`` and
+    ``mean_fvu``) from its three all-layers passes alone, with its own loss functions and
+    reconstruction sums; `evaluate` also runs two passes per layer (62 for 30 layers), for the
+    per-layer CE."""
+    from tcwidgets.evaluation import ReconstructionStats, _losses, _recovered
+    from tcwidgets.splicing import check_transcoders, run_transcoder, splice, writes_after_norm
 
+    transcoders = check_transcoders(lm, transcoders)
     targets, layers = tokens[:, 1:], sorted(transcoders)
+    after_norm = [layer for layer in layers if writes_after_norm(lm, transcoders[layer])]
+    stats = {layer: ReconstructionStats(transcoders[layer].n_latents) for layer in layers}
     with torch.no_grad():
-        ce_clean, _, clean = _losses(splice(lm, {}, tokens, progress=False).logits, targets, None)
+        clean_run = splice(lm, {}, tokens, save_mlp=layers, after_norm=after_norm, progress=False)
+        ce_clean, _, clean = _losses(clean_run.logits, targets, None)
+        for layer in layers:
+            x, y = clean_run.mlp[layer]
+            stats[layer].add(*run_transcoder(transcoders[layer], x, y), y)
+        del clean_run
         ce_spliced, kl, _ = _losses(splice(lm, transcoders, tokens, progress=False).logits, targets, clean)
         ce_zero, _, _ = _losses(splice(lm, {}, tokens, zero_ablate=layers, progress=False).logits, targets, clean)
     n = targets.numel()
+    fvu = {layer: stats[layer].metrics()["fvu"] for layer in layers}
+    l0 = {layer: stats[layer].metrics()["l0"] for layer in layers}
     return {"ce_clean": ce_clean / n, "ce_all_spliced": ce_spliced / n, "ce_all_zero_ablated": ce_zero / n,
-            "ce_recovered_all": _recovered(ce_clean / n, ce_spliced / n, ce_zero / n), "kl_all": kl / n}
+            "ce_recovered_all": _recovered(ce_clean / n, ce_spliced / n, ce_zero / n), "kl_all": kl / n,
+            "fvu": fvu, "mean_fvu": statistics.mean(fvu.values()), "l0": l0, "total_l0": sum(l0.values())}
 
 
 def measure(lm: Any, name: str, transcoders: Any, test_tokens: torch.Tensor, quick: bool = False,
             scores: bool = True) -> dict:
-    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0 (``quick``:
-    `all_layers_losses` instead of `tcw.evaluate`, so no per-layer FVU and L0)."""
+    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0 and mean FVU
+    (``quick``: `all_layers_losses` instead of `tcw.evaluate`, so no per-layer CE)."""
     row: dict = {"set": name}
     for group, items in prompt_groups().items() if scores else ():
         found = []
@@ -127,7 +140,8 @@ def main() -> None:
                         help="more sets read with tcw.load_transcoders (e.g. a cross-layer transcoder)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/tcw-circuit-scores.json"))
     parser.add_argument("--quick", action="store_true",
-                        help="only the all-layers losses (3 passes) instead of tcw.evaluate (2 per layer + 3)")
+                        help="only the all-layers losses and per-layer FVU and L0 (3 passes) instead of "
+                             "tcw.evaluate (2 per layer + 3)")
     parser.add_argument("--no-scores", action="store_true", help="skip the prompts' scores")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.extra)
