@@ -1,6 +1,6 @@
 """How much of a circuit its transcoders explain: the table of docs/circuits.md.
 
-    python bench/circuit_scores.py [--sets late-4 every-layer every-layer-k4] [--extra NAME=FOLDER ...]
+    python bench/circuit_scores.py [--sets late-4 every-layer every-layer-skip ...] [--extra NAME=FOLDER ...]
                                    [--out FILE]
 
 For each set of transcoders, on the greater-than prompts of the case study (`tutorials.greater_than`)
@@ -16,6 +16,10 @@ latents, cached in ``$TCWIDGETS_CACHE/tutorials/circuit-transcoders``):
 - ``late-4``: layers 26–29, k=32 (today's tutorial layers; total L0 128);
 - ``every-layer``: all 30 layers, k=8 (notebook 07's set; total L0 240);
 - ``every-layer-k4``: all 30 layers, k=4 (total L0 120, matched to late-4);
+- ``every-layer-skip``, ``every-layer-skip-k4``: skip transcoders (``kind="skip"``, an affine skip
+  path W_skip·x beside the latents) on all 30 layers, k=8 and k=4; the attribution folds the skip
+  path into the edges like an attention head, so what it carries is not error;
+- ``every-layer-skip-wide``: the same at k=8 with 4 × d_model latents (``width``: latents per d_model);
 - ``clt-k4``, ``clt-k8``: one cross-layer transcoder on all 30 layers (`tutorials.circuit_clt`, the same
   tokens, 2 × d_model latents per layer), k=4 and k=8 per layer (total L0 120 and 240, matched to
   late-4 and every-layer).
@@ -46,6 +50,9 @@ SETS = {
     "late-4": {"layers": [26, 27, 28, 29], "k": 32},
     "every-layer": {"layers": "all", "k": 8},
     "every-layer-k4": {"layers": "all", "k": 4},
+    "every-layer-skip": {"layers": "all", "k": 8, "kind": "skip"},
+    "every-layer-skip-k4": {"layers": "all", "k": 4, "kind": "skip"},
+    "every-layer-skip-wide": {"layers": "all", "k": 8, "kind": "skip", "width": 4},
     "clt-k4": {"clt": True, "k": 4},
     "clt-k8": {"clt": True, "k": 8},
 }
@@ -62,25 +69,38 @@ def prompt_groups() -> dict[str, list[tuple[str, LogitTarget]]]:
 
 def all_layers_losses(lm: Any, transcoders: Any, tokens: torch.Tensor) -> dict:
     """`tcw.evaluate`'s all-layers numbers (``ce_clean``, ``ce_all_spliced``, ``ce_all_zero_ablated``,
-    ``ce_recovered_all``, ``kl_all``) from its three all-layers passes alone, with its own loss
-    functions; `evaluate` also runs two passes per layer (62 for 30 layers)."""
-    from tcwidgets.evaluation import _losses, _recovered
-    from tcwidgets.splicing import splice
+    ``ce_recovered_all``, ``kl_all``) and per-layer ``fvu`` and ``l0`` (with ``total_l0`` and
+    ``mean_fvu``) from its three all-layers passes alone, with its own loss functions and
+    reconstruction sums; `evaluate` also runs two passes per layer (62 for 30 layers), for the
+    per-layer CE."""
+    from tcwidgets.evaluation import ReconstructionStats, _losses, _recovered
+    from tcwidgets.splicing import check_transcoders, run_transcoder, splice, writes_after_norm
 
+    transcoders = check_transcoders(lm, transcoders)
     targets, layers = tokens[:, 1:], sorted(transcoders)
+    after_norm = [layer for layer in layers if writes_after_norm(lm, transcoders[layer])]
+    stats = {layer: ReconstructionStats(transcoders[layer].n_latents) for layer in layers}
     with torch.no_grad():
-        ce_clean, _, clean = _losses(splice(lm, {}, tokens, progress=False).logits, targets, None)
+        clean_run = splice(lm, {}, tokens, save_mlp=layers, after_norm=after_norm, progress=False)
+        ce_clean, _, clean = _losses(clean_run.logits, targets, None)
+        for layer in layers:
+            x, y = clean_run.mlp[layer]
+            stats[layer].add(*run_transcoder(transcoders[layer], x, y), y)
+        del clean_run
         ce_spliced, kl, _ = _losses(splice(lm, transcoders, tokens, progress=False).logits, targets, clean)
         ce_zero, _, _ = _losses(splice(lm, {}, tokens, zero_ablate=layers, progress=False).logits, targets, clean)
     n = targets.numel()
+    fvu = {layer: stats[layer].metrics()["fvu"] for layer in layers}
+    l0 = {layer: stats[layer].metrics()["l0"] for layer in layers}
     return {"ce_clean": ce_clean / n, "ce_all_spliced": ce_spliced / n, "ce_all_zero_ablated": ce_zero / n,
-            "ce_recovered_all": _recovered(ce_clean / n, ce_spliced / n, ce_zero / n), "kl_all": kl / n}
+            "ce_recovered_all": _recovered(ce_clean / n, ce_spliced / n, ce_zero / n), "kl_all": kl / n,
+            "fvu": fvu, "mean_fvu": statistics.mean(fvu.values()), "l0": l0, "total_l0": sum(l0.values())}
 
 
 def measure(lm: Any, name: str, transcoders: Any, test_tokens: torch.Tensor, quick: bool = False,
             scores: bool = True) -> dict:
-    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0 (``quick``:
-    `all_layers_losses` instead of `tcw.evaluate`, so no per-layer FVU and L0)."""
+    """One set's row: mean scores per prompt group, all-layers CE recovered, total L0 and mean FVU
+    (``quick``: `all_layers_losses` instead of `tcw.evaluate`, so no per-layer CE)."""
     row: dict = {"set": name}
     for group, items in prompt_groups().items() if scores else ():
         found = []
@@ -122,7 +142,8 @@ def main() -> None:
                         help="more sets read with tcw.load_transcoders (e.g. a cross-layer transcoder)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/tcw-circuit-scores.json"))
     parser.add_argument("--quick", action="store_true",
-                        help="only the all-layers losses (3 passes) instead of tcw.evaluate (2 per layer + 3)")
+                        help="only the all-layers losses and per-layer FVU and L0 (3 passes) instead of "
+                             "tcw.evaluate (2 per layer + 3)")
     parser.add_argument("--no-scores", action="store_true", help="skip the prompts' scores")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.extra)
@@ -136,7 +157,10 @@ def main() -> None:
         elif SETS[name].get("clt"):
             transcoders = circuit_clt(lm, k=SETS[name]["k"])
         else:
-            transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"])
+            options = {"kind": SETS[name]["kind"]} if "kind" in SETS[name] else {}
+            width = SETS[name].get("width", 2)
+            transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"],
+                                              n_latents=width * lm.d_model, **options)
         print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)
         rows.append(measure(lm, name, transcoders, test_tokens, quick=args.quick, scores=not args.no_scores))
         args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=1))

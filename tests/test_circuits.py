@@ -167,20 +167,28 @@ class FrozenModel:
 
     def record(self, tokens: torch.Tensor) -> None:
         """A plain (eager) pass: patterns, attention and MLP outputs, norm scales."""
-        self.state = {"scale": {}, "pattern": {}, "attn": {}, "mlp": {}, "values": {}}
+        self.state = {"scale": {}, "pattern": {}, "attn": {}, "mlp": {}, "mlp_in": {}, "values": {}}
         hooks = [norm.register_forward_hook(self._record_scale) for norm in self.norms]
         for layer in range(self.lm.n_layers):
             hooks.append(self.block(layer, self.sites.attention).register_forward_hook(
                 lambda m, i, o, layer=layer: self.state["pattern"].__setitem__(layer, o[1]) or
                 self.state["attn"].__setitem__(layer, o[0])))
             hooks.append(self.block(layer, self.sites.mlp).register_forward_hook(
-                lambda m, i, o, layer=layer: self.state["mlp"].__setitem__(layer, o)))
+                lambda m, i, o, layer=layer: self.state["mlp"].__setitem__(layer, o) or
+                self.state["mlp_in"].__setitem__(layer, i[0])))
         try:
             with torch.no_grad():
                 self.model(tokens[None])
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _skip_change(self, tc, x: torch.Tensor, layer: int) -> torch.Tensor | float:
+        """How far a skip transcoder's skip path moves from its recorded value (0 without one)."""
+        if tc is None:
+            return 0.0
+        w = tc.W_skip.detach().double()
+        return (x - self.state["mlp_in"][layer]) * tc.config.input_scale @ w.T / tc.config.output_scale
 
     def _record_scale(self, norm, inputs, output) -> None:
         x = inputs[0]
@@ -209,11 +217,13 @@ class FrozenModel:
         return (pattern @ value).transpose(1, 2).contiguous(), pattern
 
     def run(self, tokens: torch.Tensor, *, layer: int, position: int, delta: torch.Tensor,
-            open_layer: int | None = None, open_head: int | None = None, read) -> float:
+            open_layer: int | None = None, open_head: int | None = None, read, skips: dict | None = None) -> float:
         """The target (``read(logits, mlp_inputs)``) with ``delta`` added to layer ``layer``'s MLP
         output at ``position``; every MLP output and every attention output is frozen except the
         attention of ``open_layer`` (every layer's with ``"all"``), where only ``open_head``'s
-        values may change (every head's when ``None``)."""
+        values may change (every head's when ``None``). ``skips`` (``{layer: skip transcoder}``)
+        opens those MLPs' skip paths, as circuit-tracer's replacement model does (its MLP output is
+        ``skip + (acts - skip).detach()``): the recorded output plus the skip path's change."""
         self.state["open_head"] = open_head
         mlp_inputs = {}
         hooks = [norm.register_forward_hook(self._frozen_norm) for norm in self.norms]
@@ -223,7 +233,9 @@ class FrozenModel:
                 added[0, position] = delta
             mlp = self.block(each, self.sites.mlp)
             hooks.append(mlp.register_forward_pre_hook(lambda m, i, each=each: mlp_inputs.__setitem__(each, i[0])))
-            hooks.append(mlp.register_forward_hook(lambda m, i, o, each=each, added=added: self.state["mlp"][each] + added))
+            hooks.append(mlp.register_forward_hook(
+                lambda m, i, o, each=each, added=added: self.state["mlp"][each] + added + self._skip_change(
+                    (skips or {}).get(each), i[0], each)))
             if open_layer != "all" and each != open_layer:
                 hooks.append(self.block(each, self.sites.attention).register_forward_hook(
                     lambda m, i, o, each=each: (self.state["attn"][each], o[1])))

@@ -169,18 +169,23 @@ def test_adjacency_matches_the_exact_decomposition(tiny, prompt, target):
 
 def test_adjacency_edges_match_finite_differences(tiny):
     """A latent's edge to the target: activation × the target's change per unit of the latent's
-    activation, every MLP output frozen and every attention head open (values flow, patterns frozen).
-    Sources at layers 1 and 2 only: a layer-0 latent's effect also flows through layer 1's skip
-    path, which the replacement model has and the real model (MLP frozen) has not."""
+    activation, every MLP output frozen except through the skip transcoder's skip path (layer 1),
+    every attention head open (values flow, patterns frozen): circuit-tracer's replacement model.
+    A layer-0 latent's effect also flows through layer 1's skip path, a linear route, not an error."""
     lm, transcoders = tiny
     graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3", minus="1"), depth=0)
     adjacency = graph.adjacency()
     frozen = FrozenModel(lm)
     tokens = torch.tensor(graph.tokens)
     p = graph.target["position"]
-    row = adjacency.matrix[-1, :adjacency.n_latents] * (adjacency.latents[:, 0] >= 1)
+    skips = {layer: tc for layer, tc in transcoders.items() if tc.config.kind == "skip"}
+    assert skips, "the tiny fixture needs a skip transcoder"
+    row = adjacency.matrix[-1, :adjacency.n_latents]
     earlier = torch.nonzero((adjacency.latents[:, 1] < p) & (row != 0)).flatten()
-    for index in row.abs().topk(2).indices.tolist() + [int(earlier[row[earlier].abs().argmax()])]:
+    below = torch.nonzero((adjacency.latents[:, 0] < min(skips)) & (row != 0)).flatten()  # through a skip path
+    chosen = row.abs().topk(2).indices.tolist() + [int(earlier[row[earlier].abs().argmax()]),
+                                                    int(below[row[below].abs().argmax()])]
+    for index in chosen:
         layer, position, latent = adjacency.latents[index].tolist()
         tc = transcoders[layer].double()
         step = tc.W_dec[latent].detach() / tc.config.output_scale * 0.5
@@ -189,10 +194,32 @@ def test_adjacency_edges_match_finite_differences(tiny):
             return float(logits[p, graph.target["token"]].mean() - logits[p, graph.target["minus"]].mean())
 
         frozen.record(tokens)
-        base = frozen.run(tokens, layer=layer, position=position, delta=0 * step, open_layer="all", read=read)
-        moved = frozen.run(tokens, layer=layer, position=position, delta=step, open_layer="all", read=read)
+        base = frozen.run(tokens, layer=layer, position=position, delta=0 * step, open_layer="all", read=read,
+                          skips=skips)
+        moved = frozen.run(tokens, layer=layer, position=position, delta=step, open_layer="all", read=read,
+                           skips=skips)
         measured = (moved - base) / 0.5 * float(adjacency.activations[index])
-        assert float(row[index]) == pytest.approx(measured, rel=1e-6, abs=1e-9)
+        assert float(row[index]) == pytest.approx(measured, rel=1e-6, abs=1e-9), (layer, position, latent)
+    # and without the skip path the layer-0 latent's edge would be different: the path is in the edge
+    layer, position, latent = adjacency.latents[chosen[-1]].tolist()
+    step = transcoders[layer].W_dec[latent].detach() / transcoders[layer].config.output_scale * 0.5
+    closed = [frozen.run(tokens, layer=layer, position=position, delta=d, open_layer="all", read=read)
+              for d in (0 * step, step)]
+    without = (closed[1] - closed[0]) / 0.5 * float(adjacency.activations[chosen[-1]])
+    assert abs(float(row[chosen[-1]]) - without) > 1e-6 * abs(float(row[chosen[-1]]))
+
+
+def dense_scores(adjacency: Adjacency) -> tuple[float, float]:
+    """circuit-tracer 0.5.0's ``compute_graph_scores`` written densely (one output, weight 1)."""
+    a = adjacency.matrix.abs()
+    a = a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    eye, w = torch.eye(len(a), dtype=torch.float64), adjacency.output_weights
+    influence = w @ (torch.linalg.inv(eye - a) - eye)
+    errors, tokens = adjacency.error_slice, adjacency.token_slice
+    replacement = influence[tokens].sum() / (influence[tokens].sum() + influence[errors].sum())
+    outputs = influence + w
+    completeness = ((1 - a[:, errors].sum(1)) * outputs).sum() / outputs.sum()
+    return float(replacement), float(completeness)
 
 
 def test_scores_and_pruning_of_a_real_graph(tiny):
@@ -200,6 +227,8 @@ def test_scores_and_pruning_of_a_real_graph(tiny):
     graph = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3", minus="1"), depth=2, top_k=4, threshold=0)
     replacement, completeness = graph.scores()
     assert 0 < replacement < 1 and 0 < completeness < 1
+    # with a skip transcoder among them (layer 1): its skip path is folded into the edges, not an error
+    assert (replacement, completeness) == pytest.approx(dense_scores(graph.adjacency()), rel=1e-9)
     pruned = graph.prune(node_threshold=0.6, edge_threshold=0.9)
     assert pruned.scores() == graph.scores()
     kinds = {n.kind for n in pruned.nodes.values()}
