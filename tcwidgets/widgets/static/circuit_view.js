@@ -15,7 +15,7 @@ const MARGIN = { left: 72, right: 16, top: 14, bottom: 8 };
 const MAX_RADIUS = 11;
 const MIN_RADIUS = 2.5;
 const MIN_COLUMN = 30;  // px: a token's column when it holds at most one node per row
-const EMPTY_COLUMN = 18;  // px: a token's column without nodes (its label tilts)
+const EMPTY_COLUMN = 18;  // px: a token's column without nodes (room for one upright line of text)
 const KIND_NAMES = { logit: "logit", latent: "transcoder latent", head: "attention head", skip: "skip path",
   embedding: "token embedding", position: "position embedding", error: "transcoder error",
   mlp: "MLP (no transcoder)", bias: "bias" };
@@ -216,13 +216,18 @@ function render({ model, el }) {
     labels.replaceChildren(...prepared.levels.map((level) => h("div", { class: "tcw-cv-level",
       style: `top:${(plotHeight - MARGIN.bottom - MAX_RADIUS - placed.rowGap * prepared.row.get(level)).toFixed(1)}px` },
     levelName(level, nLayers))));
-    const tilt = placed.colWidth < 70;
     tokensRow.style.width = `${plotWidth}px`;
-    tokensRow.classList.toggle("tcw-cv-tilted", tilt);
-    tokensRow.replaceChildren(...prepared.g.tokens.map((token, position) => h("span", {
+    tokensRow.classList.remove("tcw-cv-tilted");
+    tokensRow.style.height = "";
+    const tokenLabels = prepared.g.tokens.map((token, position) => h("span", {
       class: "tcw-cv-token", title: `position ${position}: ${JSON.stringify(token)}`,
-      style: `left:${(placed.left[position] + placed.columns[position] / 2).toFixed(1)}px;` +
-        (tilt ? "" : `width:${placed.columns[position].toFixed(0)}px`) }, dotted(token))));
+      style: `left:${(placed.left[position] + placed.columns[position] / 2).toFixed(1)}px` }, dotted(token)));
+    tokensRow.replaceChildren(...tokenLabels);
+    // a label wider than its column would overlap its neighbours: then every label turns to read
+    // upwards, one line of text per column (columns are at least EMPTY_COLUMN wide), none cut short
+    const tilt = tokenLabels.some((label, position) => label.offsetWidth > placed.columns[position] - 2);
+    tokensRow.classList.toggle("tcw-cv-tilted", tilt);
+    if (tilt) tokensRow.style.height = `${Math.max(...tokenLabels.map((label) => label.offsetHeight)) + 6}px`;
     draw();
   }
 
