@@ -179,3 +179,39 @@ def test_nodes_spread_over_their_tokens_and_the_tooltip_stays_inside(open_notebo
         assert not cut["scrolls"] and not cut["outside"], f"the hover summary is cut off: {cut}"
         notebook.screenshot(f"circuit-view-tooltip-{name}")
         notebook.page.mouse.move(0, 0)
+
+
+LABELS = """(view) => [...view.querySelectorAll('.tcw-cv-token')].map((label) => {
+  label.scrollIntoView({ block: 'nearest', inline: 'nearest' });
+  const b = label.getBoundingClientRect();
+  const top = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+  return { text: label.textContent, left: b.left, right: b.right, top: b.top, bottom: b.bottom,
+           cut: label.scrollWidth > label.clientWidth + 1 || label.scrollHeight > label.clientHeight + 1,
+           seen: top === label || label.contains(top), size: parseFloat(getComputedStyle(label).fontSize) };
+})"""
+
+
+@pytest.mark.parametrize("prompt", ["The war lasted from the year 1732 to the year 17",
+                                    "The war lasted from the year 1732 to the year 17, and the peace that followed it"],
+                         ids=["notebook-7-prompt", "longer-prompt"])
+def test_every_token_is_labelled_legibly_without_overlap(open_notebook, model_files, prompt):
+    """Notebook 7's prompt (18 tokens with BOS) and a longer one: every token's label is drawn whole
+    (not cut by an ellipsis, not covered), at a legible size, and no two labels overlap."""
+    notebook = open_notebook([SETUP.replace(repr("The year 1732 " + HOSTILE + " to 17"), repr(prompt)).replace(
+        "view = CircuitView(graph)\nview", "view = CircuitView(graph.prune(0.8, 0.98))\nview")])
+    notebook.run_all()
+    view = widget(notebook)
+    tokens = json.loads(value(notebook, "__import__('json').dumps(graph.token_strings)"))
+    assert len(tokens) >= 18
+    labels = view.evaluate(LABELS)
+    assert [label["text"] for label in labels] == [token.replace(" ", "·") for token in tokens]
+    for label in labels:
+        assert label["right"] - label["left"] > 3 and label["bottom"] - label["top"] > 3, label
+        assert not label["cut"], f"label cut off: {label}"
+        assert label["seen"], f"label covered by something else: {label}"
+        assert label["size"] >= 10, f"label too small to read: {label}"
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            apart = a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
+            assert apart, f"labels overlap: {a} and {b}"
+    notebook.screenshot(f"circuit-view-token-labels-{len(tokens)}", view)

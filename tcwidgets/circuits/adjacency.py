@@ -18,13 +18,15 @@ from the top layer down. Influence, pruning and the two scores follow circuit-tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import heap
+from ..progress import delayed_bar
 from .replay import CircuitError, FrozenRun, _Reader
 
 MAX_NODES = 30_000  # a dense float64 matrix of this many nodes takes 7.2 GB
@@ -47,6 +49,7 @@ class Adjacency:
     activations: Tensor  # [n_latents]
     errors: Tensor  # [n_errors, 2] long
     n_tokens: int
+    cached_influence: Tensor | None = field(default=None, repr=False)  # `node_influence`, once computed
 
     @property
     def n_latents(self) -> int:
@@ -109,10 +112,14 @@ def build_adjacency(run: FrozenRun, target: tuple[_Reader, float], target_value:
         offset += len(latent_positions)
     # chunks of rows by position, so that each pass covers only the positions its rows can see
     order = torch.argsort(positions, stable=True)
-    for chunk in tqdm(order.split(CHUNK), desc="full graph", unit="chunk", leave=False,
-                      disable=len(order) <= CHUNK):
+    chunks = order.split(CHUNK)
+    # a pass over a chunk takes seconds per layer on a CPU: the bar moves by layer, not only by chunk
+    bar = tqdm(total=len(chunks) * (max(n_writers, len(run.layers) - 1) + 1), desc="full graph", unit="layer",
+               leave=False, disable=len(order) <= CHUNK)
+    for chunk in chunks:
         _Backward(run, matrix, bias, columns, rows[chunk], vectors[chunk], positions[chunk], stages[chunk],
-                  n_latents, n_writers).sweep()
+                  n_latents, n_writers).sweep(bar.update)
+    bar.close()
     heap.trim()  # the passes' temporaries (tens of MB each) would otherwise stay resident
     values = torch.full((n_nodes,), float("nan"), dtype=torch.float64)
     if n_latents:
@@ -149,11 +156,13 @@ class _Backward:
         self.live = torch.cat([self.live, joining])
         self.grad = torch.cat([self.grad, grad])
 
-    def sweep(self) -> None:
+    def sweep(self, done: Callable[[], object] = lambda: None) -> None:
+        """Go back from the last layer to the embeddings; ``done()`` after each layer."""
         run, parallel = self.run, self.run.layers[0].mlp_stage == 0
         for layer in range(max(self.n_writers, len(run.layers) - 1), -1, -1):
             self.join(2 * layer + 2)
             if layer >= len(run.layers):
+                done()
                 continue
             frozen = run.layers[layer]
             after = self.grad
@@ -165,6 +174,7 @@ class _Backward:
                 self.grad = self.grad + self._attention(frozen, self.grad)
             else:
                 self.grad = after + self._skip(frozen, after) + self._attention(frozen, after)
+            done()
         self.join(0)
         span = self.span
         embedding = run.token_embedding[:span] if run.position_embedding is None else \
@@ -255,16 +265,22 @@ def influence(matrix: Tensor, output_weights: Tensor) -> Tensor:
 
     current = step(output_weights)
     total = current.clone()
-    for _ in range(len(matrix)):
-        if not current.any():
-            return total
-        current = step(current)
-        total += current
+    with delayed_bar(desc="influence", unit="path step") as bar:  # one step per path length: seconds on a big graph
+        for _ in range(len(matrix)):
+            if not current.any():
+                return total
+            current = step(current)
+            total += current
+            bar.update()
     raise CircuitError("The graph has a cycle: influence does not converge.")
 
 
 def node_influence(adjacency: Adjacency) -> Tensor:
-    return influence(adjacency.matrix, adjacency.output_weights)
+    """Each node's total influence on the target (`influence`), computed once per adjacency
+    (`scores` and `prune` both need it)."""
+    if adjacency.cached_influence is None:
+        adjacency.cached_influence = influence(adjacency.matrix, adjacency.output_weights)
+    return adjacency.cached_influence
 
 
 def cumulative_ranks(scores: Tensor) -> Tensor:
@@ -340,7 +356,7 @@ def scores(adjacency: Adjacency) -> tuple[float, float]:
     target (the target weighted 1), the share of its input that does not come from error nodes.
     """
     weights = adjacency.output_weights
-    total = influence(adjacency.matrix, weights)
+    total = node_influence(adjacency)
     tokens, errors = total[adjacency.token_slice].sum(), total[adjacency.error_slice].sum()
     replacement = tokens / (tokens + errors).clamp(min=1e-300)
     explained = 1 - adjacency.matrix[:, adjacency.error_slice].abs().sum(-1) / _row_totals(adjacency.matrix)

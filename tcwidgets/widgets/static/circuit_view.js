@@ -15,7 +15,9 @@ const MARGIN = { left: 72, right: 16, top: 14, bottom: 8 };
 const MAX_RADIUS = 11;
 const MIN_RADIUS = 2.5;
 const MIN_COLUMN = 30;  // px: a token's column when it holds at most one node per row
-const EMPTY_COLUMN = 18;  // px: a token's column without nodes (its label tilts)
+const NODE_STEP = 2 * MAX_RADIUS + 2;  // px between the centres of a cell's nodes, side by side
+const MIN_NODE_STEP = 10;  // px: how close they may be squeezed so that the prompt fits the width
+const EMPTY_COLUMN = 18;  // px: a token's column without nodes (room for one upright line of text)
 const KIND_NAMES = { logit: "logit", latent: "transcoder latent", head: "attention head", skip: "skip path",
   embedding: "token embedding", position: "position embedding", error: "transcoder error",
   mlp: "MLP (no transcoder)", bias: "bias" };
@@ -69,10 +71,17 @@ function prepare(g) {
  * (nodes side by side, as circuit-tracer's frontend spreads them), at least MIN_COLUMN; the columns
  * then share the width available. */
 function layout(p, width) {
-  const tokens = p.g.tokens.length;
-  const wanted = Array.from(p.busiest, (k) => k ? Math.max(MIN_COLUMN, k * (2 * MAX_RADIUS + 2) + 6) : EMPTY_COLUMN);
-  const total = wanted.reduce((a, b) => a + b, 0) || 1;
-  const spread = Math.max(1, (width - MARGIN.left - MARGIN.right) / total);
+  const room = width - MARGIN.left - MARGIN.right;
+  const sum = (values) => values.reduce((a, b) => a + b, 0);
+  const wantedAt = (step) => Array.from(p.busiest, (k) => k ? Math.max(MIN_COLUMN, k * step + 6) : EMPTY_COLUMN);
+  let wanted = wantedAt(NODE_STEP);
+  if (sum(wanted) > room) {  // squeeze the busy cells' nodes (to MIN_NODE_STEP at most) before scrolling sideways
+    const tight = wantedAt(MIN_NODE_STEP), slack = sum(wanted) - sum(tight);
+    const squeeze = slack > 0 ? Math.min(1, (sum(wanted) - room) / slack) : 0;
+    wanted = wanted.map((w, position) => w - squeeze * (w - tight[position]));
+  }
+  const total = sum(wanted) || 1;
+  const spread = Math.max(1, room / total);
   const columns = wanted.map((w) => w * spread);
   const left = [];
   columns.reduce((start, w, position) => { left[position] = start; return start + w; }, MARGIN.left);
@@ -83,7 +92,7 @@ function layout(p, width) {
   const x = new Float64Array(p.n), y = new Float64Array(p.n), r = new Float64Array(p.n);
   for (let i = 0; i < p.n; i++) {
     const k = p.cellSize[i], position = p.g.nodes.position[i];
-    const step = Math.min((columns[position] - 6) / k, 2 * MAX_RADIUS + 2);
+    const step = Math.min((columns[position] - 6) / k, NODE_STEP);
     x[i] = left[position] + columns[position] / 2 + (p.slot[i] - (k - 1) / 2) * step;
     y[i] = plotHeight - MARGIN.bottom - MAX_RADIUS - rowGap * p.row.get(p.g.nodes.level[i]);
     const share = Math.abs(p.g.nodes.attribution[i] || 0) / p.maxAttribution;
@@ -216,13 +225,18 @@ function render({ model, el }) {
     labels.replaceChildren(...prepared.levels.map((level) => h("div", { class: "tcw-cv-level",
       style: `top:${(plotHeight - MARGIN.bottom - MAX_RADIUS - placed.rowGap * prepared.row.get(level)).toFixed(1)}px` },
     levelName(level, nLayers))));
-    const tilt = placed.colWidth < 70;
     tokensRow.style.width = `${plotWidth}px`;
-    tokensRow.classList.toggle("tcw-cv-tilted", tilt);
-    tokensRow.replaceChildren(...prepared.g.tokens.map((token, position) => h("span", {
+    tokensRow.classList.remove("tcw-cv-tilted");
+    tokensRow.style.height = "";
+    const tokenLabels = prepared.g.tokens.map((token, position) => h("span", {
       class: "tcw-cv-token", title: `position ${position}: ${JSON.stringify(token)}`,
-      style: `left:${(placed.left[position] + placed.columns[position] / 2).toFixed(1)}px;` +
-        (tilt ? "" : `width:${placed.columns[position].toFixed(0)}px`) }, dotted(token))));
+      style: `left:${(placed.left[position] + placed.columns[position] / 2).toFixed(1)}px` }, dotted(token)));
+    tokensRow.replaceChildren(...tokenLabels);
+    // a label wider than its column would overlap its neighbours: then every label turns to read
+    // upwards, one line of text per column (columns are at least EMPTY_COLUMN wide), none cut short
+    const tilt = tokenLabels.some((label, position) => label.offsetWidth > placed.columns[position] - 2);
+    tokensRow.classList.toggle("tcw-cv-tilted", tilt);
+    if (tilt) tokensRow.style.height = `${Math.max(...tokenLabels.map((label) => label.offsetHeight)) + 6}px`;
     draw();
   }
 
