@@ -105,7 +105,7 @@ class CrossLayerTrainer(Trainer):
         stats = [store.stats(layer) for layer in layers]
         self._limits = [((OUTLIER_RATIO * s.in_norm) ** 2, (OUTLIER_RATIO * s.out_norm) ** 2) for s in stats]
         self.transcoder = self._new_clt().to(self.device).train()
-        self.low_precision = False
+        self.latent_choice = "float32"  # what the inherited checkpoints record
         self.optimizer = torch.optim.Adam(self.transcoder.parameters(), lr=self.lr, fused=True)
         self.tokens_since_fired = torch.zeros(len(layers), config.n_latents, dtype=torch.long, device=self.device)
         self.step = 0
