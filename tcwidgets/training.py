@@ -609,7 +609,6 @@ class Trainer:
         self.step = step
         self.history = history
 
-
     def _resume_latent_choice(self, saved: str, path: Path) -> None:
         """Continue in the latent-choice precision the checkpoint was trained with (exact resume),
         unless this run was given another explicitly."""
