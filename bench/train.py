@@ -4,8 +4,10 @@ Trains the reference configuration (a TopK transcoder, 4608 latents, k=32, 2 epo
 batches) once with `tcwidgets.train_transcoder` and once with sparsify, with 1 and with 2 threads
 (``--threads``), and prints each one's speed, the ratios, each one's held-out FVU and dead fraction,
 and the hardware's ceiling: the encoder product (1024 x 576 x 4608, the one dense product both
-trainers must do per step) timed alone in float32 and in bfloat16, in tokens per CPU second, and
-the fraction of it each trainer reaches.
+trainers must do per step) timed alone in float32, bfloat16 and int8 (``torch._int_mm``), in tokens
+per CPU second, and the fraction of the float32 and bfloat16 rates each trainer reaches. It also
+prints the instruction-set limits in force (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``,
+``MKL_ENABLE_INSTRUCTIONS``: set all three to emulate an AVX2-only CPU on an AVX-512 one).
 
 Speed is reported as tokens per CPU second of the training process (``time.process_time``, all
 its threads) and as tokens per wall-clock second. On a shared machine the CPU-time figures are the
@@ -50,6 +52,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 SPARSIFY = ["eai-sparsify==1.3.3", "einops", "natsort", "schedulefree", "simple-parsing", "docstring-parser"]
 TRAINERS = ("tcwidgets", "sparsify")
+LATENT_CHOICES = ("float32", "bfloat16", "int8")  # tcwidgets.transcoder's (not imported: sparsify's venv runs this too)
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per run")
-    p.add_argument("--low-precision", choices=["auto", "on", "off"], default="auto",
-                   help="tcwidgets' bfloat16 latent choice (auto: measured, the default)")
+    p.add_argument("--low-precision", choices=["auto", *LATENT_CHOICES], default="auto",
+                   help="precision of tcwidgets' latent choice (auto: the fastest measured, the default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1152 latents, 1 epoch, 1 thread")
     p.add_argument("--venv", metavar="PATH", help="sparsify's virtual environment (made if missing; kept)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
@@ -93,15 +97,18 @@ def fvu_and_dead(predict, store, layer: int, n_latents: int) -> dict[str, float]
 
 
 def encoder_product_rate(args) -> dict[str, float]:
-    """Tokens per CPU second of the encoder product alone (batch x d x n_latents), float32 and
-    bfloat16: the ceiling of a trainer that must do it once per step (best of 5)."""
+    """Tokens per CPU second of the encoder product alone (batch x d x n_latents), float32,
+    bfloat16 and int8 (``torch._int_mm``, int32 sums): the ceiling of a trainer that must do it
+    once per step (best of 5)."""
     d = 576
     x, w = torch.randn(args.batch_size, d), torch.randn(args.n_latents, d)
+    products = {dtype: (lambda a=x.to(dtype), b=w.to(dtype): F.linear(a, b)) for dtype in (torch.float32, torch.bfloat16)}
+    xq, wq = (x * 40).clamp(-127, 127).to(torch.int8), (w * 40).clamp(-127, 127).to(torch.int8)
+    products[torch.int8] = lambda: torch._int_mm(xq, wq.t())
     rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = x.to(dtype), w.to(dtype)
-        F.linear(a, b)
-        best = min(_cpu_seconds(lambda: F.linear(a, b)) for _ in range(5))
+    for dtype, product in products.items():
+        product()
+        best = min(_cpu_seconds(product) for _ in range(5))
         rates[str(dtype).removeprefix("torch.")] = args.batch_size / best
     return rates
 
@@ -128,14 +135,14 @@ def _timed(train) -> tuple[object, dict[str, float]]:
 
 def run_tcwidgets(args) -> dict[str, float]:
     from tcwidgets.activations import ActivationStore
-    from tcwidgets.calibration import low_precision_pays
+    from tcwidgets.calibration import fastest_latent_choice
     from tcwidgets.training import train_transcoder
     from tcwidgets.transcoder import Transcoder, TranscoderConfig
 
     train, test = ActivationStore.open(args.train), ActivationStore.open(args.test)
-    low_precision = {"auto": None, "on": True, "off": False}[args.low_precision]
-    if low_precision is None:  # the one-off calibration (cached per machine) is not timed
-        low_precision = low_precision_pays(
+    low_precision = args.low_precision
+    if low_precision == "auto":  # the one-off calibration (cached per machine) is not timed
+        low_precision = fastest_latent_choice(
             Transcoder(TranscoderConfig(train.d_model, train.d_model, args.n_latents, k=args.k)), args.batch_size)
     tc, times = _timed(lambda: train_transcoder(
         train, args.layer, n_latents=args.n_latents, k=args.k, epochs=args.epochs,
@@ -145,7 +152,7 @@ def run_tcwidgets(args) -> dict[str, float]:
         latents, out = tc(x)
         return out, (latents != 0).any(0).nonzero().flatten()
 
-    return {**times, "low_precision": low_precision, **fvu_and_dead(predict, test, args.layer, args.n_latents)}
+    return {**times, "latent_choice": low_precision, **fvu_and_dead(predict, test, args.layer, args.n_latents)}
 
 
 def run_sparsify(args) -> dict[str, float]:
@@ -257,6 +264,8 @@ def main(argv=None) -> None:
     print(f"layer {args.layer}: {args.n_latents} latents, TopK k={args.k}, {args.epochs} epochs of "
           f"{args.batch_size}-token batches; torch {torch.__version__}; CPU: {cpu_name()} "
           f"({os.cpu_count()} cores, {platform.machine()})", flush=True)
+    print(f"instruction sets: torch's kernels {torch.backends.cpu.get_cpu_capability()}; limits in force: "
+          f"{', '.join(f'{name}={os.environ[name]}' for name in ISA_LIMITS if os.environ.get(name)) or 'none'}", flush=True)
     trainers = [args.only] if args.only else list(TRAINERS)
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,16 +282,20 @@ def main(argv=None) -> None:
                 print(f"{threads} thread(s): tcwidgets / sparsify {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x "
                       f"per CPU second, {a['tokens_per_s'] / b['tokens_per_s']:.2f}x wall-clock", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_name(), "results": results}, indent=1))
+        limits = {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_name(), "isa_limits": limits,
+                                               "kernels": torch.backends.cpu.get_cpu_capability(),
+                                               "results": results}, indent=1))
 
 
 def report(name: str, threads: int, r: dict) -> str:
     ceiling = r["product_tokens_per_cpu_s"]
-    precision = "" if "low_precision" not in r else f" (bf16 latent choice {'on' if r['low_precision'] else 'off'})"
+    precision = "" if "latent_choice" not in r else f" ({r['latent_choice']} latent choice)"
     return (f"{threads} thread(s) {name:>9}{precision}: {r['tokens_per_cpu_s']:6.0f} tokens/CPU s "
             f"({r['cpu_seconds']:.0f} CPU s), {r['tokens_per_s']:6.0f} tokens/s wall ({r['seconds']:.0f} s), "
             f"{r['cpu_seconds'] / r['seconds']:.2f} CPU s per wall s; held-out FVU {r['fvu']:.4f}, dead {r['dead_fraction']:.2%}; "
-            f"encoder product alone {ceiling['float32']:.0f} (fp32) / {ceiling['bfloat16']:.0f} (bf16) tokens/CPU s: "
+            f"encoder product alone {ceiling['float32']:.0f} (fp32) / {ceiling['bfloat16']:.0f} (bf16) / "
+            f"{ceiling['int8']:.0f} (int8) tokens/CPU s: "
             f"{r['tokens_per_cpu_s'] / ceiling['float32']:.0%} / {r['tokens_per_cpu_s'] / ceiling['bfloat16']:.0%} of it")
 
 

@@ -1,14 +1,15 @@
-"""Measured kernel choices: whether the sparse trainer's latent choice runs faster in bfloat16.
+"""Measured kernel choices: in which precision the sparse trainer chooses its latents.
 
-Whether a bfloat16 matrix product beats float32 depends on the hardware and on torch's kernels,
-not on a CPU flag: on an AVX512-BF16 EPYC the encoder product is ~2-3x faster in bfloat16, on an
-AVX2-only CPU it is emulated and ~7x slower, and a CPU flag says nothing about how either compares
-with the rest of a training step. So the trainer times its own latent choice
-(`Transcoder.encode_sparse`) both ways on a batch of the run's shape, once per machine, and
-caches the answer in ``cache_dir()/calibration.json`` keyed by the device's model name (and a
-digest of the CPU's flags and the instruction set torch's kernels may use), torch's version, the
-threads and the shape. The timings are wall-clock
-(best of three after a warm-up) on random inputs of the run's shape.
+Whether a bfloat16 or int8 matrix product beats float32 depends on the hardware and on torch's
+kernels, not on a CPU flag: on an AVX512-BF16 EPYC the encoder product is ~2x faster in bfloat16
+and ~4.5x in int8, on an AVX2-only CPU bfloat16 is emulated and ~5-10x slower while int8 is still
+~2x faster, and a CPU flag says nothing about how either compares with the rest of a training
+step. So the trainer times its own latent choice (`Transcoder.encode_sparse`) in each precision
+of `transcoder.LATENT_CHOICES` (int8 for TopK only) on a batch of the run's shape, once per
+machine, and caches the fastest in ``cache_dir()/calibration.json`` keyed by the device's model
+name (and a digest of the CPU's flags and the instruction set torch's kernels may use), torch's
+version, the threads and the shape. The timings are wall-clock (best of three after a warm-up)
+on random inputs of the run's shape.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 
 from .files import atomic_write
 from .models import cache_dir
-from .transcoder import Transcoder
+from .transcoder import LATENT_CHOICES, Transcoder
 
-__all__ = ["device_name", "low_precision_pays"]
+__all__ = ["device_name", "fastest_latent_choice"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -60,14 +61,14 @@ def _instruction_sets(device: torch.device) -> str:
     return f"flags {hashlib.sha256(flags.encode()).hexdigest()[:8]}, kernels {torch.backends.cpu.get_cpu_capability()}{limits}"
 
 
-def low_precision_pays(tc: Transcoder, n_tokens: int, *, cache: Path | None = None) -> bool:
-    """Whether ``tc.encode_sparse`` on ``n_tokens`` tokens is faster with ``low_precision=True``
-    on ``tc``'s device: measured (best of 3 after a warm-up, per precision) on random inputs, or
-    read from the cache of an earlier measurement with the same device model and CPU flags, torch
-    version, threads and shape."""
+def fastest_latent_choice(tc: Transcoder, n_tokens: int, *, cache: Path | None = None) -> str:
+    """The precision (in `transcoder.LATENT_CHOICES`) in which ``tc.encode_sparse`` on
+    ``n_tokens`` tokens runs fastest on ``tc``'s device: measured (best of 3 after a warm-up, per
+    precision) on random inputs, or read from the cache of an earlier measurement with the same
+    device model and CPU flags, torch version, threads and shape."""
     device = tc.device
     if device.type not in ("cpu", "cuda"):
-        return False
+        return "float32"
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     key = (f"{device.type}|{device_name(device)}|{_instruction_sets(device)}|torch {torch.__version__}|{threads} threads|"
            f"{n_tokens}x{tc.d_in}x{tc.n_latents}|{tc.config.activation} k={tc.config.k}")
@@ -76,31 +77,36 @@ def low_precision_pays(tc: Transcoder, n_tokens: int, *, cache: Path | None = No
         known = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
-    if key not in known:
-        timings = _time_encode_sparse(tc, n_tokens)
-        known[key] = {"low_precision": timings[True] < timings[False],
-                      "seconds": {"float32": timings[False], "bfloat16": timings[True]}}
+    if "choice" not in known.get(key, {}):  # unmeasured, or measured before int8 was a candidate
+        seconds = _time_encode_sparse(tc, n_tokens)
+        known[key] = {"choice": min(seconds, key=seconds.get), "seconds": seconds}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1)))
         except OSError:  # a read-only cache: measure again next time
             pass
-    return bool(known[key]["low_precision"])
+    return str(known[key]["choice"])
 
 
 @torch.no_grad()
-def _time_encode_sparse(tc: Transcoder, n_tokens: int) -> dict[bool, float]:
+def _time_encode_sparse(tc: Transcoder, n_tokens: int) -> dict[str, float]:
+    """Best wall-clock seconds of ``tc.encode_sparse`` per precision it can run in here (int8:
+    TopK only, and only where ``torch._int_mm`` takes the shape on this device)."""
     x = torch.randn(n_tokens, tc.d_in, generator=torch.Generator().manual_seed(0)).to(tc.device)
+    choices = [c for c in LATENT_CHOICES if c != "int8" or tc.config.activation == "topk"]
     best = {}
-    for low in (False, True):
+    for choice in choices:
         times = []
-        for _ in range(4):  # the first is a warm-up
-            _synchronize(tc.device)
-            start = time.perf_counter()
-            tc.encode_sparse(x, low_precision=low)
-            _synchronize(tc.device)
-            times.append(time.perf_counter() - start)
-        best[low] = min(times[1:])
+        try:
+            for _ in range(4):  # the first is a warm-up
+                _synchronize(tc.device)
+                start = time.perf_counter()
+                tc.encode_sparse(x, low_precision=choice)
+                _synchronize(tc.device)
+                times.append(time.perf_counter() - start)
+        except RuntimeError:  # no kernel for this precision and shape on this device
+            continue
+        best[choice] = min(times[1:])
     return best
 
 

@@ -34,7 +34,7 @@ from .crosslayer import CrossLayerConfig, CrossLayerTranscoder
 from .evaluation import ReconstructionStats
 from .training import (_DEFAULT_SPARSITY, Trainer, TrainingConfig, _default_device, _plausible, resume_or_clear,
                        default_batch_size, default_lr, initialize, lr_factor)
-from .transcoder import SparseLatents, Transcoder, TranscoderConfig, _GatheredLinear, _SparseDecode
+from .transcoder import SparseLatents, Transcoder, TranscoderConfig, _SparseDecode, gathered_latents
 from .transcoder import step as heaviside
 
 __all__ = ["CrossLayerTrainer", "train_clt"]
@@ -105,7 +105,7 @@ class CrossLayerTrainer(Trainer):
         stats = [store.stats(layer) for layer in layers]
         self._limits = [((OUTLIER_RATIO * s.in_norm) ** 2, (OUTLIER_RATIO * s.out_norm) ** 2) for s in stats]
         self.transcoder = self._new_clt().to(self.device).train()
-        self.low_precision = False
+        self.latent_choice = "float32"  # what the inherited checkpoints record
         self.optimizer = torch.optim.Adam(self.transcoder.parameters(), lr=self.lr, fused=True)
         self.tokens_since_fired = torch.zeros(len(layers), config.n_latents, dtype=torch.long, device=self.device)
         self.step = 0
@@ -269,11 +269,9 @@ class CrossLayerTrainer(Trainer):
 
 
 def _latents_at(clt: CrossLayerTranscoder, i: int, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> SparseLatents:
-    """Activations of the chosen (token, latent) pairs of layer index ``i`` (``x`` scaled), as in
-    `Transcoder.latents_at`: differentiable with respect to the encoder, only the pairs in the backward."""
-    values = _GatheredLinear.apply(x, clt.W_enc[i], clt.b_enc[i], rows, cols, pre)
-    counts = torch.bincount(rows, minlength=len(x))
-    return SparseLatents(cols, F.relu(values), torch.cumsum(counts, 0) - counts)
+    """Activations of the chosen (token, latent) pairs of layer index ``i`` (``x`` scaled, ``pre``
+    its float32 pre-activations), as in `Transcoder.latents_at`."""
+    return gathered_latents(x, clt.W_enc[i], clt.b_enc[i], rows, cols, pre[rows, cols])
 
 
 @torch.no_grad()

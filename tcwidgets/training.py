@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from . import heap
 from .activations import OUTLIER_RATIO, shuffle_mode
-from .calibration import low_precision_pays
+from .calibration import fastest_latent_choice
 from .evaluation import ReconstructionStats
 from .files import FileFormatError, atomic_folder, load_tensors, read_manifest, save_tensors, write_manifest
 from .progress import delayed_bar
-from .transcoder import SparseLatents, Transcoder, TranscoderConfig, step as heaviside
+from .transcoder import SparseLatents, Transcoder, TranscoderConfig, latent_choice, step as heaviside
 
 __all__ = [
     "CheckpointError", "Trainer", "TrainingConfig", "default_batch_size", "default_lr", "fit_together",
@@ -288,8 +288,11 @@ class Trainer:
         resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one (it must
             be of the same configuration and store); ``False`` starts over, deleting it.
         device: default CUDA when available, else CPU.
-        low_precision: choose TopK latents with a bfloat16 matrix product; default: where that is
-            measured to be faster (`calibration.low_precision_pays`, cached per machine).
+        low_precision: the precision of the matrix product that chooses TopK/BatchTopK latents
+            (``"float32"`` or ``False``, ``"bfloat16"`` or ``True``, ``"int8"``: TopK only; see
+            `Transcoder.encode_sparse`); default: the fastest measured on this machine
+            (`calibration.fastest_latent_choice`, cached per machine). A resumed run keeps the
+            precision its checkpoint was trained with.
         data_parallel: train this one layer across the processes of a ``torchrun`` launch
             (DistributedDataParallel: gloo on CPU, NCCL on CUDA, one GPU per process): each
             process takes its share of every batch (``batch_size`` is the global batch, a
@@ -316,7 +319,7 @@ class Trainer:
         checkpoint_every: int | None = None,
         resume: bool = True,
         device: str | torch.device | None = None,
-        low_precision: bool | None = None,
+        low_precision: bool | str | None = None,
         data_parallel: bool = False,
         eval_store: Any = None,
         log_every: int = 10,
@@ -362,9 +365,11 @@ class Trainer:
         elif (transcoder.d_in, transcoder.d_out, transcoder.config.activation) != (d, d, config.activation):
             raise ValueError("the given transcoder does not match the store's width or the configured activation")
         self.transcoder = transcoder.to(self.device).train()
+        self._latent_choice_given = low_precision is not None
         if low_precision is None:
-            low_precision = config.activation in _SPARSE and low_precision_pays(self.transcoder, config.batch_size)
-        self.low_precision = low_precision
+            low_precision = (fastest_latent_choice(self.transcoder, config.batch_size)
+                             if config.activation in _SPARSE else "float32")
+        self.latent_choice = latent_choice(low_precision)
         self.optimizer = torch.optim.Adam(self.transcoder.parameters(), lr=self.lr, fused=True)
         self.objective: nn.Module = _Objective(self)
         if self.world > 1:
@@ -546,6 +551,7 @@ class Trainer:
             write_manifest(tmp / "trainer.json", {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
                 "training": asdict(self.config), "store": self._store_identity(), "history": self.history,
+                "latent_choice": self.latent_choice,
                 "tensors": save_tensors(tmp / "trainer.safetensors", tensors),
             })
         clear_checkpoints(self.checkpoint_dir, keep=target)
@@ -580,6 +586,7 @@ class Trainer:
                 f"{self.checkpoint_dir} holds a run with {what} ({listed}): use another "
                 f"checkpoint_dir, or resume=False to start over"
             )
+        self._resume_latent_choice(meta.get("latent_choice", self.latent_choice), path)
         tc = type(self.transcoder).load(path / "transcoder", device=self.device)
         self.transcoder.load_state_dict(tc.state_dict())
         record = meta.get("tensors") if meta["version"] >= 2 else {}
@@ -601,6 +608,18 @@ class Trainer:
             raise CheckpointError(f"{path / 'trainer.safetensors'} does not match this run ({err!s}); {fix}") from err
         self.step = step
         self.history = history
+
+    def _resume_latent_choice(self, saved: str, path: Path) -> None:
+        """Continue in the latent-choice precision the checkpoint was trained with (exact resume),
+        unless this run was given another explicitly."""
+        if saved == self.latent_choice:
+            return
+        if self._latent_choice_given:
+            raise CheckpointError(f"{path} was trained with low_precision={saved!r}, this run asks for "
+                                  f"{self.latent_choice!r}: leave low_precision unset to continue the run as it "
+                                  f"was, or resume=False to start over")
+        self.latent_choice = saved
+        getattr(self.objective, "module", self.objective).latent_choice = saved
 
 
 def _short(value: Any) -> str:
@@ -629,13 +648,13 @@ class _Objective(nn.Module):
         super().__init__()
         self.transcoder = trainer.transcoder
         self.config, self.n_tokens = trainer.config, trainer.config.batch_size
-        self.low_precision, self.k_aux = trainer.low_precision, trainer.k_aux
+        self.latent_choice, self.k_aux = trainer.latent_choice, trainer.k_aux
 
     def forward(self, x: Tensor, y: Tensor, total_variance: Tensor, dead: Tensor,
                 penalty_weight: float) -> StepResult:
         tc, c = self.transcoder, self.config
         if c.activation in _SPARSE:
-            encoding = tc.encode_sparse(x, low_precision=self.low_precision)
+            encoding = tc.encode_sparse(x, low_precision=self.latent_choice)
             latents = encoding.latents
             error = y - tc.decode_sparse(latents, x, unit_rows=True)
             fvu = error.square().sum() / total_variance
@@ -855,7 +874,7 @@ def train_transcoder(
     checkpoint_every: int | None = None,
     resume: bool = True,
     device: str | torch.device | None = None,
-    low_precision: bool | None = None,
+    low_precision: bool | str | None = None,
     data_parallel: bool = False,
     seed: int = 0,
     eval_store: Any = None,

@@ -39,6 +39,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "KINDS",
     "ACTIVATIONS",
+    "LATENT_CHOICES",
     "TranscoderConfig",
     "Transcoder",
     "TranscoderOutput",
@@ -243,6 +244,26 @@ class SparseEncoding(NamedTuple):
     pre: Tensor  # dense pre-activations [n_tokens, n_latents], no grad (maybe bfloat16)
 
 
+LATENT_CHOICES = ("float32", "bfloat16", "int8")
+INT8_MARGIN = 8  # extra candidates per token recomputed in float32 after the int8 choice (docs/training.md)
+
+
+def latent_choice(low_precision: bool | str) -> str:
+    """The name in `LATENT_CHOICES` of ``encode_sparse``'s ``low_precision`` argument."""
+    if isinstance(low_precision, bool):
+        return "bfloat16" if low_precision else "float32"
+    if low_precision not in LATENT_CHOICES:
+        raise ValueError(f"low_precision={low_precision!r}: give True, False or one of {', '.join(LATENT_CHOICES)}")
+    return low_precision
+
+
+def _quantize_rows(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantisation of each row of ``m``: (int8 values, float32 scale per row),
+    ``m ≈ values · scale[:, None]``."""
+    scale = m.abs().amax(1).clamp_min(1e-12).div_(127)
+    return torch.div(m, scale[:, None]).round_().to(torch.int8), scale
+
+
 def _sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``a[rows[i]] · b[cols[i]]`` for each i (``rows`` non-decreasing), without materialising the
     gathered rows: a sampled dense-dense product (SDDMM), ~15x faster on CPU than gathering
@@ -258,18 +279,16 @@ class _GatheredLinear(torch.autograd.Function):
     """``values[i] = x[rows[i]] · weight[cols[i]] + bias[cols[i]]``, a linear layer evaluated at a
     sparse set of (token, latent) pairs.
 
-    The forward reads the values from ``pre``, the dense pre-activations already computed without
-    grad to choose the pairs (recomputing them in full precision when ``pre`` is lower precision).
-    The backward is a sparse matrix product, so the encoder's gradient costs O(nnz · d) instead of
-    a dense [tokens, n_latents] × [tokens, d] product.
+    The forward takes the values already computed without grad (read from the dense
+    pre-activations that chose the pairs, or recomputed at the pairs in full precision). The
+    backward is a sparse matrix product, so the encoder's gradient costs O(nnz · d) instead of a
+    dense [tokens, n_latents] × [tokens, d] product.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight, rows, cols)
-        if pre.dtype == weight.dtype:
-            return pre[rows, cols]
-        return _sampled_dot(x, weight, rows, cols) + bias[cols]
+        return values.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -287,6 +306,16 @@ class _GatheredLinear(torch.autograd.Function):
             )
             grad_x = torch.sparse.mm(g, weight).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def gathered_latents(xs: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
+                     values: Tensor) -> SparseLatents:
+    """`SparseLatents` of the (token, latent) pairs ``rows``, ``cols`` (grouped by token) whose
+    pre-activations ``values`` of the scaled inputs ``xs`` were computed without grad: ReLU of
+    them, differentiable with respect to ``weight`` and ``bias`` (and ``xs``) through the pairs only."""
+    values = _GatheredLinear.apply(xs, weight, bias, rows, cols, values)
+    counts = torch.bincount(rows, minlength=len(xs))
+    return SparseLatents(cols, F.relu(values), torch.cumsum(counts, 0) - counts)
 
 
 def _scatter_rows(targets: Tensor, rows: Tensor, values: Tensor, dense: Tensor, n_targets: int) -> Tensor:
@@ -459,21 +488,50 @@ class Transcoder(nn.Module):
 
     # ---- sparse path (TopK, BatchTopK) --------------------------------------------------------
 
-    def encode_sparse(self, x: Tensor, *, low_precision: bool = False) -> SparseEncoding:
+    def encode_sparse(self, x: Tensor, *, low_precision: bool | str = False) -> SparseEncoding:
         """Active latents of TopK/BatchTopK as a `SparseLatents`, differentiable with respect to
         the encoder; also returns the dense pre-activations (no grad) for auxiliary losses.
 
-        ``x`` is ``[n_tokens, d_in]`` in model units. With ``low_precision`` the dense matrix
-        product that chooses the latents runs in bfloat16 (the selected values are recomputed in
-        float32). Only the selected latents enter the backward pass.
+        ``x`` is ``[n_tokens, d_in]`` in model units. ``low_precision`` names the precision of
+        the dense matrix product that chooses the latents (`LATENT_CHOICES`; ``True`` is
+        ``"bfloat16"``, ``False`` ``"float32"``): in ``"bfloat16"`` the product runs under
+        autocast; in ``"int8"`` (TopK only) it is an integer product of ``x`` quantised per token
+        and ``W_enc`` per latent, whose best ``k + INT8_MARGIN`` latents per token are then
+        recomputed in float32 to pick the top k. Either way the selected values and gradients
+        are float32, and the returned ``pre`` is bfloat16 (approximate); in ``"float32"`` it is
+        exact. Only the selected latents enter the backward pass.
         """
         act = self.config.activation
         if act not in ("topk", "batchtopk"):
             raise ValueError(f"encode_sparse needs a TopK or BatchTopK transcoder, not {act!r}")
-        with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
+        choice = latent_choice(low_precision)
+        if choice == "int8":
+            if act != "topk":
+                raise ValueError("the int8 latent choice is for TopK only: use low_precision='bfloat16' or False")
+            return self._encode_int8(x)
+        with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=choice == "bfloat16"):
             pre = F.linear(x * self.config.input_scale, self.W_enc, self.b_enc)
         rows, cols = self._select(pre)
         return SparseEncoding(self.latents_at(x, rows, cols, pre), pre)
+
+    def _encode_int8(self, x: Tensor) -> SparseEncoding:
+        """TopK latents chosen from an int8 product (`encode_sparse`), refined in float32."""
+        xs = x * self.config.input_scale
+        n_tokens, k = len(x), self.config.k
+        with torch.no_grad():
+            xq, x_scale = _quantize_rows(xs)
+            wq, w_scale = _quantize_rows(self.W_enc)
+            pre = torch._int_mm(xq, wq.t()).float().mul_(w_scale).mul_(x_scale[:, None]).add_(self.b_enc)
+            pre = pre.bfloat16()
+            n_candidates = min(self.n_latents, k + INT8_MARGIN)
+            candidates = pre.topk(n_candidates, dim=1, sorted=False).indices
+            rows = torch.arange(n_tokens, device=x.device).repeat_interleave(n_candidates)
+            exact = (_sampled_dot(xs, self.W_enc, rows, candidates.flatten())
+                     + self.b_enc[candidates.flatten()]).view(n_tokens, n_candidates)
+            best = exact.topk(k, dim=1, sorted=False).indices
+            cols, values = candidates.gather(1, best).flatten(), exact.gather(1, best).flatten()
+        rows = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
+        return SparseEncoding(gathered_latents(xs, self.W_enc, self.b_enc, rows, cols, values), pre)
 
     def latents_at(self, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> SparseLatents:
         """Activations (ReLU of the pre-activations) of chosen (token, latent) pairs as
@@ -481,11 +539,16 @@ class Transcoder(nn.Module):
 
         ``rows`` (token indices, non-decreasing) and ``cols`` (latent ids) name the pairs; ``pre``
         holds the dense pre-activations of ``x`` computed without grad, which the values are read
-        from. The backward pass only touches the chosen pairs.
+        from (recomputed at the pairs in float32 where ``pre`` is of lower precision). The
+        backward pass only touches the chosen pairs.
         """
-        values = _GatheredLinear.apply(x * self.config.input_scale, self.W_enc, self.b_enc, rows, cols, pre)
-        counts = torch.bincount(rows, minlength=len(x))
-        return SparseLatents(cols, F.relu(values), torch.cumsum(counts, 0) - counts)
+        xs = x * self.config.input_scale
+        with torch.no_grad():
+            if pre.dtype == self.W_enc.dtype:
+                values = pre[rows, cols]
+            else:
+                values = _sampled_dot(xs, self.W_enc, rows, cols) + self.b_enc[cols]
+        return gathered_latents(xs, self.W_enc, self.b_enc, rows, cols, values)
 
     @torch.no_grad()
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:

@@ -192,13 +192,13 @@ def test_sparse_path_matches_dense_reference_loss_and_gradients(activation, kind
     assert torch.allclose(x.grad.double(), ref_grads[-1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_low_precision_choice_keeps_full_precision_values_and_gradients(activation):
-    """With ``low_precision`` the latents are chosen from a bfloat16 product, but their values
-    (and the gradients) are those of the float32 encoder at the chosen pairs."""
+@pytest.mark.parametrize("activation, choice", [("topk", "bfloat16"), ("batchtopk", "bfloat16"), ("topk", "int8")])
+def test_low_precision_choice_keeps_full_precision_values_and_gradients(activation, choice):
+    """With ``low_precision`` the latents are chosen from a bfloat16 or int8 product, but their
+    values (and the gradients) are those of the float32 encoder at the chosen pairs."""
     tc = make(activation=activation, k=6).train()
     x, y = torch.randn(40, D_IN), torch.randn(40, D_OUT)
-    encoding = tc.encode_sparse(x, low_precision=True)
+    encoding = tc.encode_sparse(x, low_precision=choice)
     assert encoding.pre.dtype == torch.bfloat16
     latents = encoding.latents
     rows = latents.rows
@@ -213,6 +213,33 @@ def test_low_precision_choice_keeps_full_precision_values_and_gradients(activati
     ref_grads = torch.autograd.grad((y.double() - out).square().sum(), list(params.values()))
     for (name, p), ref in zip(tc.named_parameters(), ref_grads):
         assert torch.allclose(p.grad.double(), ref, rtol=1e-4, atol=1e-5), name
+
+
+def test_int8_choice_picks_the_exact_top_k():
+    """The int8 product only proposes k + INT8_MARGIN candidates per token; their float32
+    pre-activations pick the k: on inputs whose top k stand clear of the rest by more than the
+    int8 error (random Gaussian ones, here), the chosen latents are the float64 top k, even with an
+    outlier input channel (which coarsens the per-token int8 scale of the others)."""
+    from tcwidgets.transcoder import INT8_MARGIN
+
+    tc = make(k=8, d_in=64, n=512)
+    x = torch.randn(256, 64)
+    x[:, 3] *= 20  # an outlier channel, as in language-model activations
+    assert INT8_MARGIN > 0
+    latents = tc.encode_sparse(x, low_precision="int8").latents
+    pre64 = reference(tc, x.double())[0]
+    expected = pre64.topk(8, dim=1).indices.sort(1).values
+    assert torch.equal(latents.indices.view(256, 8).sort(1).values, expected)
+    assert torch.allclose(latents.values.double(), pre64.gather(1, latents.indices.view(256, 8)).flatten().relu(),
+                          rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_names_are_checked():
+    tc = make(k=4)
+    with pytest.raises(ValueError, match="low_precision='fp8'.*float32, bfloat16, int8"):
+        tc.encode_sparse(torch.randn(4, D_IN), low_precision="fp8")
+    with pytest.raises(ValueError, match="int8 latent choice is for TopK only"):
+        make(activation="batchtopk").encode_sparse(torch.randn(4, D_IN), low_precision="int8")
 
 
 def test_sparse_latents_match_dense_encoding():
