@@ -234,7 +234,7 @@ def train_streaming(
     checkpoint_every: int | None = None,
     resume: bool = True,
     device: str | torch.device | None = None,
-    low_precision: bool | None = None,
+    low_precision: bool | str | None = None,
     seed: int = 0,
     eval_store: Any = None,
     progress: bool = True,
