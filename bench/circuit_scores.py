@@ -20,6 +20,8 @@ latents, cached in ``$TCWIDGETS_CACHE/tutorials/circuit-transcoders``):
   path W_skip·x beside the latents) on all 30 layers, k=8 and k=4; the attribution folds the skip
   path into the edges like an attention head, so what it carries is not error;
 - ``every-layer-skip-wide``: the same at k=8 with 4 × d_model latents (``width``: latents per d_model);
+- ``every-layer-skip-e8``, ``every-layer-skip-e16``: ``every-layer-skip`` trained for 8 and 16 epochs
+  instead of 2 (the same tokens, 4 and 8 times the steps);
 - ``clt-k4``, ``clt-k8``: one cross-layer transcoder on all 30 layers (`tutorials.circuit_clt`, the same
   tokens, 2 × d_model latents per layer), k=4 and k=8 per layer (total L0 120 and 240, matched to
   late-4 and every-layer).
@@ -53,6 +55,8 @@ SETS = {
     "every-layer-skip": {"layers": "all", "k": 8, "kind": "skip"},
     "every-layer-skip-k4": {"layers": "all", "k": 4, "kind": "skip"},
     "every-layer-skip-wide": {"layers": "all", "k": 8, "kind": "skip", "width": 4},
+    "every-layer-skip-e8": {"layers": "all", "k": 8, "kind": "skip", "epochs": 8},
+    "every-layer-skip-e16": {"layers": "all", "k": 8, "kind": "skip", "epochs": 16},
     "clt-k4": {"clt": True, "k": 4},
     "clt-k8": {"clt": True, "k": 8},
 }
@@ -160,7 +164,8 @@ def main() -> None:
             options = {"kind": SETS[name]["kind"]} if "kind" in SETS[name] else {}
             width = SETS[name].get("width", 2)
             transcoders = circuit_transcoders(lm, SETS[name]["layers"], k=SETS[name]["k"],
-                                              n_latents=width * lm.d_model, **options)
+                                              n_latents=width * lm.d_model, epochs=SETS[name].get("epochs"),
+                                              **options)
         print(f"{name}: transcoders ready in {time.perf_counter() - start:.0f} s", flush=True)
         rows.append(measure(lm, name, transcoders, test_tokens, quick=args.quick, scores=not args.no_scores))
         args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=1))
