@@ -130,6 +130,31 @@ def test_the_runner_measures_how_long_a_cell_stays_silent(tmp_path):
     assert run.silent_cells(1.5) == [(0, run.silences[0])] and run.silent_cells() == []
 
 
+def test_the_runner_counts_only_the_notebooks_kernel_and_finds_its_heaviest_cell(tmp_path):
+    """Other children of the calling process (a test session's JupyterLab, its browser) are not the
+    notebook's memory; the cell that allocates is the one named."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nblock = bytearray(700 * 2**20)\n"
+                               "block[::4096] = b'x' * len(block[::4096])\nprint('ready', flush=True)\ntime.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        notebook = nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell("x = 1"),
+            nbformat.v4.new_code_cell("import time\nblock = bytearray(300 * 2**20)\n"
+                                      "block[::4096] = b'x' * len(block[::4096])\ntime.sleep(1.0)"),
+            nbformat.v4.new_code_cell("del block\nimport time\ntime.sleep(0.5)")])
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        path = tmp_path / "memory.ipynb"
+        nbformat.write(notebook, str(path))
+        run = run_notebook(path, solutions=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.error is None
+    assert 0.3 < run.peak_anon_gb < 0.6, run.peak_anon_gb  # 300 MB and the kernel, not the 700 MB holder
+    assert run.heaviest_cell[0] == 1 and run.heaviest_cell[1] == pytest.approx(run.peak_anon_gb), run.cell_peaks
+
+
 def test_every_quoted_run_time_comes_from_the_one_table():
     """The README, the tutorials README and every notebook's header agree with run-times.json."""
     stale = write_docs(ROOT / "tutorials", ROOT / "README.md", write=False)

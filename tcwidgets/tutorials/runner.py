@@ -26,7 +26,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psutil
 
 _CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
 PROGRESS_EVERY_S = 10.0  # a running cell shows something new at least this often (a bar's update, a line)
@@ -37,6 +40,7 @@ class NotebookRun:
     """How a notebook run went: wall time, the kernel's (and its children's) peak resident memory,
     and the error if one stopped it.
 
+    Memory is the notebook's kernel's process tree only (not other children of the calling process).
     ``peak_rss_gb`` counts every resident page, including the file-backed pages of memory-mapped
     activation stores, which the kernel can drop and re-read at any time; ``peak_anon_gb`` leaves
     those out (RSS minus shared and file-backed pages): the memory a run cannot give back, which is
@@ -51,11 +55,17 @@ class NotebookRun:
     silences: dict[int, float] = field(default_factory=dict)  # cell index -> longest stretch without news (s)
     silent_after: dict[int, str] = field(default_factory=dict)  # cell index -> what was shown before it
     load_average: float = 0.0  # the machine's 1-minute load average, averaged over the run
+    cell_peaks: dict[int, float] = field(default_factory=dict)  # cell index -> peak GB without file-backed pages
 
     @property
     def longest_silence(self) -> tuple[int, float]:
         """``(cell index, seconds)`` of the longest time a learner saw nothing new in a running cell."""
         return max(self.silences.items(), key=lambda item: item[1], default=(-1, 0.0))
+
+    @property
+    def heaviest_cell(self) -> tuple[int, float]:
+        """``(cell index, GB)`` of the cell during which the memory without file-backed pages peaked."""
+        return max(self.cell_peaks.items(), key=lambda item: item[1], default=(-1, 0.0))
 
     def silent_cells(self, limit: float = PROGRESS_EVERY_S) -> list[tuple[int, float]]:
         """``(cell index, seconds)`` of every cell that stayed silent longer than ``limit``, longest first."""
@@ -116,6 +126,7 @@ def _timed(client_class: type) -> type:
             self.silences: dict[int, float] = {}
             self.silent_after: dict[int, str] = {}
             self._last: dict[int, tuple[float, str]] = {}
+            self.running_cell: int | None = None
 
         def _heard(self, index: int, text: str) -> None:
             now = time.monotonic()
@@ -127,9 +138,11 @@ def _timed(client_class: type) -> type:
 
         def _started(self, cell: Any, cell_index: int, **_: Any) -> None:
             self._last[cell_index] = (time.monotonic(), "the cell's start")
+            self.running_cell = cell_index
 
         def _ended(self, cell: Any, cell_index: int, **_: Any) -> None:
             self._heard(cell_index, "the cell's end")
+            self.running_cell = None
 
         def process_message(self, msg: dict, cell: Any, cell_index: int) -> Any:
             if msg["msg_type"] in _NEWS:
@@ -162,15 +175,17 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
     saved = {name: os.environ.get(name) for name in env}
     work = Path(tempfile.mkdtemp(prefix=f"tcw-{path.stem}-"))
     peak = [0, 0]  # RSS, anonymous
+    cell_peaks: dict[int, float] = {}
     loads: list[float] = []
     stop = threading.Event()
+    me = psutil.Process()
+    earlier = {child.pid for child in me.children()}  # e.g. a test session's JupyterLab and browser: not ours
 
-    def watch() -> None:  # the kernel is a child process of this one: sample its memory (and the load)
-        me = psutil.Process()
+    def watch() -> None:  # the kernel is a new child process of this one: sample its tree's memory (and the load)
         while not stop.wait(0.2):
             loads.append(os.getloadavg()[0])
             rss = anon = 0
-            for child in me.children(recursive=True):
+            for child in _new_process_trees(me, earlier):
                 try:
                     memory = child.memory_info()
                 except psutil.Error:
@@ -178,15 +193,18 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
                 rss += memory.rss
                 anon += memory.rss - getattr(memory, "shared", 0)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
+            running = getattr(client, "running_cell", None)
+            if running is not None:
+                cell_peaks[running] = max(cell_peaks.get(running, 0.0), anon / 2**30)
 
+    client = _timed(NotebookClient)(notebook, timeout=timeout, kernel_name="python3",
+                                    resources={"metadata": {"path": str(work)}})
     watcher = threading.Thread(target=watch, daemon=True)
     error = None
     start = time.perf_counter()
     try:
         os.environ.update(env)
         watcher.start()
-        client = _timed(NotebookClient)(notebook, timeout=timeout, kernel_name="python3",
-                                        resources={"metadata": {"path": str(work)}})
         client.execute()
     except CellExecutionError as failure:
         error = str(failure)
@@ -199,7 +217,24 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
                 os.environ[name] = value
         shutil.rmtree(work, ignore_errors=True)
     return NotebookRun(path.name, time.perf_counter() - start, peak[0] / 2**30, peak[1] / 2**30, error, notebook,
-                       client.silences, client.silent_after, sum(loads) / max(len(loads), 1))
+                       client.silences, client.silent_after, sum(loads) / max(len(loads), 1), cell_peaks)
+
+
+def _new_process_trees(me: psutil.Process, earlier: set[int]) -> list[psutil.Process]:
+    """The child processes of ``me`` whose pids are not in ``earlier``, with all
+    their descendants."""
+    import psutil
+
+    trees = []
+    for child in me.children():
+        if child.pid in earlier:
+            continue
+        trees.append(child)
+        try:
+            trees.extend(child.children(recursive=True))
+        except psutil.Error:
+            continue
+    return trees
 
 
 def measure(path: Path, table: dict[str, Any]) -> list[NotebookRun]:
@@ -267,7 +302,8 @@ def report(run: NotebookRun) -> int:
     cell, silence = run.longest_silence
     print(f"{run.name}: {run.seconds / 60:.1f} min, peak RSS {run.peak_rss_gb:.2f} GB "
           f"({run.peak_anon_gb:.2f} GB without file-backed pages), load average {run.load_average:.1f}, "
-          f"longest silence {silence:.1f} s (cell {cell})" + ("" if run.error is None else ": **failed**"), flush=True)
+          f"longest silence {silence:.1f} s (cell {cell}), memory peaked in cell "
+          f"{run.heaviest_cell[0]}" + ("" if run.error is None else ": **failed**"), flush=True)
     for index, seconds in run.silent_cells():
         first = (run.notebook.cells[index].source.strip().splitlines() or [""])[0][:80]
         print(f"  cell {index} silent for {seconds:.1f} s (more than {PROGRESS_EVERY_S:.0f}) after "
