@@ -509,3 +509,28 @@ def test_circuit_clt_is_trained_once_on_every_layer_then_read_from_the_cache(lm,
     again = cache.circuit_clt(tiny, n_tokens=384, n_latents=16, k=2, epochs=1)
     saved, read = weights(clt), weights(again)
     assert saved.keys() == read.keys() and all(torch.equal(saved[name], read[name]) for name in saved)
+
+
+def test_cross_layer_transcoder_is_train_clt_on_the_cached_store_then_read_from_the_cache(lm, tmp_path, monkeypatch):
+    from tcwidgets.tutorials import cache
+
+    torch.manual_seed(0)
+    tiny = tcw.load_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=lm.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)).eval(), tokenizer=lm.tokenizer)
+    monkeypatch.setenv("TCWIDGETS_CACHE", str(tmp_path))
+    size = dict(n_tokens=384, n_latents=16, k=2, epochs=1)
+    clt = cache.cross_layer_transcoder(tiny, [2, 0], **size)
+    (folder,) = (tmp_path / "tutorials" / "crosslayer").iterdir()
+    assert not (folder / "checkpoints").exists()
+    independent = tcw.train_clt(cache.activations(tiny, [0, 2], n_tokens=384), [0, 2], n_latents=16, k=2, epochs=1)
+    trained, expected = weights(clt), weights(independent)
+    assert clt.layers == [0, 2] and trained.keys() == expected.keys()
+    assert all(torch.equal(trained[name], expected[name]) for name in trained)  # checkpointing changed nothing
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("cross_layer_transcoder trained again instead of reading its cache")
+
+    monkeypatch.setattr(cache, "train_clt", train_again)
+    read = weights(cache.cross_layer_transcoder(tiny, [0, 2], **size))
+    assert all(torch.equal(trained[name], read[name]) for name in trained)

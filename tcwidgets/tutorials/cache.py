@@ -64,9 +64,13 @@ def transcoders(lm: Any, layers: int | Sequence[int] = 6, *, n_tokens: int | Non
 def _standard(lm: Any, n_tokens: int | None, n_latents: int | None, epochs: int | None,
               options: dict[str, Any]) -> tuple[int, int, int, str]:
     """The tutorials' standard tokens, latents and epochs where not given, and ``options`` as a cache key suffix."""
-    extra = "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
     return (n_tokens or pick(100_000, fast=20_000), n_latents or pick(8, fast=4) * lm.d_model,
-            epochs or pick(2, fast=1), extra)
+            epochs or pick(2, fast=1), _key(options))
+
+
+def _key(options: dict[str, Any]) -> str:
+    """Keyword arguments as a cache-key suffix: ``-name-value`` for each, sorted by name."""
+    return "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
 
 
 def cross_layer_transcoder(lm: Any, layers: Sequence[int], *, n_tokens: int | None = None,
@@ -79,11 +83,8 @@ def cross_layer_transcoder(lm: Any, layers: Sequence[int], *, n_tokens: int | No
     folder = tutorial_cache() / "crosslayer" / _safe(
         f"{lm.name}-topk-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs-layers-"
         f"{'-'.join(map(str, layers))}{extra}")
-    if not (folder / CONFIG_FILE).is_file():  # written last: its presence marks a finished save
-        train_clt(activations(lm, layers, n_tokens=n_tokens), layers, n_latents=n_latents, k=k, epochs=epochs,
-                  checkpoint_dir=folder / "checkpoints", **options).save(folder)
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    return CrossLayerTranscoder.load(folder)
+    return _cached_clt(folder, folder, lambda: activations(lm, layers, n_tokens=n_tokens), layers,
+                       n_latents=n_latents, k=k, epochs=epochs, **options)
 
 
 def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n_tokens: int | None = None,
@@ -104,8 +105,7 @@ def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n
     n_latents = n_latents or 2 * lm.d_model
     k = k or 8
     epochs = epochs or 2
-    extra = "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
-    run = _safe(f"{lm.name}-circuits-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{extra}")
+    run = _safe(f"{lm.name}-circuits-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{_key(options)}")
     folder = tutorial_cache() / "circuit-transcoders" / run
     trained = _trained(folder, layers, lambda missing: _circuit_store(lm, missing, n_tokens, folder / "store"),
                        n_latents=n_latents, k=k, epochs=epochs, batch_size=256, **options)
@@ -126,18 +126,24 @@ def circuit_clt(lm: Any, *, n_tokens: int | None = None, n_latents: int | None =
     tutorials' 2 GB. Other keyword arguments go to `train_clt` (and into the cache key)."""
     n_tokens = n_tokens or pick(24_576, fast=12_288)
     n_latents = n_latents or 2 * lm.d_model
-    extra = "".join(f"-{key}-{value}" for key, value in sorted(options.items()))
-    run = _safe(f"{lm.name}-clt-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{extra}")
+    run = _safe(f"{lm.name}-clt-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{_key(options)}")
     folder = tutorial_cache() / "circuit-clt" / run
-    if not (folder / "clt" / CONFIG_FILE).is_file():  # the manifest is written last: its presence marks a finished save
-        layers = list(range(lm.n_layers))
-        clt = train_clt(_circuit_store(lm, layers, n_tokens, folder / "store"), layers, n_latents=n_latents, k=k,
-                        epochs=epochs, batch_size=256, checkpoint_dir=folder / "checkpoints",
-                        checkpoint_every=max(1, n_tokens * epochs // 256 // 4), **options)
-        clt.save(folder / "clt")
+    layers = list(range(lm.n_layers))
+    return _cached_clt(folder, folder / "clt", lambda: _circuit_store(lm, layers, n_tokens, folder / "store"), layers,
+                       n_latents=n_latents, k=k, epochs=epochs, batch_size=256,
+                       checkpoint_every=max(1, n_tokens * epochs // 256 // 4), **options)
+
+
+def _cached_clt(folder: Path, saved: Path, store: Callable[[], ActivationStore], layers: list[int],
+                **train_options: Any) -> CrossLayerTranscoder:
+    """The cross-layer transcoder saved in ``saved``; if there is none, trained (`train_clt`, with
+    checkpoints in ``folder`` so an interruption resumes) on ``store()``, saved, and the checkpoints
+    (and a store collected into ``folder``) deleted."""
+    if not (saved / CONFIG_FILE).is_file():  # written last: its presence marks a finished save
+        train_clt(store(), layers, checkpoint_dir=folder / "checkpoints", **train_options).save(saved)
         for done in ("checkpoints", "store"):
             shutil.rmtree(folder / done, ignore_errors=True)
-    return CrossLayerTranscoder.load(folder / "clt")
+    return CrossLayerTranscoder.load(saved)
 
 
 def _circuit_store(lm: Any, layers: list[int], n_tokens: int, out: Path) -> ActivationStore:
@@ -146,7 +152,7 @@ def _circuit_store(lm: Any, layers: list[int], n_tokens: int, out: Path) -> Acti
     years = n_tokens // 3
     tokens = torch.cat([load_corpus("python-docs", lm, n_tokens=n_tokens - years),
                         load_corpus(year_sentences(), lm, n_tokens=years)])
-    return collect_activations(lm, layers, tokens, out=out, batch_size=8, dtype="bfloat16")
+    return collect_activations(lm, layers, tokens, out=out, batch_size=4, dtype="bfloat16")
 
 
 def _trained(folder: Path, layers: list[int], store: Callable[[list[int]], ActivationStore],
