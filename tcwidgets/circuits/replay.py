@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..crosslayer import LayerView
+from ..progress import delayed_bar
 from ..models import RUN_LOCK
 from ..models import resolve
 from ..splicing import writes_after_norm
@@ -244,7 +245,7 @@ class FrozenRun:
         self.layers: list[_Layer] = []
         n = len(tokens)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
-        for layer in range(last_layer + 1):
+        for layer in delayed_bar(range(last_layer + 1), desc="freezing the forward pass", unit="layer"):
             block = resolve(module, sites.block(layer))
             self.resid[2 * layer] = resid
             attn_norm = _FrozenNorm(resolve(block, sites.pre_attention_norm), resid)

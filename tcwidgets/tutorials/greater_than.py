@@ -19,6 +19,7 @@ import torch
 
 from ..circuits import LogitTarget, attribute
 from ..interventions import encode_prompt
+from ..progress import delayed_bar
 from ..splicing import splice
 
 __all__ = ["Ablate", "CausalCheck", "TEMPLATE", "causal_check", "digit_ids", "greater_target", "metrics", "prompts",
@@ -117,22 +118,27 @@ class CausalCheck:
 
 def causal_check(lm: Any, transcoders: Mapping[int, Any], year: int, *, n_ablate: int = 10, n_random: int = 5,
                  nearest: int = 3, rng: random.Random | None = None, depth: int = 3, top_k: int = 12,
-                 threshold: float = 0.01) -> CausalCheck:
+                 threshold: float = 0.01, progress: bool = True) -> CausalCheck:
     """Attribute the greater-than target on start year 17``year``, zero the graph's latents with the
     largest positive attribution (at most ``n_ablate``), and zero ``n_random`` matched control sets:
     for each ablated latent, one drawn among the ``nearest`` other latents active in the same layer at
     the same position whose activations are closest to its own. Changes are against the prompt with
-    every transcoder spliced in and its error term kept."""
+    every transcoder spliced in and its error term kept. ``progress`` shows a bar over the runs when they take more than a moment."""
     rng = rng or random.Random(0)
     t = year // 10
     tokens = prompts(lm, [year])
     digits = digit_ids(lm)
+    bar = delayed_bar(total=3 + n_random, desc=f"causal check 17{year}", unit="run", disable=not progress)
     graph = attribute(lm, transcoders, tokens[0], greater_target(t), depth=depth, top_k=top_k, threshold=threshold)
     top = sorted((n for n in graph.nodes.values() if n.kind == "latent" and n.attribution > 0),
                  key=lambda n: -n.attribution)[:n_ablate]
     chosen = [(n.layer, n.latent, n.position) for n in top]
+    target_value, graph_nodes = graph.target_value, len(graph.nodes)
+    del graph  # its frozen run is the largest allocation here, and the runs below do not need it
+    bar.update()
     clean = splice(lm, transcoders, tokens, mode="error", save_latents=True, progress=False)
     probs, diffs = metrics(clean.logits, [t], digits)
+    bar.update()
 
     def matched(layer: int, latent: int, position: int) -> tuple[int, int, int]:
         row = clean.latents[layer][0, position]
@@ -151,8 +157,10 @@ def causal_check(lm: Any, transcoders: Mapping[int, Any], year: int, *, n_ablate
             p, logit = metrics(logits, [t], digits)
             changes[name][0].append(p[0] - probs[0])
             changes[name][1].append(logit[0] - diffs[0])
-    return CausalCheck(year=1700 + year, target_value=graph.target_value, ablated=chosen, controls=controls,
+            bar.update()
+    bar.close()
+    return CausalCheck(year=1700 + year, target_value=target_value, ablated=chosen, controls=controls,
                        predicted_logit_change=-sum(n.attribution for n in top),
                        top_logit_change=changes["top"][1][0], random_logit_change=statistics.mean(changes["random"][1]),
                        top_prob_change=changes["top"][0][0], random_prob_change=statistics.mean(changes["random"][0]),
-                       graph_nodes=len(graph.nodes))
+                       graph_nodes=graph_nodes)
