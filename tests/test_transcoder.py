@@ -384,3 +384,19 @@ def test_save_replaces_files_atomically_and_leaves_no_temporary_files(tmp_path):
     second.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "weights.safetensors"]
     assert torch.equal(Transcoder.load(tmp_path).W_enc, second.W_enc)
+
+
+def test_bfloat16_top_k_keys_order_values_as_floats():
+    """The integer keys of the bfloat16 latent choice pick the same latents as a float64 sort of the
+    values, negative ones (rows with few positive values) and zeros of either sign included."""
+    from tcwidgets.transcoder import _topk_indices
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randperm(2**15 - 2**7, generator=g)[:64 * 200].view(64, 200).to(torch.int16)  # finite, distinct
+    words[::2] |= -(2**15)  # every other row: negative values (sign bit set)
+    words[1::4, :150] |= -(2**15)  # and rows with 50 positive values only
+    values = words.view(torch.bfloat16)
+    values[0, 0], values[1, 0] = 0.0, -0.0
+    for k in (1, 8, 60):
+        expected = values.double().topk(k, dim=1).indices.sort(1).values
+        assert torch.equal(_topk_indices(values, k).sort(1).values, expected)
