@@ -210,8 +210,7 @@ def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator)
 
 
 _SPREAD_DIMS = 128
-_POOL = None
-_BIAS_TOKENS = 4096
+_BIAS_TOKENS = 2048  # tokens the encoder biases are set on (4096 before: 2x the CPU time, FVU 0.0002 better)
 
 
 def _spread_rows(x: Tensor, n: int, generator: torch.Generator, rounds: int = 64) -> Tensor:
@@ -397,7 +396,7 @@ class Trainer:
         stats = store.stats(layer)
         sae = c.kind == "sae"
         d = store.d_model
-        n = min(store.n_tokens, _POOL or max(16384, 4 * c.n_latents))
+        n = min(store.n_tokens, max(16384, 4 * c.n_latents))
         x, y = store.sample(layer, n, seed=c.seed + 1)
         if not all(_plausible(norm, values) for norm, values in ((stats.in_norm, x), (stats.out_norm, y))):
             store.verify([layer])  # names the shard, token and value: NaN, infinite, or an outlier
@@ -450,7 +449,7 @@ class Trainer:
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         for name, t, limit in zip(("inputs", "outputs"), (x, y), self._squared_norm_limits):
-            if not float(t.square().sum(1).max()) <= limit:  # also catches NaN
+            if not float(torch.linalg.vector_norm(t, dim=1).max()) ** 2 <= limit:  # also catches NaN (one pass)
                 self.store.verify([self.layer])  # names the shard, token and value
                 raise ValueError(
                     f"batch {self.step} of layer {self.layer} has NaN, infinite or outlier MLP {name}: the "
@@ -697,7 +696,10 @@ class _Objective(nn.Module):
         if len(dead) == 0:
             return error.new_zeros(())
         k_aux = min(self.k_aux, len(dead))
-        cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
+        if k_aux == len(dead):  # every dead latent, for every token: no top-k to take
+            cols = dead.repeat(len(x))
+        else:
+            cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
         rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
         aux = tc.latents_at(x, rows, cols, pre)
         fit = tc.decode_sparse(aux, bias=False, unit_rows=True)

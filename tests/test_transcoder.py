@@ -386,17 +386,21 @@ def test_save_replaces_files_atomically_and_leaves_no_temporary_files(tmp_path):
     assert torch.equal(Transcoder.load(tmp_path).W_enc, second.W_enc)
 
 
-def test_bfloat16_top_k_keys_order_values_as_floats():
-    """The integer keys of the bfloat16 latent choice pick the same latents as a float64 sort of the
-    values, negative ones (rows with few positive values) and zeros of either sign included."""
+def test_the_bfloat16_top_k_takes_the_largest_positive_values():
+    """The TopK choice from bfloat16 values compares their 16-bit words: the k largest values of a
+    float64 sort where a row has k positive ones; every positive one (the rest negative) where it
+    has fewer."""
     from tcwidgets.transcoder import _topk_indices
 
     g = torch.Generator().manual_seed(0)
     words = torch.randperm(2**15 - 2**7, generator=g)[:64 * 200].view(64, 200).to(torch.int16)  # finite, distinct
-    words[::2] |= -(2**15)  # every other row: negative values (sign bit set)
-    words[1::4, :150] |= -(2**15)  # and rows with 50 positive values only
+    words[::2, 50:] |= -(2**15)  # every other row: 50 positive values, the rest negative
     values = words.view(torch.bfloat16)
-    values[0, 0], values[1, 0] = 0.0, -0.0
-    for k in (1, 8, 60):
+    values[1, 0], values[3, 0] = 0.0, -0.0
+    for k in (1, 8, 50, 60):
+        chosen = _topk_indices(values, k).sort(1).values
+        assert chosen.shape == (64, k) and all(len(row.unique()) == k for row in chosen)
         expected = values.double().topk(k, dim=1).indices.sort(1).values
-        assert torch.equal(_topk_indices(values, k).sort(1).values, expected)
+        assert torch.equal(chosen[1::2], expected[1::2])  # rows with k positive values or more
+        positive = torch.arange(50).expand(32, 50)
+        assert torch.equal(chosen[::2, :min(k, 50)], positive[:, :min(k, 50)] if k >= 50 else expected[::2])
