@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -195,7 +196,7 @@ def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator)
     x_mean, y_mean = xs.mean(0), ys.mean(0)
     directions = _unit_rows(xs - x_mean)
     pick = _spread_rows(directions, c.n_latents, generator)
-    sample = xs[:4096]
+    sample = xs[:_BIAS_TOKENS]
     enc = directions[pick]
     pre = enc @ sample.t()  # [n_latents, tokens]: the top-k along rows is 2.4x faster than along columns
     scale = pre.std()
@@ -209,6 +210,7 @@ def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator)
 
 
 _SPREAD_DIMS = 128
+_BIAS_TOKENS = 2048  # tokens the encoder biases are set on (4096 before: 2x the CPU time, FVU 0.0002 better)
 
 
 def _spread_rows(x: Tensor, n: int, generator: torch.Generator, rounds: int = 64) -> Tensor:
@@ -226,7 +228,7 @@ def _spread_rows(x: Tensor, n: int, generator: torch.Generator, rounds: int = 64
         x = _unit_rows(x @ projection.to(x.device))
     per_round = math.ceil(n / rounds)
     first = torch.randint(len(x), (1,), generator=generator)
-    distance = 1 - (x @ x[first].t()).max(1).values  # to the nearest taken row
+    distance = 1 - (x @ x[first].t()).amax(1)  # to the nearest taken row
     chosen, taken = [], 0
     while taken < n:
         need = min(per_round, n - taken)
@@ -239,7 +241,7 @@ def _spread_rows(x: Tensor, n: int, generator: torch.Generator, rounds: int = 64
         pick = candidates[pick]
         chosen.append(pick)
         taken += len(pick)
-        distance = torch.minimum(distance, 1 - (x @ x[pick].t()).max(1).values)
+        distance = torch.minimum(distance, 1 - (x @ x[pick].t()).amax(1))
         distance[pick] = -1
     return torch.cat(chosen)[:n]
 
@@ -249,14 +251,17 @@ def _distinct(rows: Tensor, distance: Tensor, need: int) -> Tensor:
     to an accepted one than half its own distance to the rows taken in earlier rounds: the farthest
     rows of a round can be copies of each other (every sequence's first token has the same
     activations), and copies start latents that compete until all but one die."""
-    sims = rows @ rows.t()
+    sims = (rows @ rows.t()).cpu().numpy()
+    distance = distance.cpu().numpy()
+    nearest = np.full(len(rows), -np.inf, dtype=sims.dtype)  # each row's largest cosine to an accepted one
     accepted: list[int] = []
     for i in range(len(rows)):
         if distance[i] < 1e-6 or len(accepted) == need:
             break
-        if accepted and 1 - float(sims[i, accepted].max()) < 0.5 * float(distance[i]):
+        if accepted and 1 - float(nearest[i]) < 0.5 * float(distance[i]):
             continue
         accepted.append(i)
+        np.maximum(nearest, sims[:, i], out=nearest)
     return torch.tensor(accepted, dtype=torch.long)
 
 
@@ -444,7 +449,7 @@ class Trainer:
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         for name, t, limit in zip(("inputs", "outputs"), (x, y), self._squared_norm_limits):
-            if not float(t.square().sum(1).max()) <= limit:  # also catches NaN
+            if not float(torch.linalg.vector_norm(t, dim=1).max()) ** 2 <= limit:  # also catches NaN (one pass)
                 self.store.verify([self.layer])  # names the shard, token and value
                 raise ValueError(
                     f"batch {self.step} of layer {self.layer} has NaN, infinite or outlier MLP {name}: the "
@@ -468,8 +473,10 @@ class Trainer:
         step = self.objective(x, y, total_variance, dead, penalty_weight)
 
         self.optimizer.zero_grad(set_to_none=True)
-        # DistributedDataParallel averages the processes' gradients; their sum is the batch's
-        (step.loss * self.world if self.world > 1 else step.loss).backward()
+        # DistributedDataParallel averages the processes' gradients; their sum is the batch's.
+        # torch.autograd.backward, not Tensor.backward: nnsight patches the latter with a tracer
+        # that parses the caller's source on every call (1 ms per step, measured)
+        torch.autograd.backward(step.loss * self.world if self.world > 1 else step.loss)
         constrained = c.activation != "relu"
         if constrained and c.activation not in _SPARSE:  # the sparse decodes project their own gradients
             tc.project_decoder_grad()
@@ -689,7 +696,10 @@ class _Objective(nn.Module):
         if len(dead) == 0:
             return error.new_zeros(())
         k_aux = min(self.k_aux, len(dead))
-        cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
+        if k_aux == len(dead):  # every dead latent, for every token: no top-k to take
+            cols = dead.repeat(len(x))
+        else:
+            cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
         rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
         aux = tc.latents_at(x, rows, cols, pre)
         fit = tc.decode_sparse(aux, bias=False, unit_rows=True)

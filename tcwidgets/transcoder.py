@@ -264,6 +264,17 @@ def _quantize_rows(m: Tensor) -> tuple[Tensor, Tensor]:
     return torch.div(m, scale[:, None]).round_().to(torch.int8), scale
 
 
+def _topk_indices(values: Tensor, k: int) -> Tensor:
+    """Indices of each row's ``k`` largest ``values``, for the TopK choice: on CPU, bfloat16 values
+    are compared as their 16-bit words (torch's CPU top-k of [1024, 4608] int16 takes 11.0 ms, of
+    the bfloat16 values 14.5 ms; one thread). The words order non-negative values as the floats;
+    negative ones come after them in reverse order, so a row with fewer than ``k`` positive values
+    gets all of them, filled up with negative ones, which the ReLU makes zero either way."""
+    if values.dtype == torch.bfloat16 and values.device.type == "cpu":
+        values = values.view(torch.int16)
+    return values.topk(k, dim=1, sorted=False).indices
+
+
 def _sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``a[rows[i]] · b[cols[i]]`` for each i (``rows`` non-decreasing), without materialising the
     gathered rows: a sampled dense-dense product (SDDMM), ~15x faster on CPU than gathering
@@ -524,7 +535,7 @@ class Transcoder(nn.Module):
             pre = torch._int_mm(xq, wq.t()).float().mul_(w_scale).mul_(x_scale[:, None]).add_(self.b_enc)
             pre = pre.bfloat16()
             n_candidates = min(self.n_latents, k + INT8_MARGIN)
-            candidates = pre.topk(n_candidates, dim=1, sorted=False).indices
+            candidates = _topk_indices(pre, n_candidates)
             rows = torch.arange(n_tokens, device=x.device).repeat_interleave(n_candidates)
             exact = (_sampled_dot(xs, self.W_enc, rows, candidates.flatten())
                      + self.b_enc[candidates.flatten()]).view(n_tokens, n_candidates)
@@ -556,7 +567,7 @@ class Transcoder(nn.Module):
         n_tokens, n = pre.shape
         k = self.config.k
         if self.config.activation == "topk":
-            cols = pre.topk(k, dim=-1, sorted=False).indices.flatten()
+            cols = _topk_indices(pre, k).flatten()
             return torch.arange(n_tokens, device=pre.device).repeat_interleave(k), cols
         if self.training:
             flat = pre.flatten().topk(k * n_tokens, sorted=False).indices.sort().values

@@ -384,3 +384,25 @@ def test_save_replaces_files_atomically_and_leaves_no_temporary_files(tmp_path):
     second.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "weights.safetensors"]
     assert torch.equal(Transcoder.load(tmp_path).W_enc, second.W_enc)
+
+
+def test_the_bfloat16_top_k_takes_the_largest_positive_values():
+    """The TopK choice from bfloat16 values compares their 16-bit words: the k largest values of a
+    float64 sort where a row has k positive ones; every positive one (the rest negative) where it
+    has fewer."""
+    from tcwidgets.transcoder import _topk_indices
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randperm(2**15 - 2**7, generator=g)[:64 * 200].view(64, 200).to(torch.int16)  # finite, distinct
+    words[::2, 50:] |= -(2**15)  # every other row: 50 positive values, the rest negative
+    values = words.view(torch.bfloat16)
+    values[1, 0], values[3, 0] = 0.0, -0.0
+    for k in (1, 8, 50, 60):
+        chosen = _topk_indices(values, k).sort(1).values
+        assert chosen.shape == (64, k) and all(len(row.unique()) == k for row in chosen)
+        expected = values.double().topk(k, dim=1).indices.sort(1).values
+        if k <= 50:  # every row has k positive values or more
+            assert torch.equal(chosen, expected)
+        else:  # rows with 50 positive values (columns 0-49) get all of them
+            assert torch.equal(chosen[1::2], expected[1::2])
+            assert torch.equal(chosen[::2, :50], torch.arange(50).expand(32, 50))
