@@ -489,13 +489,18 @@ def test_attribution_through_a_cross_layer_transcoder_is_exact(tiny, layers, tmp
 # ---- the tutorials' cached cross-layer transcoder ---------------------------------------------------------
 
 
+def tiny_llama(lm):
+    """A 3-layer, 32-wide random Llama with the default model's tokenizer (seeded)."""
+    torch.manual_seed(0)
+    return tcw.load_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=lm.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)).eval(), tokenizer=lm.tokenizer)
+
+
 def test_circuit_clt_is_trained_once_on_every_layer_then_read_from_the_cache(lm, tmp_path, monkeypatch):
     from tcwidgets.tutorials import cache
 
-    torch.manual_seed(0)
-    tiny = tcw.load_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=lm.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)).eval(), tokenizer=lm.tokenizer)
+    tiny = tiny_llama(lm)
     monkeypatch.setenv("TCWIDGETS_CACHE", str(tmp_path))
     clt = cache.circuit_clt(tiny, n_tokens=384, n_latents=16, k=2, epochs=1)
     assert clt.layers == list(range(tiny.n_layers)) and clt.n_latents == 16 and clt.config.k == 2
@@ -514,10 +519,7 @@ def test_circuit_clt_is_trained_once_on_every_layer_then_read_from_the_cache(lm,
 def test_cross_layer_transcoder_is_train_clt_on_the_cached_store_then_read_from_the_cache(lm, tmp_path, monkeypatch):
     from tcwidgets.tutorials import cache
 
-    torch.manual_seed(0)
-    tiny = tcw.load_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=lm.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)).eval(), tokenizer=lm.tokenizer)
+    tiny = tiny_llama(lm)
     monkeypatch.setenv("TCWIDGETS_CACHE", str(tmp_path))
     size = dict(n_tokens=384, n_latents=16, k=2, epochs=1)
     clt = cache.cross_layer_transcoder(tiny, [2, 0], **size)
