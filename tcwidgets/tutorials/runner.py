@@ -193,7 +193,7 @@ def run_notebook(path: str | Path, *, fast: bool = True, solutions: bool = True,
                 rss += memory.rss
                 anon += memory.rss - getattr(memory, "shared", 0)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
-            running = getattr(client, "running_cell", None)
+            running = client.running_cell
             if running is not None:
                 cell_peaks[running] = max(cell_peaks.get(running, 0.0), anon / 2**30)
 
