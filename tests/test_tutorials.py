@@ -152,7 +152,7 @@ def test_the_runner_counts_only_the_notebooks_kernel_and_finds_its_heaviest_cell
         holder.wait()
     assert run.error is None
     assert 0.3 < run.peak_anon_gb < 0.6, run.peak_anon_gb  # 300 MB and the kernel, not the 700 MB holder
-    assert run.heaviest_cell[0] == 1 and run.heaviest_cell[1] == pytest.approx(run.peak_anon_gb), run.cell_peaks
+    assert run.heaviest_cell[0] == 1 and run.heaviest_cell[1] == pytest.approx(run.peak_anon_gb, abs=16 / 1024), run.cell_peaks
 
 
 def test_every_quoted_run_time_comes_from_the_one_table():

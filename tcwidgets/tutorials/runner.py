@@ -64,8 +64,11 @@ class NotebookRun:
 
     @property
     def heaviest_cell(self) -> tuple[int, float]:
-        """``(cell index, GB)`` of the cell during which the memory without file-backed pages peaked."""
-        return max(self.cell_peaks.items(), key=lambda item: item[1], default=(-1, 0.0))
+        """``(cell index, GB)`` of the first cell to bring the memory without file-backed pages to its
+        peak (within 16 MB: the next cell's first sample still counts what the heaviest one held)."""
+        top = max(self.cell_peaks.values(), default=0.0)
+        return min(((cell, gb) for cell, gb in self.cell_peaks.items() if gb >= top - 16 / 1024),
+                   default=(-1, 0.0))
 
     def silent_cells(self, limit: float = PROGRESS_EVERY_S) -> list[tuple[int, float]]:
         """``(cell index, seconds)`` of every cell that stayed silent longer than ``limit``, longest first."""
