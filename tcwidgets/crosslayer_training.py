@@ -232,7 +232,7 @@ class CrossLayerTrainer(Trainer):
             loss = loss + c.auxk_coefficient * auxk
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)  # not Tensor.backward, which nnsight patches (see training.py)
         constrained = c.activation != "relu"
         if constrained:
             clt.project_decoder_grad()

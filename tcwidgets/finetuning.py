@@ -246,7 +246,7 @@ class JointFineTuner:
             loss = loss + c.fvu_coefficient * fvu_total
             metrics.update(loss=loss.detach(), fvu=fvu_total.detach() / len(fvus))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)  # not Tensor.backward, which nnsight patches (see training.py)
         constrained = [owner for owner in self._owners.values() if owner.config.activation != "relu"]
         for tc in constrained:
             tc.project_decoder_grad()

@@ -26,7 +26,7 @@ def test_measured_once_then_read_from_the_cache(tmp_path):
     assert len(json.loads(path.read_text())) == 2
 
 
-def test_int8_is_a_candidate_for_topk_only_and_old_entries_are_measured_again(tmp_path):
+def test_int8_is_a_candidate_for_topk_only_and_entries_of_earlier_rules_are_measured_again(tmp_path):
     tc = Transcoder(TranscoderConfig(32, 32, 64, k=4, activation="batchtopk"))
     fastest_latent_choice(tc, 64, cache=tmp_path)
     path = tmp_path / "calibration.json"
@@ -35,6 +35,11 @@ def test_int8_is_a_candidate_for_topk_only_and_old_entries_are_measured_again(tm
     path.write_text(json.dumps({key: {"low_precision": True, "seconds": {}}}))  # before int8 was a candidate
     assert fastest_latent_choice(tc, 64, cache=tmp_path) in ("float32", "bfloat16")
     assert "choice" in json.loads(path.read_text())[key]
+    # a choice timed by wall clock (before CPU seconds) is measured again
+    path.write_text(json.dumps({key: {"choice": "bfloat16", "seconds": {"bfloat16": 0.0, "float32": 1.0}}}))
+    fastest_latent_choice(tc, 64, cache=tmp_path)
+    entry = json.loads(path.read_text())[key]
+    assert entry["clock"] == "cpu" and entry["seconds"]["bfloat16"] > 0
 
 
 def test_an_unreadable_cache_is_measured_again(tmp_path):
