@@ -345,7 +345,7 @@ class ActivationStore:
         d = self.d_model
         out = {f"{layer}.{kind}": torch.empty(len(index), d) for layer in layers for kind in ("input", "output")}
         # each shard's rows are one slice of the sorted index: written in place, no concatenation
-        bounds = np.searchsorted(index, [*self._starts, self.n_tokens])
+        bounds = np.searchsorted(index, [*self._starts, self.manifest["n_tokens"]])
         for shard, begin, end in zip(self._shards, bounds[:-1], bounds[1:]):
             if begin < end:
                 local = index[begin:end] - shard.start

@@ -295,7 +295,8 @@ def check_edges(lm, transcoders, prompt: str, target, source_layer: int, head_la
     assert measured == pytest.approx(c.invariant * c.dependent / activation, rel=1e-4, abs=1e-7)
 
     heads = [e for e in graph.predecessors(graph.target_id) if graph.nodes[e.source].kind == "head"
-             and graph.nodes[e.source].layer == head_layer and graph.nodes[e.source].source_position < p]
+             and graph.nodes[e.source].layer == head_layer and 0 < graph.nodes[e.source].source_position < p]
+    # (not from BOS, whose latents are folded into constants)
     head = graph.nodes[max(heads, key=lambda e: abs(e.weight)).source]
     through = [c for c in graph.contributions(head.node_id)
                if c.source["kind"] == "latent" and c.source["layer"] == source_layer]

@@ -167,6 +167,38 @@ def test_adjacency_matches_the_exact_decomposition(tiny, prompt, target):
         assert got.get(key, 0.0) == pytest.approx(weight, abs=1e-10), key
 
 
+def test_a_folded_bos_is_a_constant_and_every_other_edge_is_unchanged(tiny):
+    """With ``fold_bos`` (the default) BOS's latents and MLP outputs are constants: each row's direct
+    effects from them (in the graph without folding) move into its bias, and every other edge stays."""
+    lm, transcoders = tiny
+    target = LogitTarget("3", minus="1")
+    graph = attribute(lm, transcoders, PROMPTS[0], target, depth=2, top_k=50)
+    whole = attribute(lm, transcoders, PROMPTS[0], target, depth=0, fold_bos=False)
+    assert graph.settings["folded_positions"] == [0] and whole.settings["folded_positions"] == []
+    a, b = graph.adjacency(), whole.adjacency()
+    assert (b.latents[:, 1] == 0).any() and not (a.latents[:, 1] == 0).any()
+    ids_b = whole._adjacency_ids(b)
+    index = {node: i for i, node in enumerate(ids_b)}
+    rows = torch.tensor([index[node] for node in graph._adjacency_ids(a)])  # every folded-graph node is in the other
+    at_bos = torch.tensor([node.split("/")[0] in ("latent", "error", "mlp") and node.endswith("/0") for node in ids_b])
+    assert not at_bos[rows[:a.n_latents]].any() and at_bos[rows].sum() == len(a.errors) // len(graph.tokens)
+    torch.testing.assert_close(a.matrix, b.matrix[rows][:, rows] * ~at_bos[rows], rtol=0, atol=1e-10)
+    torch.testing.assert_close(a.bias, b.bias[rows] + (b.matrix[rows] * at_bos).sum(1), rtol=0, atol=1e-9)
+    torch.testing.assert_close(a.values, b.values[rows], equal_nan=True, rtol=0, atol=0)
+    # a head reading BOS: what the MLPs below it wrote there comes as one constant ("bos" bias) per layer
+    last = lm.n_layers - 1
+    head = graph.nodes[graph._add_node({"kind": "head", "layer": last, "head": 0, "source_position": 0,
+                                        "position": graph.target["position"]},
+                                       consumer=(graph.target_id, graph._reader(graph.target_id)[0]))]
+    sources = [c.source for c in graph.contributions(head.node_id)]
+    assert not [s for s in sources if s["kind"] in ("latent", "error", "mlp")]
+    assert sorted(s["layer"] for s in sources if s["kind"] == "bias" and s.get("name") == "bos") == \
+        list(range(head.layer))
+    first = next(s for s in sources if s.get("name") == "bos")
+    assert graph.nodes[graph._add_node(first)].label == f"MLP L{first['layer']} at BOS (constant)"
+    assert not [n for n in graph.nodes.values() if n.kind in ("latent", "error", "mlp") and n.position == 0]
+
+
 def test_adjacency_edges_match_finite_differences(tiny):
     """A latent's edge to the target: activation × the target's change per unit of the latent's
     activation, every MLP output frozen except through the skip transcoder's skip path (layer 1),
@@ -248,18 +280,19 @@ def test_scores_and_pruning_of_a_real_graph(tiny):
     assert best in pruned.nodes
 
 
-def test_graphs_of_the_same_transcoders_share_their_float64_copies_until_one_is_edited(tiny):
+def test_graphs_of_the_same_transcoders_share_their_frozen_copies_until_one_is_edited(tiny):
     lm, transcoders = tiny
     first = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=0)
     second = attribute(lm, transcoders, PROMPTS[1], LatentTarget(2, 5), depth=0)
-    assert first._run.layers[1].tc is second._run.layers[1].tc  # one float64 copy, not one per graph
+    assert first._run.layers[1].tc is second._run.layers[1].tc  # one copy, not one per graph
+    assert first._run.layers[1].tc.W_dec.dtype == transcoders[1].W_dec.dtype  # in its own precision
     assert first._run.layers[0].ov is second._run.layers[0].ov
     with torch.no_grad():
         transcoders[1].W_dec.data[3] *= 2  # an edit no tensor version counts
     try:
         edited = attribute(lm, transcoders, PROMPTS[0], LogitTarget("3"), depth=0)
         assert edited._run.layers[1].tc is not first._run.layers[1].tc
-        assert torch.equal(edited._run.layers[1].tc.W_dec, transcoders[1].W_dec.double())
+        assert torch.equal(edited._run.layers[1].tc.W_dec, transcoders[1].W_dec)
         assert not torch.equal(first._run.layers[1].tc.W_dec, edited._run.layers[1].tc.W_dec)
     finally:
         with torch.no_grad():

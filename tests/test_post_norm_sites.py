@@ -156,7 +156,9 @@ def test_attribution_through_a_post_norm_transcoder_is_exact(gemma, gemma_scope)
         if isinstance(target, LatentTarget):
             assert graph.target_value == pytest.approx(model_value(gemma, transcoders, graph), abs=1e-4)
     # What the replay writes at that layer is the post-norm output, with nothing in between: the error
-    # node is the norm's output (a forward hook) minus the file's reconstruction (float64).
+    # node is the norm's output (a forward hook) minus the file's reconstruction (float64), at every
+    # position after BOS (folded: its error holds its latents' writes too).
+    assert graph._run.folded == (0,)
     frozen = graph._run.layers[LAYER]
     assert frozen.mlp_gain is None
     block, seen = gemma._module.model.layers[LAYER], {}
@@ -168,7 +170,8 @@ def test_attribution_through_a_post_norm_transcoder_is_exact(gemma, gemma_scope)
         hook.remove()
     post_norm = seen["y"][0].double()
     torch.testing.assert_close(frozen.mlp_out, post_norm, rtol=0, atol=1e-5)
-    torch.testing.assert_close(frozen.error, post_norm - gemma_scope_forward(w, seen["x"][0])[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(frozen.error[1:], (post_norm - gemma_scope_forward(w, seen["x"][0])[1])[1:],
+                               rtol=0, atol=1e-4)
 
 
 def test_residual_stream_saes_are_refused(gemma):

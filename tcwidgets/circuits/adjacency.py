@@ -9,6 +9,8 @@ a latent's pre-activation) last. ``matrix[t, s]`` is the direct effect of source
 scales and skip paths only (every other MLP output held fixed), exactly the contributions that
 `FrozenRun.decompose` lists once attention heads and skip paths are folded in. Biases are not
 nodes; each row's constant part is in ``bias``, so ``matrix.sum(1) + bias`` is every row's value.
+At a folded position (`FrozenRun.folded`: BOS) no latent is active and the error nodes send
+nothing: what the MLPs write there is part of ``bias``.
 
 The matrix is built by one backward pass through the frozen linear system, batched over all rows,
 from the top layer down. Influence, pruning and the two scores follow circuit-tracer 0.5.0
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import heap
 from ..progress import delayed_bar
-from .replay import CircuitError, FrozenRun, _Reader
+from .replay import CircuitError, FrozenRun, _float64, _Reader
 
 MAX_NODES = 30_000  # a dense float64 matrix of this many nodes takes 7.2 GB
 CHUNK = 256  # rows per backward pass: bounds the memory (rows × positions × d_model float64 tensors)
@@ -82,10 +84,10 @@ def build_adjacency(run: FrozenRun, target: tuple[_Reader, float], target_value:
             continue
         positions, indices = torch.nonzero(frozen.latents, as_tuple=True)
         tc = frozen.tc
-        w_enc = tc.W_enc.detach()[indices] * tc.config.input_scale  # [active, d_model]
+        w_enc = _float64(tc.W_enc[indices]) * tc.config.input_scale  # [active, d_model]
         latent_rows.append((frozen.mlp_norm.pullback(w_enc) / frozen.mlp_norm.scale[positions, None],
                             positions, frozen.mlp_stage))
-        latent_constants.append(tc.b_enc.detach()[indices] + w_enc @ frozen.mlp_norm.bias)
+        latent_constants.append(_float64(tc.b_enc[indices]) + w_enc @ frozen.mlp_norm.bias)
         latents.append(torch.stack([torch.full_like(positions, layer), positions, indices], 1))
         activations.append(frozen.latents[positions, indices])
         pre.append(frozen.pre[positions, indices])
@@ -192,18 +194,23 @@ class _Backward:
         seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None, :span]
         written = frozen.mlp_out if frozen.tc is None else frozen.error
         start = self.n_latents + layer * self.n
-        self._write(torch.arange(start, start + span), torch.einsum("rqd,qd->rq", seen, written[:span]))
+        edges = torch.einsum("rqd,qd->rq", seen, written[:span])
+        folded = [q for q in self.run.folded if q < span]  # constants: their error nodes send nothing
+        self.bias[self.rows[self.live]] += edges[:, folded].sum(1)
+        edges[:, folded] = 0
+        self._write(torch.arange(start, start + span), edges)
         if frozen.tc is None:
             return
         tc = frozen.tc
-        self.bias[self.rows[self.live]] += seen.sum(1) @ tc.b_dec.detach() / tc.config.output_scale
-        for source, decoder in frozen.writes:  # a cross-layer transcoder's earlier layers write here too
+        self.bias[self.rows[self.live]] += seen.sum(1) @ _float64(tc.b_dec) / tc.config.output_scale
+        for source, decoder, scale in frozen.writes:  # a cross-layer transcoder's earlier layers write here too
             latents = self.run.layers[source].latents
             positions, indices = torch.nonzero(latents[:span], as_tuple=True)
             edges = torch.empty(len(seen), len(indices), dtype=torch.float64)
             for position in positions.unique().tolist():  # one matrix product per position
                 here = torch.nonzero(positions == position).flatten()
-                edges[:, here] = seen[:, position] @ decoder[indices[here]].T * latents[position, indices[here]]
+                rows = _float64(decoder[indices[here]]) / scale
+                edges[:, here] = seen[:, position] @ rows.T * latents[position, indices[here]]
             self._write(self.columns[source][:len(indices)], edges)  # node order: by position, then latent
 
     def _skip(self, frozen, grad: Tensor) -> Tensor:
@@ -212,7 +219,7 @@ class _Backward:
             return torch.zeros_like(grad)
         c, span = frozen.tc.config, self.span
         seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None, :span]
-        back = seen @ frozen.tc.W_skip.detach() * (c.input_scale / c.output_scale)  # [rows, positions, d_model]
+        back = seen @ _float64(frozen.tc.W_skip) * (c.input_scale / c.output_scale)  # [rows, positions, d_model]
         self.bias[self.rows[self.live]] += (back @ frozen.mlp_norm.bias).sum(1)
         return frozen.mlp_norm.pullback(back) / frozen.mlp_norm.scale[None, :span, None]
 

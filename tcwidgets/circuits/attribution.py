@@ -86,7 +86,8 @@ def _position(position: int, n: int) -> int:
 
 @torch.no_grad()
 def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Sequence[int] | Tensor,
-              target: Target, *, depth: int = 3, top_k: int | None = 5, threshold: float = 0.01) -> CircuitGraph:
+              target: Target, *, depth: int = 3, top_k: int | None = 5, threshold: float = 0.01,
+              fold_bos: bool = True) -> CircuitGraph:
     """The attribution graph of ``target`` on ``prompt``: its largest computational paths through
     transcoder latents, attention heads, embeddings, errors and biases.
 
@@ -101,6 +102,9 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
         top_k: predecessors kept per expanded node (``None``: all above the threshold).
         threshold: keep a predecessor only if its path attribution is at least this fraction of
             the target's largest direct contribution (in absolute value).
+        fold_bos: when the prompt starts with BOS, count what its MLPs write there as constants
+            (``bias`` nodes named ``"bos"``) rather than as latents and errors, as circuit-tracer
+            does: BOS is the same in every prompt, and its MLP outputs are the model's largest.
 
     The graph is exact under frozen attention and norms: the contributions into any node sum to
     its value (see `CircuitGraph.contributions`).
@@ -127,11 +131,11 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
         if not isinstance(target.latent, int) or not 0 <= target.latent < n_latents:
             raise CircuitError(f"Latent {target.latent!r} does not exist: the layer-{target.layer} transcoder has "
                                f"{n_latents} latents (0..{n_latents - 1}).")
-        run = FrozenRun(lm, transcoders, tokens, target.layer, final=False)
+        run = FrozenRun(lm, transcoders, tokens, target.layer, final=False, fold_bos=fold_bos)
         target_info = {"type": "latent", "layer": target.layer, "latent": target.latent, "position": position}
     elif isinstance(target, LogitTarget):
         plus, minus = _token_ids(lm, target.token, "token"), _token_ids(lm, target.minus, "minus")
-        run = FrozenRun(lm, transcoders, tokens, lm.n_layers - 1, final=True)
+        run = FrozenRun(lm, transcoders, tokens, lm.n_layers - 1, final=True, fold_bos=fold_bos)
         probabilities = torch.softmax(run.logits[position], -1)
         target_info = {"type": "logit", "token": plus, "minus": minus, "position": position,
                        "probability": float(probabilities[plus].sum())}
@@ -153,7 +157,8 @@ def attribute(lm: Any, transcoders: Mapping[int, Any] | Any, prompt: str | Seque
         graph.nodes[graph.target_id] = node
         graph._readers[graph.target_id] = (reader, constant + bias)
     scale = max(abs(c.weight) for c in graph.contributions(graph.target_id)) or 1.0
-    graph.settings = {"depth": depth, "top_k": top_k, "threshold": threshold, "scale": scale}
+    graph.settings = {"depth": depth, "top_k": top_k, "threshold": threshold, "scale": scale,
+                      "folded_positions": list(run.folded)}
     graph.nodes[graph.target_id].attribution = graph.target_value
     if depth:
         graph._grow([graph.target_id], _Search(depth, top_k, threshold, scale, progress=True))

@@ -382,7 +382,8 @@ class CircuitGraph:
         error nodes (MLP outputs a transcoder does not explain, and MLPs without a transcoder);
         ``completeness``: the share of every node's input that does not come from error nodes,
         weighted by the node's influence on the target. Both are in [0, 1]; 1 means the latents
-        explain everything. A graph read from a file has the scores saved with it, if any.
+        explain everything. A folded BOS (`attribute`'s ``fold_bos``) is a constant, in neither.
+        A graph read from a file has the scores saved with it, if any.
         """
         if self._run is None:
             saved = self.settings.get("scores")
@@ -402,6 +403,7 @@ class CircuitGraph:
         node_mask, edge_mask, ranks = prune_adjacency(adjacency, node_threshold, edge_threshold)
         replacement, completeness = graph_scores(adjacency)
         settings = {"depth": 0, "top_k": None, "threshold": 0.0, "scale": self.settings.get("scale", 1.0),
+                    "folded_positions": self.settings.get("folded_positions", []),
                     "node_threshold": node_threshold, "edge_threshold": edge_threshold,
                     "scores": {"replacement": replacement, "completeness": completeness}}
         pruned = CircuitGraph(self.model, self.prompt, self.tokens, self.token_strings, self.n_layers, self.target,
@@ -548,6 +550,7 @@ def _label(node: Node, tokens: list[str]) -> str:
         "position": lambda: f"position {node.position}",
         "error": lambda: f"error L{node.layer}",
         "mlp": lambda: f"MLP L{node.layer}",
-        "bias": lambda: f"{node.name} bias" + ("" if node.name == "unembedding" else f" L{node.layer}"),
+        "bias": lambda: f"MLP L{node.layer} at BOS (constant)" if node.name == "bos" else
+        f"{node.name} bias" + ("" if node.name == "unembedding" else f" L{node.layer}"),
         "logit": lambda: "logit",
     }[node.kind]()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..corpus import bos_id
 from ..crosslayer import LayerView
 from ..progress import delayed_bar
 from ..models import RUN_LOCK
@@ -103,11 +104,12 @@ def _digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def shared_float64(module: torch.nn.Module, make: Callable[[], Any]) -> Any:
-    """``make()``, a float64 copy of what ``module`` holds, shared by every frozen run alive that
-    needs it while ``module`` is unchanged (its `_digest`). Two graphs of one prompt's model and
-    transcoders then hold one copy (every layer's transcoders and attention weights: 0.5 GB for
-    the default model with 30 transcoders), and it is freed with the last run that uses it."""
+def shared_copy(module: torch.nn.Module, make: Callable[[], Any]) -> Any:
+    """``make()``, a frozen copy of what ``module`` holds, shared by every frozen run alive that
+    needs it while ``module`` is unchanged (its `_digest`): a graph keeps the weights it was built
+    from when they are edited later, and two graphs of one model and its transcoders hold one copy
+    (0.5 GB for the default model's 30 circuit transcoders and attention weights), freed with the
+    last run that uses it."""
     state = _digest(module)
     held = _COPIES.get(module)
     found = held[1]() if held is not None and held[0] == state else None
@@ -117,8 +119,9 @@ def shared_float64(module: torch.nn.Module, make: Callable[[], Any]) -> Any:
     return found
 
 
-def _transcoder_float64(tc: torch.nn.Module) -> Any:
-    return shared_float64(tc, lambda: copy.deepcopy(tc).to("cpu", torch.float64).eval().requires_grad_(False))
+def _frozen_copy(tc: torch.nn.Module, dtype: torch.dtype | None = None) -> Any:
+    """A copy of ``tc`` on the CPU, in ``dtype`` (``None``: its own precision), shared while unchanged."""
+    return shared_copy(tc, lambda: copy.deepcopy(tc).to("cpu", dtype).eval().requires_grad_(False))
 
 
 def _param(module: torch.nn.Module, name: str, size: int) -> Tensor:
@@ -197,14 +200,15 @@ class _Layer:
     # (before a post-norm), or the post-norm's output for a transcoder that writes after it (`writes_after_norm`)
     attn_gain: Tensor | None = None  # [positions, d_model]: frozen post-attention norm (Gemma), else None
     mlp_gain: Tensor | None = None  # [positions, d_model]: frozen post-MLP norm (Gemma), else None
-    tc: Any = None  # the layer's transcoder, float64 copy
+    tc: Any = None  # the layer's transcoder: a frozen copy (`_frozen_copy`), read in float64
     pre: Tensor | None = None  # [positions, n_latents] encoder pre-activations
     latents: Tensor | None = None  # [positions, n_latents] activations
     error: Tensor | None = None  # [positions, d_model] MLP output − transcoder output
     skip: Tensor | None = None  # [positions, d_model] skip path's output (skip transcoders)
-    #: the latents writing into this MLP's output: (their layer, decoder rows [n_latents, d_model] in model
-    #: units); the layer's own for a transcoder, every layer up to it for a cross-layer transcoder
-    writes: list[tuple[int, Tensor]] | None = None
+    #: the latents writing into this MLP's output: (their layer, decoder rows [n_latents, d_model], the
+    #: output scale that divides them into model units); the layer's own for a transcoder, every layer up
+    #: to it for a cross-layer transcoder
+    writes: list[tuple[int, Tensor, float]] | None = None
 
 
 class _Segment:
@@ -221,10 +225,16 @@ class FrozenRun:
     Built by `attribute`; `CircuitGraph` keeps it to expand nodes later. ``stage`` numbers where
     the residual stream is read: attention of layer l reads stage 2l, its MLP 2l + 1 (2l with
     GPT-NeoX's parallel residual), the final norm 2 × n_layers; a writer is seen by later stages.
+
+    ``folded``: positions whose MLP outputs are constants of the graph (biases), not latents and
+    errors: with ``fold_bos``, a first token that is BOS, as circuit-tracer treats it. BOS is the
+    same in every prompt, and its MLP outputs are the model's largest (massive activations: in
+    SmolLM2-135M layer 11 writes a vector of norm ~25,000 there, ~30 elsewhere), so counting them
+    as errors would measure how well a transcoder fits BOS, not the prompt.
     """
 
     def __init__(self, lm: Any, transcoders: Mapping[int, Any], tokens: Tensor, last_layer: int,
-                 final: bool) -> None:
+                 final: bool, fold_bos: bool = True) -> None:
         model_type = lm.config.model_type
         if model_type not in ATTENTION_OV:
             raise CircuitError(
@@ -233,6 +243,8 @@ class FrozenRun:
                 "weights; add an entry to tcwidgets.circuits.ATTENTION_OV.")
         self.lm, self.tokens = lm, tokens
         self.n_layers, self.final = lm.n_layers, final
+        bos = bos_id(lm.tokenizer)
+        self.folded: tuple[int, ...] = (0,) if fold_bos and bos is not None and int(tokens[0]) == bos else ()
         parallel = bool(getattr(lm.config, "use_parallel_residual", False))
         module, sites = lm._module, lm.sites
         captured = _capture(lm, tokens, last_layer, final)
@@ -250,7 +262,7 @@ class FrozenRun:
             self.resid[2 * layer] = resid
             attn_norm = _FrozenNorm(resolve(block, sites.pre_attention_norm), resid)
             attention = resolve(block, sites.attention)
-            ov = shared_float64(attention, lambda: ATTENTION_OV[model_type](attention, lm.config))
+            ov = shared_copy(attention, lambda: ATTENTION_OV[model_type](attention, lm.config))
             pattern = captured["patterns"][layer] * causal
             values = ov.W_V @ attn_norm.linear(resid).T  # [heads, d_head, positions]
             value_bias = ov.b_V + ov.W_V @ attn_norm.bias
@@ -287,23 +299,25 @@ class FrozenRun:
             self.softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma: cap · tanh(logit / cap)
 
     def _encode(self, frozen: _Layer, layer: int, tc: Any, x: Tensor) -> None:
-        """The transcoder's latents and error term on the replayed MLP input (its own encode/decode); a
-        cross-layer transcoder's layer sums the writes of the latents of every layer up to it."""
+        """The transcoder's latents and error term on the replayed MLP input (its own encode/decode, in
+        float64); a cross-layer transcoder's layer sums the writes of the latents of every layer up to it.
+        A transcoder is kept in its own precision (the weights every graph reads, in float64, row by row:
+        half the memory of a float64 copy, 0.36 GB for the default model's 30 circuit transcoders)."""
         if isinstance(tc, LayerView):
             self._encode_cross_layer(frozen, layer, tc, x)
             return
-        tc = _transcoder_float64(tc)
+        frozen.tc = _frozen_copy(tc)
         with torch.no_grad():
+            tc = copy.deepcopy(frozen.tc).double()  # this layer's float64 copy, freed once encoded
             frozen.pre = tc.pre_activations(x)
-            frozen.latents = tc.activate(frozen.pre)
+            frozen.latents = self._unfolded(tc.activate(frozen.pre))
             frozen.error = frozen.mlp_out - tc.decode(frozen.latents, x)
             if tc.config.kind == "skip":
                 frozen.skip = x * tc.config.input_scale @ tc.W_skip.T / tc.config.output_scale
-        frozen.tc = tc
-        frozen.writes = [(layer, tc.W_dec.detach() / tc.config.output_scale)]
+        frozen.writes = [(layer, frozen.tc.W_dec.detach(), tc.config.output_scale)]
 
     def _encode_cross_layer(self, frozen: _Layer, layer: int, view: LayerView, x: Tensor) -> None:
-        clt = _transcoder_float64(view.clt)
+        clt = _frozen_copy(view.clt, torch.float64)
         missing = [source for source in view.sources[:-1] if self.layers[source].tc is None]
         if missing:
             raise CircuitError(f"The cross-layer transcoder's layer {layer} sums the writes of layers "
@@ -311,12 +325,17 @@ class FrozenRun:
                                f"without layers {missing}.")
         with torch.no_grad():
             frozen.pre = clt.pre_activations(layer, x)
-            frozen.latents = clt.activate(layer, frozen.pre)
+            frozen.latents = self._unfolded(clt.activate(layer, frozen.pre))
             latents = {source: self.layers[source].latents for source in view.sources[:-1]}
             frozen.error = frozen.mlp_out - clt.decode(layer, {**latents, layer: frozen.latents})
         frozen.tc = clt.views()[layer]
         scale = frozen.tc.config.output_scale
-        frozen.writes = [(source, clt.decoder(source, layer) / scale) for source in view.sources]
+        frozen.writes = [(source, clt.decoder(source, layer), scale) for source in view.sources]
+
+    def _unfolded(self, latents: Tensor) -> Tensor:
+        """``latents`` with the folded positions' set to zero (their writes stay in the error term)."""
+        latents[list(self.folded)] = 0
+        return latents
 
     # -- targets and nodes as readers -------------------------------------------------------------------
 
@@ -324,10 +343,10 @@ class FrozenRun:
         """The reader of a latent's pre-activation, and its constant part (b_enc + the norm bias's term)."""
         frozen = self.layers[layer]
         tc = frozen.tc
-        w_enc = tc.W_enc[latent].detach() * tc.config.input_scale
+        w_enc = _float64(tc.W_enc[latent]) * tc.config.input_scale
         reader = _Reader(1 / float(frozen.mlp_norm.scale[position]), frozen.mlp_norm.pullback(w_enc),
                          frozen.mlp_stage, position)
-        return reader, float(tc.b_enc[latent] + w_enc @ frozen.mlp_norm.bias)
+        return reader, float(_float64(tc.b_enc[latent]) + w_enc @ frozen.mlp_norm.bias)
 
     def logit_direction(self, plus: list[int], minus: list[int]) -> tuple[Tensor, float]:
         """The unembedding direction of mean(logits[plus]) − mean(logits[minus]), and its bias."""
@@ -357,7 +376,7 @@ class FrozenRun:
         frozen = self.layers[layer]
         c = frozen.tc.config
         p = consumer.position
-        w = frozen.tc.W_skip.detach().T @ _through(frozen.mlp_gain, consumer.w, p) * (c.input_scale / c.output_scale)
+        w = _float64(frozen.tc.W_skip).T @ _through(frozen.mlp_gain, consumer.w, p) * (c.input_scale / c.output_scale)
         return (_Reader(consumer.sigma / float(frozen.mlp_norm.scale[p]), frozen.mlp_norm.pullback(w),
                         frozen.mlp_stage, p), consumer.sigma * float(w @ frozen.mlp_norm.bias))
 
@@ -418,15 +437,22 @@ class FrozenRun:
         where = {"layer": layer, "position": p}
         if frozen.mlp_gain is not None:  # what the MLP module outputs passes through the frozen post-norm
             reader = _Reader(reader.sigma, reader.w * frozen.mlp_gain[p], reader.stage, p)
+        if p in self.folded:  # the MLP's output less its skip path: one constant
+            constant = frozen.mlp_out[p] if frozen.tc is None else \
+                frozen.error[p] + _float64(frozen.tc.b_dec) / frozen.tc.config.output_scale
+            segments = [_leaf(reader, constant, {"kind": "bias", "name": "bos", **where})]
+            if frozen.skip is not None:
+                segments.append(_leaf(reader, frozen.skip[p], {"kind": "skip", **where}))
+            return segments
         if frozen.tc is None:
             return [_leaf(reader, frozen.mlp_out[p], {"kind": "mlp", **where})]
         tc = frozen.tc
-        for source, decoder in frozen.writes:
+        for source, decoder, scale in frozen.writes:
             active = torch.nonzero(self.layers[source].latents[p]).flatten()
-            writes[source] = writes.get(source, 0) + decoder[active] @ reader.w
+            writes[source] = writes.get(source, 0) + _float64(decoder[active]) / scale @ reader.w
         segments = [
             _leaf(reader, frozen.error[p], {"kind": "error", **where}),
-            _leaf(reader, tc.b_dec.detach() / tc.config.output_scale, {"kind": "bias", "name": "decoder", **where}),
+            _leaf(reader, _float64(tc.b_dec) / tc.config.output_scale, {"kind": "bias", "name": "decoder", **where}),
         ]
         if frozen.skip is not None:
             segments.append(_leaf(reader, frozen.skip[p], {"kind": "skip", **where}))

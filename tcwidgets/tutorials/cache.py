@@ -28,6 +28,10 @@ from .greater_than import year_sentences
 from .setting import pick
 
 
+#: How the circuits' transcoders are trained, in their cache key: a change of training makes new ones.
+CIRCUITS_TRAINING = "no-bos"
+
+
 def tutorial_cache() -> Path:
     """The folder of the tutorials' cached results: ``$TCWIDGETS_CACHE/tutorials``."""
     return cache_dir() / "tutorials"
@@ -94,7 +98,9 @@ def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n
     the cache, else trained now, every missing layer in one pass over one store, and cached.
 
     They are trained on the default corpus plus one third as many tokens of sentences about spans
-    of years (`greater_than.year_sentences`), so that they reconstruct the greater-than prompts.
+    of years (`greater_than.year_sentences`), so that they reconstruct the greater-than prompts,
+    without each context's BOS position (`ActivationStore.without_positions`: its MLP outputs are
+    the model's largest, and would take the fit; graphs fold BOS into constants, see `attribute`).
     Defaults (chosen by measurement, see docs/circuits.md): 24k tokens, 2 × d_model latents, k=8,
     two epochs; in the fast setting 12k tokens. The store (bfloat16, deleted after training) holds
     30 layers × 2 × d_model × 2 bytes per token: 0.8 GB for the default model's 12k tokens."""
@@ -105,7 +111,8 @@ def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n
     n_latents = n_latents or 2 * lm.d_model
     k = k or 8
     epochs = epochs or 2
-    run = _safe(f"{lm.name}-circuits-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{_key(options)}")
+    run = _safe(f"{lm.name}-circuits-{CIRCUITS_TRAINING}-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs"
+                f"{_key(options)}")
     folder = tutorial_cache() / "circuit-transcoders" / run
     trained = _trained(folder, layers, lambda missing: _circuit_store(lm, missing, n_tokens, folder / "store"),
                        n_latents=n_latents, k=k, epochs=epochs, batch_size=256, **options)
@@ -119,14 +126,15 @@ def circuit_clt(lm: Any, *, n_tokens: int | None = None, n_latents: int | None =
     (an interrupted collection or training resumes) and cached.
 
     Trained on the same tokens as `circuit_transcoders` (the default corpus plus one third year
-    sentences; 24k tokens, 12k in the fast setting). ``n_latents`` and ``k`` are per layer (default
+    sentences; 24k tokens, 12k in the fast setting; without BOS). ``n_latents`` and ``k`` are per layer (default
     2 × d_model latents, as `circuit_transcoders`, and k=4: 30 × 4 = 120 active latents per token,
     matched to four late layers at k=32). Each latent writes to every later layer: for the default
     model that is 329M parameters, and training held 8.6 GB (docs/circuits.md), beyond the
     tutorials' 2 GB. Other keyword arguments go to `train_clt` (and into the cache key)."""
     n_tokens = n_tokens or pick(24_576, fast=12_288)
     n_latents = n_latents or 2 * lm.d_model
-    run = _safe(f"{lm.name}-clt-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs{_key(options)}")
+    run = _safe(f"{lm.name}-clt-{CIRCUITS_TRAINING}-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs"
+                f"{_key(options)}")
     folder = tutorial_cache() / "circuit-clt" / run
     layers = list(range(lm.n_layers))
     return _cached_clt(folder, folder / "clt", lambda: _circuit_store(lm, layers, n_tokens, folder / "store"), layers,
@@ -147,12 +155,13 @@ def _cached_clt(folder: Path, saved: Path, store: Callable[[], ActivationStore],
 
 
 def _circuit_store(lm: Any, layers: list[int], n_tokens: int, out: Path) -> ActivationStore:
-    """The circuits' training store (bfloat16): ``n_tokens`` of the default corpus and year sentences
-    (one third), collected into ``out`` (an interrupted collection resumes)."""
+    """The circuits' training store (bfloat16) without each context's BOS position: ``n_tokens`` of
+    the default corpus and year sentences (one third), collected into ``out`` (an interrupted
+    collection resumes)."""
     years = n_tokens // 3
     tokens = torch.cat([load_corpus("python-docs", lm, n_tokens=n_tokens - years),
                         load_corpus(year_sentences(), lm, n_tokens=years)])
-    return collect_activations(lm, layers, tokens, out=out, batch_size=4, dtype="bfloat16")
+    return collect_activations(lm, layers, tokens, out=out, batch_size=4, dtype="bfloat16").without_positions()
 
 
 def _trained(folder: Path, layers: list[int], store: Callable[[list[int]], ActivationStore],
