@@ -160,7 +160,8 @@ def test_initial_latents_are_spread_and_never_copies():
     assert len(_spread_rows(rows[:50], 80, g)) == 80  # fewer rows than latents: repeats
 
 
-def test_a_skip_transcoder_starts_at_the_ridge_regression_of_its_output_on_its_input(store, test_store):
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_a_skip_transcoder_starts_at_the_ridge_regression_of_its_output_on_its_input(store, test_store, activation):
     """W_skip and b_dec start as the ridge regression (in the scaled units the transcoder works in)
     of the MLP output on the MLP input over the trainer's initialisation sample; the latents start
     on its residual, so a fresh skip transcoder reconstructs at least as well as the regression."""
@@ -168,7 +169,7 @@ def test_a_skip_transcoder_starts_at_the_ridge_regression_of_its_output_on_its_i
 
     from tcwidgets.training import SKIP_RIDGE
 
-    trainer = Trainer(store, 1, TrainingConfig(kind="skip", **SMALL), progress=False)
+    trainer = Trainer(store, 1, TrainingConfig(kind="skip", activation=activation, **SMALL), progress=False)
     tc, c = trainer.transcoder, trainer.transcoder.config
     x, y = store.sample(1, store.n_tokens, seed=trainer.config.seed + 1)  # the trainer's sample: the whole store here
     X, Y = x.double().numpy() * c.input_scale, y.double().numpy() * c.output_scale
