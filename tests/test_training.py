@@ -213,8 +213,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_an_interruption_ends_bit_for_bit_equal(store, tmp_path):
-    config = TrainingConfig(**SMALL, epochs=2, dead_window=512)  # 32 steps; AuxK active
+@pytest.mark.parametrize("kind", ["transcoder", "skip"])  # a skip transcoder starts at its least-squares fit
+def test_resume_after_an_interruption_ends_bit_for_bit_equal(store, tmp_path, kind):
+    config = TrainingConfig(**SMALL, kind=kind, epochs=2, dead_window=512)  # 32 steps; AuxK active
     reference = Trainer(store, 1, config, log_every=4, progress=False)
     expected = weights(reference.fit())
 
