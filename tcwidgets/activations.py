@@ -125,15 +125,32 @@ class _Shard:
 class ActivationStore:
     """MLP inputs and outputs of chosen layers for a token set, in corpus order.
 
-    Get one from `collect_activations` or `ActivationStore.open(path)`.
+    Get one from `collect_activations` or `ActivationStore.open(path)`; `without_positions` gives a
+    view that leaves some positions of every context out.
     """
 
     def __init__(self, manifest: dict, shards: list[_Shard], root: Path | None = None,
-                 tokens: torch.Tensor | None = None) -> None:
+                 tokens: torch.Tensor | None = None, left_out: Sequence[int] = ()) -> None:
         self.manifest, self.root = manifest, root
         self._shards = shards
         self._starts = np.array([shard.start for shard in shards], dtype=np.int64)
         self._tokens = tokens
+        self.left_out = tuple(sorted(set(left_out)))
+        context = manifest["context"]
+        if not all(0 <= position < context for position in self.left_out) or len(self.left_out) >= context:
+            raise ValueError(f"positions {list(left_out)}: name positions of a context of {context} tokens "
+                             "(0 to context - 1), not all of them.")
+        self._keep = ~np.isin(np.arange(manifest["n_tokens"]) % context, self.left_out) if self.left_out else None
+        self._stats: dict[int, LayerStats] = {}
+
+    def without_positions(self, positions: Collection[int] = (0,)) -> ActivationStore:
+        """A view of this store without the rows at ``positions`` of every context (besides any this
+        view already leaves out): everything a trainer reads (`batches`, `sample`, `stats`,
+        `layer`, `n_tokens`) covers the other rows only. The default, position 0, is each context's
+        BOS token, whose MLP outputs in some models are thousands of times the others' (massive
+        activations): in SmolLM2-135M 99.9% of layer 11's output variance, so a transcoder trained on
+        them fits BOS and not the text."""
+        return ActivationStore(self.manifest, self._shards, self.root, self._tokens, (*self.left_out, *positions))
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model: str | None = None,
@@ -189,7 +206,8 @@ class ActivationStore:
 
     @property
     def n_tokens(self) -> int:
-        return self.manifest["n_tokens"]
+        """The rows handed out: every stored token, less the positions a view leaves out."""
+        return self.manifest["n_tokens"] if self._keep is None else int(self._keep.sum())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -206,8 +224,8 @@ class ActivationStore:
     def identity(self) -> dict[str, Any]:
         """What the stored activations are of: the model (name and weights' `fingerprint`), the
         tokens (count and hash) and the storage dtype. Equal identities, equal activations."""
-        return {key: self.manifest.get(key) for key in ("model", "model_fingerprint", "tokens_sha256", "n_tokens",
-                                                         "dtype")}
+        return {**{key: self.manifest.get(key) for key in ("model", "model_fingerprint", "tokens_sha256", "n_tokens",
+                                                            "dtype")}, "positions_left_out": list(self.left_out)}
 
     def sites(self, layer: int) -> dict[str, str]:
         """The nnsight sites the layer's input and output were read from."""
@@ -215,25 +233,39 @@ class ActivationStore:
         return dict(self.manifest["sites"][str(layer)])
 
     def stats(self, layer: int) -> LayerStats:
-        """Means and average norms of the layer's inputs and outputs."""
+        """Means and average norms of the layer's inputs and outputs (over the rows a view keeps)."""
         self._check_layer(layer)
         entry = self.manifest["stats"][str(layer)]
-        return LayerStats(torch.tensor(entry["in_mean"]), torch.tensor(entry["out_mean"]),
-                          entry["in_norm"], entry["out_norm"])
+        if self._keep is None:
+            return LayerStats(torch.tensor(entry["in_mean"]), torch.tensor(entry["out_mean"]),
+                              entry["in_norm"], entry["out_norm"])
+        if layer not in self._stats:  # all rows' sums less the left-out rows' (a small read)
+            left_out = self._gather([layer], np.flatnonzero(~self._keep))[0]
+            n_all, n = self.manifest["n_tokens"], self.n_tokens
+            means, norms = [], []
+            for short, rows in zip(("in", "out"), left_out):
+                rows = rows.double()
+                means.append(((torch.tensor(entry[f"{short}_mean"], dtype=torch.float64) * n_all - rows.sum(0)) / n)
+                             .float())
+                norms.append(float((entry[f"{short}_norm"] * n_all - float(rows.norm(dim=1).sum())) / n))
+            self._stats[layer] = LayerStats(means[0], means[1], norms[0], norms[1])
+        return self._stats[layer]
 
     def __len__(self) -> int:
         return self.n_tokens
 
     def __repr__(self) -> str:
         where = str(self.root) if self.root else "in memory"
-        return f"ActivationStore({self.model}, layers={self.layers}, n_tokens={self.n_tokens:,}, {where})"
+        without = f", without positions {list(self.left_out)}" if self.left_out else ""
+        return f"ActivationStore({self.model}, layers={self.layers}, n_tokens={self.n_tokens:,}{without}, {where})"
 
     # -- reading -------------------------------------------------------------------------------
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All inputs and outputs of a layer, float32 ``[n_tokens, d_model]``, in corpus order."""
         self._check_layer(layer)
-        return tuple(torch.cat([s.rows(f"{layer}.{kind}", None, torch.float32) for s in self._shards])
-                     for kind in ("input", "output"))
+        values = tuple(torch.cat([s.rows(f"{layer}.{kind}", None, torch.float32) for s in self._shards])
+                       for kind in ("input", "output"))
+        return values if self._keep is None else tuple(v[torch.from_numpy(self._keep)] for v in values)
 
     def sample(self, layer: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of ``n`` rows drawn at random (the first batch of `batches` with that seed):
@@ -261,7 +293,8 @@ class ActivationStore:
         - ``"document"`` (or ``False``): the stored corpus order (contexts pack documents in
           order, so a long document's contexts follow each other), the same every epoch.
 
-        ``start`` skips that many batches without reading them, for exact resume. ``part=(i, n)``
+        A view (`without_positions`) orders the rows it keeps the same way, the left-out rows taken
+        out of the order. ``start`` skips that many batches without reading them, for exact resume. ``part=(i, n)``
         reads only the i-th of n equal parts of each batch (one data-parallel process's share;
         ``batch_size`` a multiple of n).
         """
@@ -281,13 +314,15 @@ class ActivationStore:
         for epoch in range(start // per_epoch, epochs):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             if shuffle == "global":
-                order = torch.randperm(self.n_tokens, generator=generator).numpy()
+                order = torch.randperm(self.manifest["n_tokens"], generator=generator).numpy()
             elif shuffle == "context":
                 context = self.manifest["context"]
-                contexts = torch.randperm(self.n_tokens // context, generator=generator).numpy()
+                contexts = torch.randperm(self.manifest["n_contexts"], generator=generator).numpy()
                 order = (contexts[:, None] * context + np.arange(context)).ravel()
             else:
-                order = np.arange(self.n_tokens)
+                order = np.arange(self.manifest["n_tokens"])
+            if self._keep is not None:
+                order = order[self._keep[order]]
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0
             for batch in range(max(first, 0), per_epoch):
                 begin = batch * batch_size + index * share

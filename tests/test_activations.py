@@ -90,6 +90,60 @@ def test_unshuffled_batches_are_in_corpus_order(store):
     assert torch.equal(x, x_all[150:200])
 
 
+def _row_finder(store, layer, rows):
+    """Look up a batch's rows by value among ``rows`` of the full store (each found once)."""
+    x_all, y_all = store.layer(layer)
+    rows_of: dict[tuple, list[int]] = {}
+    for i in rows:
+        rows_of.setdefault(tuple(x_all[i, :8].tolist()), []).append(i)
+
+    def find(x, y):
+        index = [rows_of[tuple(row[:8].tolist())].pop() for row in x]  # KeyError: a row not among ``rows``
+        assert torch.equal(y, y_all[index]), "inputs and outputs stay paired"
+        return index
+    return find
+
+
+@pytest.mark.parametrize("shuffle", ["global", "context", "document"])
+def test_a_view_without_position_0_hands_out_every_other_row_once_per_epoch(store, shuffle):
+    view = store.without_positions()
+    kept = [i for i in range(store.n_tokens) if i % 32]
+    assert view.n_tokens == len(kept) == 24 * 31 and store.n_tokens == 24 * 32
+    assert view.n_batches(62, epochs=2) == 24
+    batches = list(view.batches(3, batch_size=62, shuffle=shuffle, seed=4, epochs=2))
+    assert len(batches) == 24
+    for epoch in (batches[:12], batches[12:]):
+        find = _row_finder(store, 3, kept)  # position-0 rows are not in it: handing one out fails
+        seen = [i for x, y in epoch for i in find(x, y)]
+        assert sorted(seen) == kept
+    resumed = list(view.batches(3, batch_size=62, shuffle=shuffle, seed=4, epochs=2, start=15))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[15:], resumed))
+    x, y = view.sample(3, 100, seed=1)
+    _row_finder(store, 3, kept)(x, y)
+
+
+def test_a_view_without_positions_reads_and_counts_only_the_rows_it_keeps(store):
+    view = store.without_positions([0]).without_positions([5])
+    assert view.left_out == (0, 5) and view.n_tokens == 24 * 30
+    keep = torch.tensor([i % 32 not in (0, 5) for i in range(store.n_tokens)])
+    for layer in (1, 3):
+        x_all, y_all = store.layer(layer)
+        x, y = view.layer(layer)
+        assert torch.equal(x, x_all[keep]) and torch.equal(y, y_all[keep])
+        stats = view.stats(layer)
+        torch.testing.assert_close(stats.in_mean, x.double().mean(0).float())
+        torch.testing.assert_close(stats.out_mean, y.double().mean(0).float())
+        assert stats.in_norm == pytest.approx(x.double().norm(dim=1).mean().item(), rel=1e-6)
+        assert stats.out_norm == pytest.approx(y.double().norm(dim=1).mean().item(), rel=1e-6)
+    assert view.identity["positions_left_out"] == [0, 5] and store.identity["positions_left_out"] == []
+    assert "without positions [0, 5]" in repr(view)
+    tc = tcw.train_transcoder(view, 3, n_latents=64, k=4, batch_size=120, progress=False)
+    assert tc.config.input_scale == pytest.approx(576 ** 0.5 / view.stats(3).in_norm)
+    for bad in ([32], [-1], range(32)):
+        with pytest.raises(ValueError, match="positions"):
+            store.without_positions(bad)
+
+
 def test_interrupted_collection_resumes_without_duplicates(lm, tokens, store, tmp_path, small_shards, monkeypatch):
     real, calls = activations.trace_mlp, []
 
