@@ -10,7 +10,8 @@ A lean trainer in the spirit of EleutherAI's sparsify: few options, strong defau
 - Unit-norm decoder rows (the gradient component parallel to each row is removed before the step,
   rows are renormalised after it), except for ReLU, whose L1 penalty is weighted by the rows' norms.
 - A data-driven initialisation (see `initialize` and docs/training.md for the measurements),
-  ``b_dec`` at the target mean.
+  ``b_dec`` at the target mean; a skip transcoder's affine path at the ridge regression of the
+  target on the input, its latents on the residual (docs/circuits.md).
 - AuxK (Gao et al. 2024) for latents that have not fired in the last ``dead_window`` tokens.
 - Optional Matryoshka prefixes (``matryoshka=``): the loss also sums the FVU of nested prefixes of
   the latents, each reconstructing alone.
@@ -48,7 +49,7 @@ from .transcoder import SparseLatents, Transcoder, TranscoderConfig, latent_choi
 
 __all__ = [
     "CheckpointError", "Trainer", "TrainingConfig", "default_batch_size", "default_lr", "fit_together",
-    "initialize", "reconstruction_metrics", "train_transcoder",
+    "initialize", "least_squares_skip", "reconstruction_metrics", "train_transcoder",
 ]
 
 CHECKPOINT_FORMAT = "tcwidgets.checkpoint"
@@ -188,12 +189,19 @@ def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator)
     encoder row is that token's centred (scaled) input direction, scaled so pre-activations have
     unit variance over the sample; its bias puts its pre-activation above zero on a share
     k / n_latents of the sample, so every latent starts firing equally often, with small
-    activations. ``b_dec`` is the target mean; a skip transcoder's ``W_skip`` starts at zero.
-    (Alternatives and their measurements: docs/training.md.)
+    activations. ``b_dec`` is the target mean; a skip transcoder's affine path ``W_skip·x̃ + b_dec``
+    starts as the ridge regression of the target on the input (`least_squares_skip`), and its
+    decoder rows as the seed tokens' residuals of that regression, so the latents start on what the
+    skip path leaves. (Alternatives and their measurements: docs/training.md, docs/circuits.md.)
     """
     c = tc.config
     xs, ys = x * c.input_scale, y * c.output_scale
     x_mean, y_mean = xs.mean(0), ys.mean(0)
+    if c.kind == "skip":
+        W_skip, b_skip = least_squares_skip(xs, ys)
+        tc.W_skip.copy_(W_skip)
+        ys = ys - (xs.double() @ W_skip.t() + b_skip).to(ys.dtype)  # the residual the latents learn
+        y_mean = ys.mean(0)
     directions = _unit_rows(xs - x_mean)
     pick = _spread_rows(directions, c.n_latents, generator)
     sample = xs[:_BIAS_TOKENS]
@@ -204,9 +212,40 @@ def initialize(tc: Transcoder, x: Tensor, y: Tensor, generator: torch.Generator)
     tc.W_enc.copy_(enc / scale)
     tc.b_enc.copy_(-pre.topk(share, dim=1).values[:, -1] / scale)
     tc.W_dec.copy_(_unit_rows(ys[pick] - y_mean))
-    tc.b_dec.copy_(y_mean)
+    tc.b_dec.copy_(y_mean + (b_skip if c.kind == "skip" else 0))
     if c.kind == "skip":
-        tc.W_skip.zero_()
+        _fit_latent_scale(tc, x[: len(sample)], ys[: len(sample)] - y_mean)
+
+
+def _fit_latent_scale(tc: Transcoder, x: Tensor, residual: Tensor) -> None:
+    """Scale every latent's activation by the one factor whose ``W_dec·z`` best fits ``residual``
+    (scaled units) on ``x`` (model units), so that the fresh latents do not overshoot a residual
+    that is small next to the target (unscaled, they took the fresh FVU on the tests' store from
+    the regression's 0.015 to 0.029 on layer 0; docs/circuits.md). Encoder, bias and threshold
+    scale together, which scales the activations and keeps the active latents."""
+    written = tc.encode(x) @ tc.W_dec
+    factor = max(float((written * residual).sum() / (written * written).sum().clamp_min(1e-12)), 1e-6)
+    tc.W_enc.mul_(factor)
+    tc.b_enc.mul_(factor)
+    if tc.config.activation == "jumprelu":
+        tc.log_threshold.add_(math.log(factor))
+
+
+SKIP_RIDGE = 1e-3
+"""`least_squares_skip`'s ridge term, relative to the inputs' mean variance (docs/circuits.md)."""
+
+
+def least_squares_skip(xs: Tensor, ys: Tensor, ridge: float = SKIP_RIDGE) -> tuple[Tensor, Tensor]:
+    """``(W, b)`` (float64) minimising ``mean |ys - xs·Wᵀ - b|² + λ|W|²`` over the rows, with
+    λ = ``ridge`` × the mean variance of ``xs``'s columns: the ridge regression of the (scaled) MLP
+    output on the (scaled) MLP input, solved from the centred normal equations in float64."""
+    x, y = xs.double(), ys.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    x, y = x - x_mean, y - y_mean
+    gram = x.t() @ x
+    gram.diagonal().add_(ridge * gram.trace() / len(gram))
+    W = torch.linalg.solve(gram, x.t() @ y).t()
+    return W, y_mean - W @ x_mean
 
 
 _SPREAD_DIMS = 128

@@ -160,6 +160,38 @@ def test_initial_latents_are_spread_and_never_copies():
     assert len(_spread_rows(rows[:50], 80, g)) == 80  # fewer rows than latents: repeats
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_a_skip_transcoder_starts_at_the_ridge_regression_of_its_output_on_its_input(store, test_store, activation):
+    """W_skip and b_dec start as the ridge regression (in the scaled units the transcoder works in)
+    of the MLP output on the MLP input over the trainer's initialisation sample; the latents start
+    on its residual, so a fresh skip transcoder reconstructs at least as well as the regression."""
+    import numpy as np
+
+    from tcwidgets.training import SKIP_RIDGE
+
+    trainer = Trainer(store, 1, TrainingConfig(kind="skip", activation=activation, **SMALL), progress=False)
+    tc, c = trainer.transcoder, trainer.transcoder.config
+    x, y = store.sample(1, store.n_tokens, seed=trainer.config.seed + 1)  # the trainer's sample: the whole store here
+    X, Y = x.double().numpy() * c.input_scale, y.double().numpy() * c.output_scale
+    # independently: ridge with an unpenalised intercept as one stacked least-squares problem
+    n, d = X.shape
+    lam = SKIP_RIDGE * ((X - X.mean(0)) ** 2).sum() / d
+    A = np.block([[X, np.ones((n, 1))], [np.sqrt(lam) * np.eye(d), np.zeros((d, 1))]])
+    solution = np.linalg.lstsq(A, np.vstack([Y, np.zeros((d, d))]), rcond=None)[0]
+    W, b = solution[:d].T, solution[d]
+    assert np.abs(tc.W_skip.detach().double().numpy() - W).max() <= 1e-4 * np.abs(W).max()
+    assert np.abs(tc.b_dec.detach().double().numpy() - b).max() <= 1e-4 * np.abs(b).max()
+
+    def fvu(prediction, target):
+        return ((target - prediction) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+
+    with torch.no_grad():
+        for xs, ys in ((x, y), next(test_store.batches(1, test_store.n_tokens, shuffle=False))):
+            regression = fvu(xs.double().numpy() * c.input_scale @ W.T + b, ys.double().numpy() * c.output_scale)
+            assert 0 < regression < 1
+            assert fvu(tc(xs).output.double().numpy(), ys.double().numpy()) <= regression
+
+
 def test_history_callback_and_plot(store):
     seen = []
     trainer = Trainer(store, 1, TrainingConfig(**SMALL), log_every=4, progress=False,
@@ -181,8 +213,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_an_interruption_ends_bit_for_bit_equal(store, tmp_path):
-    config = TrainingConfig(**SMALL, epochs=2, dead_window=512)  # 32 steps; AuxK active
+@pytest.mark.parametrize("kind", ["transcoder", "skip"])  # a skip transcoder starts at its least-squares fit
+def test_resume_after_an_interruption_ends_bit_for_bit_equal(store, tmp_path, kind):
+    config = TrainingConfig(**SMALL, kind=kind, epochs=2, dead_window=512)  # 32 steps; AuxK active
     reference = Trainer(store, 1, config, log_every=4, progress=False)
     expected = weights(reference.fit())
 
