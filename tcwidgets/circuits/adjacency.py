@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import heap
 from ..progress import delayed_bar
-from .replay import CircuitError, FrozenRun, _float64, _Reader
+from .replay import CircuitError, FrozenRun, _float64, _Reader, skip_map
 
 MAX_NODES = 30_000  # a dense float64 matrix of this many nodes takes 7.2 GB
 CHUNK = 256  # rows per backward pass: bounds the memory (rows × positions × d_model float64 tensors)
@@ -217,9 +217,9 @@ class _Backward:
         """What the layer's skip path (skip transcoders) sends back to its input; its norm bias's part to ``bias``."""
         if frozen.tc is None or frozen.skip is None:
             return torch.zeros_like(grad)
-        c, span = frozen.tc.config, self.span
+        span = self.span
         seen = grad if frozen.mlp_gain is None else grad * frozen.mlp_gain[None, :span]
-        back = seen @ _float64(frozen.tc.W_skip) * (c.input_scale / c.output_scale)  # [rows, positions, d_model]
+        back = seen @ skip_map(frozen.tc)  # [rows, positions, d_model]
         self.bias[self.rows[self.live]] += (back @ frozen.mlp_norm.bias).sum(1)
         return frozen.mlp_norm.pullback(back) / frozen.mlp_norm.scale[None, :span, None]
 

@@ -124,6 +124,19 @@ def _frozen_copy(tc: torch.nn.Module, dtype: torch.dtype | None = None) -> Any:
     return shared_copy(tc, lambda: copy.deepcopy(tc).to("cpu", dtype).eval().requires_grad_(False))
 
 
+#: frozen copy -> its skip path's map in float64 (`skip_map`), made once per copy
+_SKIP_MAPS: weakref.WeakKeyDictionary[torch.nn.Module, Tensor] = weakref.WeakKeyDictionary()
+
+
+def skip_map(tc: torch.nn.Module) -> Tensor:
+    """A frozen skip transcoder's ``W_skip × input_scale / output_scale`` in float64 (the skip path
+    from model units to model units), made once per copy: the search and the full graph read it
+    for every skip node and layer."""
+    if tc not in _SKIP_MAPS:
+        _SKIP_MAPS[tc] = _float64(tc.W_skip) * (tc.config.input_scale / tc.config.output_scale)
+    return _SKIP_MAPS[tc]
+
+
 def _param(module: torch.nn.Module, name: str, size: int) -> Tensor:
     value = getattr(module, name, None)
     return _float64(value) if value is not None else torch.zeros(size, dtype=torch.float64)
@@ -374,9 +387,8 @@ class FrozenRun:
     def skip_reader(self, consumer: _Reader, layer: int) -> tuple[_Reader, float]:
         """What a skip path reads at the consumer's position, and the part its norm's bias adds."""
         frozen = self.layers[layer]
-        c = frozen.tc.config
         p = consumer.position
-        w = _float64(frozen.tc.W_skip).T @ _through(frozen.mlp_gain, consumer.w, p) * (c.input_scale / c.output_scale)
+        w = skip_map(frozen.tc).T @ _through(frozen.mlp_gain, consumer.w, p)
         return (_Reader(consumer.sigma / float(frozen.mlp_norm.scale[p]), frozen.mlp_norm.pullback(w),
                         frozen.mlp_stage, p), consumer.sigma * float(w @ frozen.mlp_norm.bias))
 
