@@ -237,15 +237,21 @@ SKIP_RIDGE = 1e-3
 
 def least_squares_skip(xs: Tensor, ys: Tensor, ridge: float = SKIP_RIDGE) -> tuple[Tensor, Tensor]:
     """``(W, b)`` (float64) minimising ``mean |ys - xs·Wᵀ - b|² + λ|W|²`` over the rows, with
-    λ = ``ridge`` × the mean variance of ``xs``'s columns: the ridge regression of the (scaled) MLP
-    output on the (scaled) MLP input, solved from the centred normal equations in float64."""
+    λ = ``ridge`` × the mean variance of ``xs``'s columns and ``W`` blind to the mean input's
+    direction (``W·x̄ = 0``, so ``b`` is the output mean): the ridge regression of the (scaled) MLP
+    output on the (scaled) MLP input less its part along x̄, solved from the centred normal
+    equations in float64. Without that constraint the fit maps the large mean input to a large
+    output that ``b`` cancels, and an attribution graph then shows paths of ±10 through skip
+    paths and decoder biases that cancel each other (docs/circuits.md)."""
     x, y = xs.double(), ys.double()
     x_mean, y_mean = x.mean(0), y.mean(0)
+    direction = x_mean / x_mean.norm().clamp_min(1e-30)
     x, y = x - x_mean, y - y_mean
+    x = x - (x @ direction)[:, None] * direction
     gram = x.t() @ x
     gram.diagonal().add_(ridge * gram.trace() / len(gram))
     W = torch.linalg.solve(gram, x.t() @ y).t()
-    return W, y_mean - W @ x_mean
+    return W - (W @ direction)[:, None] * direction, y_mean
 
 
 _SPREAD_DIMS = 128

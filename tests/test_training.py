@@ -163,8 +163,9 @@ def test_initial_latents_are_spread_and_never_copies():
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_a_skip_transcoder_starts_at_the_ridge_regression_of_its_output_on_its_input(store, test_store, activation):
     """W_skip and b_dec start as the ridge regression (in the scaled units the transcoder works in)
-    of the MLP output on the MLP input over the trainer's initialisation sample; the latents start
-    on its residual, so a fresh skip transcoder reconstructs at least as well as the regression."""
+    of the MLP output on the MLP input, blind to the mean input's direction, over the trainer's
+    initialisation sample; the latents start on its residual, so a fresh skip transcoder
+    reconstructs at least as well as the regression."""
     import numpy as np
 
     from tcwidgets.training import SKIP_RIDGE
@@ -173,14 +174,18 @@ def test_a_skip_transcoder_starts_at_the_ridge_regression_of_its_output_on_its_i
     tc, c = trainer.transcoder, trainer.transcoder.config
     x, y = store.sample(1, store.n_tokens, seed=trainer.config.seed + 1)  # the trainer's sample: the whole store here
     X, Y = x.double().numpy() * c.input_scale, y.double().numpy() * c.output_scale
-    # independently: ridge with an unpenalised intercept as one stacked least-squares problem
+    # independently: ridge with an unpenalised intercept as one stacked least-squares problem, on the
+    # inputs without their component along the mean input
     n, d = X.shape
-    lam = SKIP_RIDGE * ((X - X.mean(0)) ** 2).sum() / d
-    A = np.block([[X, np.ones((n, 1))], [np.sqrt(lam) * np.eye(d), np.zeros((d, 1))]])
+    u = X.mean(0) / np.linalg.norm(X.mean(0))
+    P = X - np.outer(X @ u, u)
+    lam = SKIP_RIDGE * ((P - P.mean(0)) ** 2).sum() / d
+    A = np.block([[P, np.ones((n, 1))], [np.sqrt(lam) * np.eye(d), np.zeros((d, 1))]])
     solution = np.linalg.lstsq(A, np.vstack([Y, np.zeros((d, d))]), rcond=None)[0]
     W, b = solution[:d].T, solution[d]
     assert np.abs(tc.W_skip.detach().double().numpy() - W).max() <= 1e-4 * np.abs(W).max()
     assert np.abs(tc.b_dec.detach().double().numpy() - b).max() <= 1e-4 * np.abs(b).max()
+    assert np.abs(tc.W_skip.detach().double().numpy() @ X.mean(0)).max() <= 1e-4 * np.abs(b).max()  # W·x̄ = 0
 
     def fvu(prediction, target):
         return ((target - prediction) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
