@@ -102,7 +102,7 @@ def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n
     without each context's BOS position (`ActivationStore.without_positions`: its MLP outputs are
     the model's largest, and would take the fit; graphs fold BOS into constants, see `attribute`).
     Defaults (chosen by measurement, see docs/circuits.md): 24k tokens, 2 × d_model latents, k=8,
-    two epochs; in the fast setting 12k tokens. The store (bfloat16, deleted after training) holds
+    four epochs; in the fast setting 12k tokens and two epochs. The store (bfloat16, deleted after training) holds
     30 layers × 2 × d_model × 2 bytes per token: 0.8 GB for the default model's 12k tokens."""
     if isinstance(layers, str) and layers != "all":
         raise ValueError(f"layers={layers!r}: pass \"all\", a layer number or a list of layer numbers.")
@@ -110,7 +110,7 @@ def circuit_transcoders(lm: Any, layers: int | Sequence[int] | str = "all", *, n
     n_tokens = n_tokens or pick(24_576, fast=12_288)
     n_latents = n_latents or 2 * lm.d_model
     k = k or 8
-    epochs = epochs or 2
+    epochs = epochs or pick(4, fast=2)
     run = _safe(f"{lm.name}-circuits-{CIRCUITS_TRAINING}-k{k}-{n_latents}-latents-{n_tokens}-tokens-{epochs}-epochs"
                 f"{_key(options)}")
     folder = tutorial_cache() / "circuit-transcoders" / run
