@@ -6,7 +6,8 @@ wait on memory, and each parallel region pays to wake and join the other thread.
 product and the TopK choice do use a second thread well (docs/training.md has the measurements).
 So a training step runs inside `serial` (one thread), and the transcoder gives its dense product
 and choice back the caller's threads with `parallel`. Outside `serial`, `parallel` does nothing.
-Thread counts are per calling thread (OpenMP's), so other threads are unaffected.
+Thread counts are per calling thread (OpenMP's), so other threads are unaffected. (The state is a
+plain dict, not a ``threading.local``: nnsight's remote mode pickles this module with the transcoder.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 __all__ = ["parallel", "serial"]
 
-_state = threading.local()  # .threads: the count `serial` replaced, while it is active
+_replaced: dict[int, int | None] = {}  # per thread (id): the count `serial` replaced, while it is active
 
 
 @contextmanager
@@ -29,27 +30,36 @@ def serial(enabled: bool = True) -> Iterator[None]:
     if not enabled or threads == 1:
         yield
         return
-    outer = getattr(_state, "threads", None)
-    _state.threads = threads
+    me = threading.get_ident()
+    outer = _replaced.get(me)
+    _replaced[me] = threads
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        _state.threads = outer
+        _set(me, outer)
 
 
 @contextmanager
 def parallel() -> Iterator[None]:
     """Inside `serial`, run the enclosed kernels on the threads it replaced; elsewhere as is."""
-    threads = getattr(_state, "threads", None)
+    me = threading.get_ident()
+    threads = _replaced.get(me)
     if threads is None:
         yield
         return
-    _state.threads = None
+    _replaced[me] = None
     torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(1)
-        _state.threads = threads
+        _replaced[me] = threads
+
+
+def _set(me: int, threads: int | None) -> None:
+    if threads is None:
+        _replaced.pop(me, None)
+    else:
+        _replaced[me] = threads
