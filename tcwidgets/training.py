@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import heap
+from . import heap, threads
 from .activations import OUTLIER_RATIO, shuffle_mode
 from .calibration import fastest_latent_choice
 from .evaluation import ReconstructionStats
@@ -503,6 +503,10 @@ class Trainer:
                 )
 
     def _train_step(self, x: Tensor, y: Tensor) -> None:
+        with threads.serial(self.device.type == "cpu"):  # the transcoder's dense product takes the threads back
+            self._serial_step(x, y)
+
+    def _serial_step(self, x: Tensor, y: Tensor) -> None:
         tc, c = self.transcoder, self.config
         factor = lr_factor(self.step, self.total_steps, c.warmup)
         for group in self.optimizer.param_groups:

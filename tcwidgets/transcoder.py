@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import threads
 from .files import FileFormatError, load_tensors, read_json, save_tensors, unseal, write_manifest
 
 __all__ = [
@@ -520,9 +521,10 @@ class Transcoder(nn.Module):
             if act != "topk":
                 raise ValueError("the int8 latent choice is for TopK only: use low_precision='bfloat16' or False")
             return self._encode_int8(x)
-        with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=choice == "bfloat16"):
-            pre = F.linear(x * self.config.input_scale, self.W_enc, self.b_enc)
-        rows, cols = self._select(pre)
+        with threads.parallel():  # compute-bound: worth the threads in a training step (tcwidgets.threads)
+            with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=choice == "bfloat16"):
+                pre = F.linear(x * self.config.input_scale, self.W_enc, self.b_enc)
+            rows, cols = self._select(pre)
         return SparseEncoding(self.latents_at(x, rows, cols, pre), pre)
 
     def _encode_int8(self, x: Tensor) -> SparseEncoding:
@@ -532,10 +534,11 @@ class Transcoder(nn.Module):
         with torch.no_grad():
             xq, x_scale = _quantize_rows(xs)
             wq, w_scale = _quantize_rows(self.W_enc)
-            pre = torch._int_mm(xq, wq.t()).float().mul_(w_scale).mul_(x_scale[:, None]).add_(self.b_enc)
-            pre = pre.bfloat16()
             n_candidates = min(self.n_latents, k + INT8_MARGIN)
-            candidates = _topk_indices(pre, n_candidates)
+            with threads.parallel():  # compute-bound: worth the threads in a training step (tcwidgets.threads)
+                pre = torch._int_mm(xq, wq.t()).float().mul_(w_scale).mul_(x_scale[:, None]).add_(self.b_enc)
+                pre = pre.bfloat16()
+                candidates = _topk_indices(pre, n_candidates)
             rows = torch.arange(n_tokens, device=x.device).repeat_interleave(n_candidates)
             exact = (_sampled_dot(xs, self.W_enc, rows, candidates.flatten())
                      + self.b_enc[candidates.flatten()]).view(n_tokens, n_candidates)

@@ -98,6 +98,24 @@ def test_several_layers_train_in_one_pass_bit_for_bit_like_one_at_a_time(store, 
     assert not torch.equal(tcs[0].W_enc, tcs[1].W_enc)
 
 
+@pytest.mark.parametrize("choice", ["float32", "bfloat16", "int8"])
+def test_two_threads_train_bit_for_bit_like_one(store, choice):
+    """A step runs its memory-bound kernels on one thread (`tcwidgets.threads`) and only the dense
+    latent choice on all of them, which splits its work over the outputs: the weights do not
+    depend on the threads, and the caller's thread count is back after training."""
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = weights(train_transcoder(store, 1, epochs=1, low_precision=choice, progress=False, **SMALL))
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in runs[1].items():
+        assert torch.equal(runs[2][name], value), name
+
+
 def test_one_pass_resumes_layers_checkpointed_at_different_steps(store, tmp_path):
     expected = train_transcoder(store, [0, 1], epochs=1, progress=False, **SMALL)
     # layer 0 stopped after 3 steps, layer 1 after 7: each resumes from its own checkpoint
