@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import heap
+from . import heap, threads
 from .activations import OUTLIER_RATIO
 from .crosslayer import CrossLayerConfig, CrossLayerTranscoder
 from .evaluation import ReconstructionStats
@@ -186,7 +186,12 @@ class CrossLayerTrainer(Trainer):
                         f"shard; re-collect the activations (in float32 if they were half precision)")
 
     def _train_step(self, x: Tensor, y: Tensor) -> None:
-        """One step on ``x``, ``y`` [layers, batch, d] (model units)."""
+        """One step on ``x``, ``y`` [layers, batch, d] (model units); as in `Trainer._train_step`, a
+        TopK step on a CPU runs on one thread but for its dense latent choice (tcwidgets.threads)."""
+        with threads.serial(self.device.type == "cpu" and self.config.activation == "topk"):
+            self._serial_step(x, y)
+
+    def _serial_step(self, x: Tensor, y: Tensor) -> None:
         clt, c = self.transcoder, self.config
         factor = lr_factor(self.step, self.total_steps, c.warmup)
         for group in self.optimizer.param_groups:
@@ -205,7 +210,7 @@ class CrossLayerTrainer(Trainer):
         for i in range(n_layers):
             decoder = clt.W_dec(i).view(c.n_latents, -1)
             if c.activation == "topk":
-                with torch.no_grad():
+                with torch.no_grad(), threads.parallel():  # compute-bound: worth the threads
                     pre = F.linear(xs[i], clt.W_enc[i], clt.b_enc[i])
                     cols = pre.topk(c.k, dim=-1, sorted=False).indices.flatten()
                 rows = torch.arange(n_tokens, device=x.device).repeat_interleave(c.k)

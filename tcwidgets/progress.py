@@ -1,6 +1,7 @@
 """Progress bars for work that is usually quick but can take long (a large vocabulary, a deep circuit
 search, a loaded machine): tqdm.auto bars that appear only once the work has run `DELAY_S` seconds,
-so quick calls print nothing and a learner never waits long without news."""
+so quick calls print nothing and a learner never waits long without news; and bars whose steps can
+be slow are redrawn within a step at least every `REDRAW_S` seconds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 DELAY_S = 2.0
+REDRAW_S = 2.0  # within a long step, a bar is redrawn (its elapsed time moves on) at least this often
 
 
 def delayed_bar(*args: Any, **kwargs: Any) -> tqdm:

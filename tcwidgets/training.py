@@ -30,6 +30,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -44,7 +45,7 @@ from .activations import OUTLIER_RATIO, shuffle_mode
 from .calibration import fastest_latent_choice
 from .evaluation import ReconstructionStats
 from .files import FileFormatError, atomic_folder, load_tensors, read_manifest, save_tensors, write_manifest
-from .progress import delayed_bar
+from .progress import REDRAW_S, delayed_bar
 from .transcoder import SparseLatents, Transcoder, TranscoderConfig, latent_choice, step as heaviside
 
 __all__ = [
@@ -503,7 +504,9 @@ class Trainer:
                 )
 
     def _train_step(self, x: Tensor, y: Tensor) -> None:
-        with threads.serial(self.device.type == "cpu"):  # the transcoder's dense product takes the threads back
+        # a sparse step's gathers and scatters on one thread; its dense latent choice takes the threads
+        # back (tcwidgets.threads). A dense step (ReLU, JumpReLU) is matrix products: all threads
+        with threads.serial(self.device.type == "cpu" and self.config.activation in _SPARSE):
             self._serial_step(x, y)
 
     def _serial_step(self, x: Tensor, y: Tensor) -> None:
@@ -829,6 +832,7 @@ def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
                disable=first.rank != 0 or not any(t.progress for t in trainers))
     if first.device.type != "cpu":  # on CPU reading competes with the training's own threads (measured)
         batches = _prefetch(batches)
+    drawn = time.monotonic()
     try:
         with heap.retained():
             for step, pairs in enumerate(batches, start):
@@ -837,8 +841,12 @@ def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
                     if record is not None:
                         prefix = "" if len(trainers) == 1 else f"L{t.layer} "
                         bar.set_postfix({f"{prefix}fvu": f"{record['fvu']:.4f}", f"{prefix}l0": f"{record['l0']:.1f}",
-                                         f"{prefix}dead": f"{record['dead_fraction']:.1%}"})
+                                         f"{prefix}dead": f"{record['dead_fraction']:.1%}"}, refresh=False)
+                    if time.monotonic() - drawn >= REDRAW_S:  # many layers (and their checkpoints) in one step
+                        bar.refresh()
+                        drawn = time.monotonic()
                 bar.update()
+                drawn = time.monotonic()
     finally:
         bar.close()
     return {t.layer: t._finish() for t in trainers}

@@ -271,6 +271,23 @@ def test_dense_activations_train(store, activation):
     assert all(m["fvu"] < 0.9 for m in reconstruction_metrics(clt, store).values())
 
 
+def test_two_threads_train_bit_for_bit_like_one(store):
+    """As the per-layer trainer's: the step's memory-bound kernels run on one thread, the dense
+    latent choice on both, split over its outputs; the caller's thread count is back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = weights(CrossLayerTrainer(store, [0, 2], TrainingConfig(**SMALL, epochs=1),
+                                                progress=False).fit())
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in runs[1].items():
+        assert torch.equal(runs[2][name], value), name
+
+
 def test_resume_after_an_interruption_ends_bit_for_bit_equal(store, tmp_path):
     config = TrainingConfig(**SMALL, epochs=2, dead_window=64)  # 16 steps; AuxK active
     reference = CrossLayerTrainer(store, [0, 2], config, log_every=2, progress=False)

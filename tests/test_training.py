@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 import tcwidgets as tcw
 from tcwidgets.activations import ActivationStore, StoreError
-from tcwidgets.training import CheckpointError, Trainer, TrainingConfig, _take, reconstruction_metrics, train_transcoder
+from tcwidgets.progress import REDRAW_S
+from tcwidgets.training import (CheckpointError, Trainer, TrainingConfig, _take, fit_together, reconstruction_metrics,
+                                 train_transcoder)
 from tcwidgets.transcoder import Transcoder
 
 from stores import rewrite_shard
@@ -114,6 +116,39 @@ def test_two_threads_train_bit_for_bit_like_one(store, choice):
         torch.set_num_threads(threads)
     for name, value in runs[1].items():
         assert torch.equal(runs[2][name], value), name
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_a_sparse_steps_backward_runs_on_one_thread_and_a_dense_steps_on_all(store, activation):
+    """`tcwidgets.threads`: a TopK step's gathers and scatters are memory-bound (one thread is
+    cheaper); a JumpReLU step is dense matrix products, worth every thread the caller gave."""
+    threads = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        trainer = Trainer(store, 1, TrainingConfig(**{**SMALL, "activation": activation}), progress=False)
+        trainer.transcoder.W_dec.register_hook(lambda grad: seen.append(torch.get_num_threads()))
+        for x, y in _take(store.batches(1, SMALL["batch_size"]), 2):
+            trainer.train_batch(x, y)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1] if activation == "topk" else seen == [2, 2]
+
+
+def test_a_slow_step_over_many_layers_still_moves_the_bar_on(store, capsys):
+    """Several layers share each step of the bar: when one step is slow (30 layers on a loaded
+    machine, their checkpoints), the bar is redrawn within it at least every `REDRAW_S` seconds."""
+    def slow(trainer, record):
+        if trainer.step == 1 and trainer.layer == 0:
+            time.sleep(REDRAW_S + 0.5)
+
+    trainers = [Trainer(store, layer, TrainingConfig(epochs=1, **SMALL), log_every=1, callback=slow)
+                for layer in (0, 1)]
+    fit_together(trainers)
+    frames = capsys.readouterr().err.split("\r")
+    total = trainers[0].total_steps
+    assert any(f" 0/{total} [00:02<" in frame for frame in frames), frames[:4]  # step 0, two seconds in
 
 
 def test_one_pass_resumes_layers_checkpointed_at_different_steps(store, tmp_path):
