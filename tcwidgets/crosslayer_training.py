@@ -185,13 +185,9 @@ class CrossLayerTrainer(Trainer):
                         f"activation store is corrupted or the model overflowed; store.verify() finds the "
                         f"shard; re-collect the activations (in float32 if they were half precision)")
 
-    def _train_step(self, x: Tensor, y: Tensor) -> None:
-        """One step on ``x``, ``y`` [layers, batch, d] (model units); as in `Trainer._train_step`, a
-        TopK step on a CPU runs on one thread but for its dense latent choice (tcwidgets.threads)."""
-        with threads.serial(self.device.type == "cpu" and self.config.activation == "topk"):
-            self._serial_step(x, y)
-
-    def _serial_step(self, x: Tensor, y: Tensor) -> None:
+    def _step(self, x: Tensor, y: Tensor) -> None:
+        """One step on ``x``, ``y`` [layers, batch, d] (model units), on the threads
+        `Trainer._train_step` gives it."""
         clt, c = self.transcoder, self.config
         factor = lr_factor(self.step, self.total_steps, c.warmup)
         for group in self.optimizer.param_groups:

@@ -4,8 +4,9 @@ With two threads, a sparse training step's gathers and scatters (embedding bags,
 sorts, bincounts and Adam cost more CPU time, summed over the threads, than on one thread: they
 wait on memory, and each parallel region pays to wake and join the other thread. The dense encoder
 product and the TopK choice do use a second thread well (docs/training.md has the measurements).
-So a sparse (TopK, BatchTopK) training step runs inside `serial` (one thread), and the transcoder gives its dense product
-and choice back the caller's threads with `parallel`. Outside `serial`, `parallel` does nothing.
+So a sparse (TopK, BatchTopK) training step runs inside `serial` (one thread), and the transcoder
+gives its dense product and choice back the caller's threads with `parallel`. Outside `serial`,
+`parallel` does nothing.
 Thread counts are per calling thread (OpenMP's), so other threads are unaffected. (The state is a
 plain dict, not a ``threading.local``: nnsight's remote mode pickles this module with the transcoder.)
 """

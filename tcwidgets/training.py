@@ -507,9 +507,9 @@ class Trainer:
         # a sparse step's gathers and scatters on one thread; its dense latent choice takes the threads
         # back (tcwidgets.threads). A dense step (ReLU, JumpReLU) is matrix products: all threads
         with threads.serial(self.device.type == "cpu" and self.config.activation in _SPARSE):
-            self._serial_step(x, y)
+            self._step(x, y)
 
-    def _serial_step(self, x: Tensor, y: Tensor) -> None:
+    def _step(self, x: Tensor, y: Tensor) -> None:
         tc, c = self.transcoder, self.config
         factor = lr_factor(self.step, self.total_steps, c.warmup)
         for group in self.optimizer.param_groups:
