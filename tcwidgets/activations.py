@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .files import FileFormatError, MappedTensors, inside, load_tensors, lock, read_manifest, save_tensors, write_manifest
 from .models import fingerprint
+from .progress import layers_label
 
 FORMAT = "tcwidgets.activations"
 VERSION = 2  # 2: checksums of every file, the model's fingerprint, a sealed manifest
@@ -598,7 +599,7 @@ def _collect(lm: Any, layers: list[int], tokens: torch.Tensor, root: Path | None
     done = {entry["start"] // context for entry in manifest["shards"]}
     memory: list[_Shard] = []
     bar = tqdm(total=tokens.numel(), initial=len(done) * contexts_per_shard * context, unit="tok",
-               desc=f"collecting layers {layers}", disable=not progress)
+               desc=f"collecting {layers_label(layers)}", disable=not progress)
     with torch.no_grad():
         for first in range(0, tokens.shape[0], contexts_per_shard):
             if first in done:

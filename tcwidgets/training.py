@@ -45,7 +45,7 @@ from .activations import OUTLIER_RATIO, shuffle_mode
 from .calibration import fastest_latent_choice
 from .evaluation import ReconstructionStats
 from .files import FileFormatError, atomic_folder, load_tensors, read_manifest, save_tensors, write_manifest
-from .progress import REDRAW_S, delayed_bar
+from .progress import REDRAW_S, delayed_bar, layers_label
 from .transcoder import SparseLatents, Transcoder, TranscoderConfig, latent_choice, step as heaviside
 
 __all__ = [
@@ -827,8 +827,7 @@ def fit_together(trainers: Sequence[Trainer]) -> dict[int, Transcoder]:
     start = min(t.step for t in trainers)
     batches = first.store.batches(layers, c.batch_size, shuffle=c.shuffle, seed=c.seed, epochs=c.epochs, start=start,
                                   part=(first.rank, first.world))
-    name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
-    bar = tqdm(total=first.total_steps, initial=start, desc=f"training {name}", unit="step",
+    bar = tqdm(total=first.total_steps, initial=start, desc=f"training {layers_label(layers)}", unit="step",
                disable=first.rank != 0 or not any(t.progress for t in trainers))
     if first.device.type != "cpu":  # on CPU reading competes with the training's own threads (measured)
         batches = _prefetch(batches)
