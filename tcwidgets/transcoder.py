@@ -270,10 +270,30 @@ def _topk_indices(values: Tensor, k: int) -> Tensor:
     are compared as their 16-bit words (torch's CPU top-k of [1024, 4608] int16 takes 11.0 ms, of
     the bfloat16 values 14.5 ms; one thread). The words order non-negative values as the floats;
     negative ones come after them in reverse order, so a row with fewer than ``k`` positive values
-    gets all of them, filled up with negative ones, which the ReLU makes zero either way."""
+    gets all of them, filled up with negative ones, which the ReLU makes zero either way. Wide rows
+    take the top k in two rounds (`_grouped_topk_indices`)."""
     if values.dtype == torch.bfloat16 and values.device.type == "cpu":
         values = values.view(torch.int16)
+    if values.device.type == "cpu" and values.shape[1] % TOPK_GROUPS == 0 and values.shape[1] >= 4 * TOPK_GROUPS * k:
+        return _grouped_topk_indices(values, k)
     return values.topk(k, dim=1, sorted=False).indices
+
+
+TOPK_GROUPS = 8  # columns per group of `_grouped_topk_indices` (the fastest of 4, 8, 16 and 32, measured)
+
+
+def _grouped_topk_indices(values: Tensor, k: int) -> Tensor:
+    """Top-k indices of each row from two small top-k's instead of one wide one (CPU: 6.6 ms instead
+    of 11.9 ms for k = 40 of [1024, 4608] int16, one thread): column j is grouped with columns
+    j + c, j + 2c, ... (c = width / `TOPK_GROUPS`), the k groups of largest maxima are found, and
+    the top k of their members taken. It is a top k: a row's k largest values lie in its k groups
+    of largest maxima (a value's group has a maximum at least as large, and fewer than k groups
+    have a larger one). Ties are broken differently from ``topk``."""
+    n, width = values.shape
+    stride = width // TOPK_GROUPS
+    groups = values.view(n, TOPK_GROUPS, stride).amax(1).topk(k, dim=1, sorted=False).indices  # [n, k]
+    members = (groups[:, None, :] + torch.arange(0, width, stride, device=values.device)[None, :, None]).view(n, -1)
+    return members.gather(1, values.gather(1, members).topk(k, dim=1, sorted=False).indices)
 
 
 def _sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

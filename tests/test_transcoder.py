@@ -386,6 +386,26 @@ def test_save_replaces_files_atomically_and_leaves_no_temporary_files(tmp_path):
     assert torch.equal(Transcoder.load(tmp_path).W_enc, second.W_enc)
 
 
+def test_the_top_k_of_wide_rows_in_two_rounds_is_a_top_k():
+    """Wide rows take their top k from the groups of largest maxima (`_grouped_topk_indices`): the
+    chosen values are those of a plain top-k, row by row, with ties (few distinct values), with
+    a row's k largest all in one group, and in int16 words as in float32."""
+    from tcwidgets.transcoder import TOPK_GROUPS, _grouped_topk_indices, _topk_indices
+
+    g = torch.Generator().manual_seed(0)
+    width, k = 64 * TOPK_GROUPS, 16
+    distinct = torch.randn(300, width, generator=g)
+    tied = torch.randint(-20, 20, (300, width), generator=g).float()
+    clustered = torch.randn(300, width, generator=g)
+    clustered[:, 3::width // TOPK_GROUPS] += 10  # one group holds each row's largest values
+    for values in (distinct, tied, clustered, distinct.bfloat16().view(torch.int16)):
+        chosen = _grouped_topk_indices(values, k)
+        assert chosen.shape == (300, k) and all(len(row.unique()) == k for row in chosen)
+        expected = values.double().topk(k, dim=1).values.sort(1).values
+        assert torch.equal(values.gather(1, chosen).double().sort(1).values, expected)
+    assert torch.equal(_topk_indices(distinct, k).sort(1).values, distinct.topk(k, dim=1).indices.sort(1).values)
+
+
 def test_the_bfloat16_top_k_takes_the_largest_positive_values():
     """The TopK choice from bfloat16 values compares their 16-bit words: the k largest values of a
     float64 sort where a row has k positive ones; every positive one (the rest negative) where it
