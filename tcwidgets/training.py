@@ -753,8 +753,9 @@ class _Objective(nn.Module):
         else:
             cols = dead[pre[:, dead].topk(k_aux, dim=1, sorted=False).indices].flatten()
         rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
-        aux = tc.latents_at(x, rows, cols, pre)
-        fit = tc.decode_sparse(aux, bias=False, unit_rows=True)
+        # the few dead latents' weight gradients come sparse, added into the main path's dense ones
+        aux = tc.latents_at(x, rows, cols, pre, sparse_grad=True)
+        fit = tc.decode_sparse(aux, bias=False, unit_rows=True, sparse_grad=True)
         return min(1.0, len(dead) / self.k_aux) * (fit - error).square().sum() / total_variance
 
 

@@ -314,12 +314,15 @@ class _GatheredLinear(torch.autograd.Function):
     The forward takes the values already computed without grad (read from the dense
     pre-activations that chose the pairs, or recomputed at the pairs in full precision). The
     backward is a sparse matrix product, so the encoder's gradient costs O(nnz · d) instead of a
-    dense [tokens, n_latents] × [tokens, d] product.
+    dense [tokens, n_latents] × [tokens, d] product. With ``sparse_grad`` the weight's gradient
+    is a sparse tensor over the latents used (`_scatter_rows`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor, values: Tensor,
+                sparse_grad: bool = False) -> Tensor:
         ctx.save_for_backward(x, weight, rows, cols)
+        ctx.sparse_grad = sparse_grad
         return values.clone()
 
     @staticmethod
@@ -329,7 +332,7 @@ class _GatheredLinear(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_weight = _scatter_rows(cols, rows, grad, x.to(weight.dtype), n_latents)
+            grad_weight = _scatter_rows(cols, rows, grad, x.to(weight.dtype), n_latents, sparse=ctx.sparse_grad)
         if ctx.needs_input_grad[2]:
             grad_bias = torch.zeros(n_latents, dtype=weight.dtype, device=weight.device).index_add_(0, cols, grad)
         if ctx.needs_input_grad[0]:
@@ -337,29 +340,42 @@ class _GatheredLinear(torch.autograd.Function):
                 torch.stack([rows, cols]), grad, (n_tokens, n_latents), check_invariants=False
             )
             grad_x = torch.sparse.mm(g, weight).to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def gathered_latents(xs: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
-                     values: Tensor) -> SparseLatents:
+                     values: Tensor, *, sparse_grad: bool = False) -> SparseLatents:
     """`SparseLatents` of the (token, latent) pairs ``rows``, ``cols`` (grouped by token) whose
     pre-activations ``values`` of the scaled inputs ``xs`` were computed without grad: ReLU of
-    them, differentiable with respect to ``weight`` and ``bias`` (and ``xs``) through the pairs only."""
-    values = _GatheredLinear.apply(xs, weight, bias, rows, cols, values)
+    them, differentiable with respect to ``weight`` and ``bias`` (and ``xs``) through the pairs only.
+    With ``sparse_grad``, ``weight``'s gradient comes as a sparse tensor over the latents used:
+    for a side path (AuxK's few dead latents) whose gradient autograd then adds into the main
+    path's dense one in place, instead of a dense [n_latents, d] gradient and a dense sum."""
+    values = _GatheredLinear.apply(xs, weight, bias, rows, cols, values, sparse_grad)
     counts = torch.bincount(rows, minlength=len(xs))
     return SparseLatents(cols, F.relu(values), torch.cumsum(counts, 0) - counts)
 
 
-def _scatter_rows(targets: Tensor, rows: Tensor, values: Tensor, dense: Tensor, n_targets: int) -> Tensor:
+def _scatter_rows(targets: Tensor, rows: Tensor, values: Tensor, dense: Tensor, n_targets: int, *,
+                  sparse: bool = False) -> Tensor:
     """``out[targets[i]] += values[i] · dense[rows[i]]`` (``out``: ``[n_targets, d]``): the weight
     gradient of an embedding bag, computed as an embedding bag itself, one bag per target, the
     entries ordered by target with a stable sort (the same sums, in the same order, as torch's
     embedding-bag backward kernel, 1.4x faster than it on CPU; that kernel in turn is 1.4x faster
-    than a CSR matrix product and ~10x faster than ``index_add_`` of the gathered rows)."""
+    than a CSR matrix product and ~10x faster than ``index_add_`` of the gathered rows). With
+    ``sparse``, ``out`` is a sparse COO tensor holding only the rows of the targets present (the
+    same sums)."""
     order = targets.argsort(stable=True)
     counts = torch.bincount(targets, minlength=n_targets)
-    return F.embedding_bag(rows[order], dense, torch.cumsum(counts, 0) - counts, mode="sum",
+    present = counts.nonzero().flatten() if sparse else None
+    if present is not None:
+        counts = counts[present]
+    sums = F.embedding_bag(rows[order], dense, torch.cumsum(counts, 0) - counts, mode="sum",
                            per_sample_weights=values[order].to(dense.dtype))
+    if present is None:
+        return sums
+    return torch.sparse_coo_tensor(present[None], sums, (n_targets, dense.shape[1]), is_coalesced=True,
+                                   check_invariants=False)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -372,13 +388,14 @@ class _SparseDecode(torch.autograd.Function):
     each row's component along the row removed, as `Transcoder.project_decoder_grad` does, but
     with the rows' dot products ``Σ values[i] · grad_values[i]`` over the row's entries (a
     bincount) instead of a pass over the dense gradient. The projection is linear, so several
-    decodes into one weight sum to the projection of their summed gradient."""
+    decodes into one weight sum to the projection of their summed gradient. With ``sparse_grad``
+    the weight's gradient is a sparse tensor over the latents used (`gathered_latents`)."""
 
     @staticmethod
     def forward(ctx, indices: Tensor, values: Tensor, offsets: Tensor, rows: Tensor, weight: Tensor,
-                unit_rows: bool = False) -> Tensor:
+                unit_rows: bool = False, sparse_grad: bool = False) -> Tensor:
         ctx.save_for_backward(indices, values, rows, weight)
-        ctx.unit_rows = unit_rows
+        ctx.unit_rows, ctx.sparse_grad = unit_rows, sparse_grad
         return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=values)
 
     @staticmethod
@@ -389,11 +406,15 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1] or project:
             grad_values = _sampled_dot(grad, weight, rows, indices)
         if ctx.needs_input_grad[4]:
-            grad_weight = _scatter_rows(indices, rows, values, grad, len(weight))
+            grad_weight = _scatter_rows(indices, rows, values, grad, len(weight), sparse=ctx.sparse_grad)
             if project:
                 parallel = torch.bincount(indices, weights=values * grad_values, minlength=len(weight))
-                grad_weight.addcmul_(parallel.to(weight.dtype)[:, None], weight, value=-1)
-        return None, grad_values if ctx.needs_input_grad[1] else None, None, None, grad_weight, None
+                if ctx.sparse_grad:
+                    present = grad_weight._indices()[0]
+                    grad_weight._values().addcmul_(parallel[present].to(weight.dtype)[:, None], weight[present], value=-1)
+                else:
+                    grad_weight.addcmul_(parallel.to(weight.dtype)[:, None], weight, value=-1)
+        return None, grad_values if ctx.needs_input_grad[1] else None, None, None, grad_weight, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,14 +588,14 @@ class Transcoder(nn.Module):
         rows = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
         return SparseEncoding(gathered_latents(xs, self.W_enc, self.b_enc, rows, cols, values), pre)
 
-    def latents_at(self, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> SparseLatents:
+    def latents_at(self, x: Tensor, rows: Tensor, cols: Tensor, pre: Tensor, *, sparse_grad: bool = False) -> SparseLatents:
         """Activations (ReLU of the pre-activations) of chosen (token, latent) pairs as
         `SparseLatents`, differentiable with respect to the encoder.
 
         ``rows`` (token indices, non-decreasing) and ``cols`` (latent ids) name the pairs; ``pre``
         holds the dense pre-activations of ``x`` computed without grad, which the values are read
         from (recomputed at the pairs in float32 where ``pre`` is of lower precision). The
-        backward pass only touches the chosen pairs.
+        backward pass only touches the chosen pairs; ``sparse_grad``: see `gathered_latents`.
         """
         xs = x * self.config.input_scale
         with torch.no_grad():
@@ -582,7 +603,7 @@ class Transcoder(nn.Module):
                 values = pre[rows, cols]
             else:
                 values = _sampled_dot(xs, self.W_enc, rows, cols) + self.b_enc[cols]
-        return gathered_latents(xs, self.W_enc, self.b_enc, rows, cols, values)
+        return gathered_latents(xs, self.W_enc, self.b_enc, rows, cols, values, sparse_grad=sparse_grad)
 
     @torch.no_grad()
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -599,15 +620,17 @@ class Transcoder(nn.Module):
         return flat // n, flat % n
 
     def decode_sparse(self, latents: SparseLatents, x: Tensor | None = None, *, bias: bool = True,
-                      unit_rows: bool = False) -> Tensor:
+                      unit_rows: bool = False, sparse_grad: bool = False) -> Tensor:
         """Reconstruction in model units from sparse latents (a gather of decoder rows).
 
         With ``bias=False`` only the latents' own contribution (no ``b_dec``, no skip path). With
         ``unit_rows`` the backward pass leaves ``W_dec``'s gradient projected as
         `project_decoder_grad` would (cheaper here than a pass over the dense gradient after it).
+        ``sparse_grad``: ``W_dec``'s gradient as a sparse tensor over the latents used (for a side
+        path, as in `gathered_latents`).
         """
         out = _SparseDecode.apply(latents.indices, latents.values.to(self.W_dec.dtype), latents.offsets,
-                                  latents.rows, self.W_dec, unit_rows)
+                                  latents.rows, self.W_dec, unit_rows, sparse_grad)
         if not bias:
             return out / self.config.output_scale
         return self._finish(out + self.b_dec, x)

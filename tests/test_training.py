@@ -189,11 +189,32 @@ def test_auxk_loss_equals_a_dense_computation(store):
     expected = scale * (fit - error.double()).square().sum() / variance.double()
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
 
-    loss.backward()  # only dead latents learn from AuxK
-    alive = torch.ones(512, dtype=torch.bool)
-    alive[dead] = False
-    assert tc.W_dec.grad[alive].abs().max() == 0 and tc.W_dec.grad[dead].abs().max() > 0
-    assert tc.W_enc.grad[alive].abs().max() == 0
+    # the gradients come sparse, over the dead latents only (in training they add into the main
+    # path's dense ones): against the float64 reference's, the decoder's projected along its rows.
+    # The ReLU is the float32 one's (pre-activations within 1e-6 of 0 take either side)
+    W_enc, W_dec = (w.detach().double().requires_grad_() for w in (tc.W_enc, tc.W_dec))
+    pre = (x.double() * tc.config.input_scale) @ W_enc.T + tc.b_enc.detach().double()
+    active = encoding.pre.gather(1, top.indices) > 0
+    z = torch.zeros_like(pre).scatter(1, top.indices, pre.gather(1, top.indices) * active)
+    fit = z @ W_dec / tc.config.output_scale
+    (scale * (fit - error.double()).square().sum() / variance.double()).backward()
+    expected_dec = W_dec.grad - (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    loss.backward()
+    assert tc.W_enc.grad.is_sparse and tc.W_dec.grad.is_sparse
+    assert sorted(tc.W_dec.grad.coalesce().indices()[0].tolist()) == sorted(set(top.indices.flatten().tolist()))
+    torch.testing.assert_close(tc.W_enc.grad.to_dense().double(), W_enc.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(tc.W_dec.grad.to_dense().double(), expected_dec, rtol=1e-4, atol=1e-7)
+
+
+def test_a_step_with_dead_latents_gives_adam_dense_gradients(store):
+    """AuxK's sparse gradients add into the main path's dense ones, which the fused Adam needs."""
+    trainer = Trainer(store, 1, TrainingConfig(**SMALL), progress=False, log_every=1)
+    dead = torch.arange(0, 512, 3)
+    trainer.tokens_since_fired[dead] = trainer.dead_window
+    x, y = next(store.batches(1, SMALL["batch_size"]))
+    assert trainer.train_batch(x, y)["auxk"] > 0
+    for w in (trainer.transcoder.W_enc, trainer.transcoder.W_dec):
+        assert w.grad is not None and w.grad.layout == torch.strided
 
 
 def test_initial_latents_are_spread_and_never_copies():
