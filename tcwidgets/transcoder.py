@@ -260,8 +260,9 @@ def latent_choice(low_precision: bool | str) -> str:
 
 def _quantize_rows(m: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 quantisation of each row of ``m``: (int8 values, float32 scale per row),
-    ``m ≈ values · scale[:, None]``."""
-    scale = m.abs().amax(1).clamp_min(1e-12).div_(127)
+    ``m ≈ values · scale[:, None]``. (Each row's largest magnitude from its max and min: two
+    reductions cost a quarter of ``abs`` and one, on CPU.)"""
+    scale = torch.maximum(m.amax(1), m.amin(1).neg_()).clamp_min_(1e-12).div_(127)
     return torch.div(m, scale[:, None]).round_().to(torch.int8), scale
 
 
