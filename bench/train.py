@@ -13,7 +13,10 @@ Speed is reported as tokens per CPU second of the training process (``time.proce
 its threads) and as tokens per wall-clock second. On a shared machine the CPU-time figures are the
 headline: they measure the work done, which other processes on the machine do not change
 (wall-clock time moves by as much as 2x with the load); wall / CPU says how well the threads were
-used (CPU s per wall s). Each (trainer, threads) pair runs in its own process. Results: bench/results/train/.
+used (CPU s per wall s). Each (trainer, threads) pair runs in its own process. ``--repeat N`` runs
+each pair N times, the trainers taking turns to go first, and reports each trainer's median run
+(on this project's virtual machines one trainer's CPU seconds drift by up to ±15% from run to run,
+sparsify's from 31 to 42 s on the same machine). Results: bench/results/train/.
 
 sparsify is installed into a throwaway virtual environment (made with ``venv``, no system site
 packages): torch pinned to the version running this script first, then this checkout of tcwidgets
@@ -66,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per run")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each trainer per thread count, in alternating order (A B, B A, ...); "
+                        "the figures are each trainer's median run")
     p.add_argument("--low-precision", choices=["auto", *LATENT_CHOICES], default="auto",
                    help="precision of tcwidgets' latent choice (auto: the fastest measured, the default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1152 latents, 1 epoch, 1 thread")
@@ -273,19 +279,33 @@ def main(argv=None) -> None:
         if "sparsify" in trainers:
             pythons["sparsify"] = sparsify_python(Path(args.venv) if args.venv else Path(tmp) / "venv")
         for threads in args.threads:
-            for name in trainers:
-                r = run_worker(pythons[name], name, threads, shared)
-                results.setdefault(str(threads), {})[name] = r
-                print(report(name, threads, r), flush=True)
+            runs: dict[str, list[dict]] = {name: [] for name in trainers}
+            for repeat in range(args.repeat):
+                for name in trainers if repeat % 2 == 0 else trainers[::-1]:
+                    r = run_worker(pythons[name], name, threads, shared)
+                    runs[name].append(r)
+                    print(report(name, threads, r), flush=True)
+            results[str(threads)] = {name: median_run(rs) for name, rs in runs.items()}
             if len(trainers) == 2:
                 a, b = results[str(threads)]["tcwidgets"], results[str(threads)]["sparsify"]
+                pairs = "" if args.repeat == 1 else (
+                    f" (medians of {args.repeat} runs each; run by run "
+                    + ", ".join(f"{x['tokens_per_cpu_s'] / y['tokens_per_cpu_s']:.2f}x"
+                                for x, y in zip(runs["tcwidgets"], runs["sparsify"])) + ")")
                 print(f"{threads} thread(s): tcwidgets / sparsify {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x "
-                      f"per CPU second, {a['tokens_per_s'] / b['tokens_per_s']:.2f}x wall-clock", flush=True)
+                      f"per CPU second, {a['tokens_per_s'] / b['tokens_per_s']:.2f}x wall-clock{pairs}", flush=True)
     if args.json:
         limits = {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
         Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_name(), "isa_limits": limits,
                                                "kernels": torch.backends.cpu.get_cpu_capability(),
                                                "results": results}, indent=1))
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median tokens per CPU second (the lower middle one of an even number), with
+    every run's rate under ``"runs_tokens_per_cpu_s"``."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_cpu_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "runs_tokens_per_cpu_s": [r["tokens_per_cpu_s"] for r in runs]}
 
 
 def report(name: str, threads: int, r: dict) -> str:
